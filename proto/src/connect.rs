@@ -1,0 +1,81 @@
+//! How every process dials NATS: one connection per process, with a short ping interval so a
+//! frozen or vanished server is noticed in seconds rather than the client default of minutes.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use async_nats::{Client, ConnectOptions, Event};
+
+/// Connection flags shared by every binary.
+#[derive(Clone, Debug, clap::Args)]
+pub struct NatsArgs {
+    /// NATS server URL(s), comma separated.
+    #[arg(long = "nats-url", env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    pub nats_url: String,
+    /// A credentials file (JWT + nkey seed).
+    #[arg(long = "nats-creds", env = "NATS_CREDS")]
+    pub nats_creds: Option<PathBuf>,
+    /// A token for token authentication.
+    #[arg(long = "nats-token", env = "NATS_TOKEN", hide_env_values = true)]
+    pub nats_token: Option<String>,
+    /// User for user/password authentication (with --nats-password).
+    #[arg(long = "nats-user", env = "NATS_USER")]
+    pub nats_user: Option<String>,
+    #[arg(long = "nats-password", env = "NATS_PASSWORD", hide_env_values = true)]
+    pub nats_password: Option<String>,
+}
+
+impl NatsArgs {
+    pub fn url(url: impl Into<String>) -> NatsArgs {
+        NatsArgs {
+            nats_url: url.into(),
+            nats_creds: None,
+            nats_token: None,
+            nats_user: None,
+            nats_password: None,
+        }
+    }
+}
+
+/// How often the client pings the server. Two missed pongs mark the connection dead, so a frozen
+/// server is noticed within about twice this; the worker's lease logic relies on that.
+pub const PING_INTERVAL: Duration = Duration::from_secs(2);
+
+/// Connects with the options every service uses. `name` shows in `nats server report connections`.
+pub async fn connect(args: &NatsArgs, name: &str) -> Result<Client, async_nats::Error> {
+    let mut options = ConnectOptions::new()
+        .name(name)
+        .ping_interval(PING_INTERVAL)
+        .connection_timeout(Duration::from_secs(5))
+        // Requests (KV gets, service calls) must not hang a handler when the server is gone.
+        .request_timeout(Some(Duration::from_secs(5)))
+        .event_callback(|event| async move {
+            match event {
+                Event::Disconnected => tracing::warn!("disconnected from NATS"),
+                Event::Connected => tracing::info!("connected to NATS"),
+                Event::SlowConsumer(sid) => tracing::warn!(sid, "slow consumer on NATS"),
+                other => tracing::debug!(event = %other, "NATS event"),
+            }
+        });
+    if let Some(creds) = &args.nats_creds {
+        options = options.credentials_file(creds).await?;
+    }
+    if let Some(token) = &args.nats_token {
+        options = options.token(token.clone());
+    }
+    if let (Some(user), Some(password)) = (&args.nats_user, &args.nats_password) {
+        options = options.user_and_password(user.clone(), password.clone());
+    }
+    let urls: Vec<async_nats::ServerAddr> =
+        args.nats_url.split(',').map(|u| u.trim().parse()).collect::<Result<_, _>>()?;
+    Ok(options.connect(urls).await?)
+}
+
+/// The JetStream context every service uses: publish acks and API calls time out after a few
+/// seconds, so a submit answers 503 instead of hanging when JetStream has no leader.
+pub fn jetstream(client: Client) -> async_nats::jetstream::Context {
+    async_nats::jetstream::ContextBuilder::new()
+        .timeout(Duration::from_secs(5))
+        .ack_timeout(Duration::from_secs(5))
+        .build(client)
+}

@@ -1,0 +1,21 @@
+//! The contracts every OpenClaw service shares: the task model and the NATS topology.
+//!
+//! Reading order: [`task`] (the record, its statuses and the legal moves between them, no I/O),
+//! [`spec`] (what a submitter sends and how it becomes a record), [`kinds`] (typed inputs of the
+//! built-in kinds, validated at the edge), [`event`] (what goes out on `progress.>`), [`api`]
+//! (request/reply payloads), [`topology`] (subjects, streams, consumers, the `tasks` bucket and the
+//! one idempotent `ensure`), [`connect`] (how every process dials NATS) and [`nats_server`]
+//! (finding and starting a local nats-server for `claw up` and the tests).
+//!
+//! Only `topology`, `connect` and `nats_server` do I/O; the model modules are plain data.
+
+pub mod api;
+pub mod connect;
+pub mod event;
+pub mod kinds;
+pub mod nats_server;
+pub mod spec;
+pub mod task;
+pub mod topology;
+
+pub use task::{Cause, Class, Priority, Progress, Session, Status, TaskError, TaskId, TaskRecord};

@@ -1,0 +1,553 @@
+//! The task record and its state machine.
+//!
+//! A [`TaskRecord`] is the JSON stored under the task's id in the `tasks` KV bucket and, once it
+//! is terminal, in the archive. Its serde form is a public wire contract (`docs/PROTOCOL.md`):
+//! NATS-native users read it with `nats kv get tasks <id>`. Every change of `status` goes through
+//! a method here that refuses illegal moves, so no service can invent a transition.
+
+use std::fmt;
+
+use serde::{Deserialize, Deserializer, Serialize};
+use serde_json::Value;
+use time::OffsetDateTime;
+
+/// A task's id: a KV key and a subject token, so only `[A-Za-z0-9_-]`, at most 64 characters.
+/// Ids the system makes are UUIDv7 (time-ordered); NATS-native publishers may bring their own.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(transparent)]
+pub struct TaskId(String);
+
+/// A session groups the tasks of one conversation or user; it is the second token of the
+/// progress subject, so it follows the same rules as a [`TaskId`].
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(transparent)]
+pub struct Session(String);
+
+/// Why an id or session was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("must be 1-64 characters of A-Z, a-z, 0-9, '_' or '-'")]
+pub struct InvalidToken;
+
+fn check_token(s: &str) -> Result<(), InvalidToken> {
+    let ok = !s.is_empty()
+        && s.len() <= 64
+        && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    if ok { Ok(()) } else { Err(InvalidToken) }
+}
+
+impl TaskId {
+    /// A fresh UUIDv7: sortable by creation time, which keeps archive pages in order.
+    pub fn generate() -> TaskId {
+        TaskId(uuid::Uuid::now_v7().to_string())
+    }
+
+    /// A stable id derived from `name` (UUIDv5). Used where the same input must always give
+    /// the same task: an `Idempotency-Key`, or a NATS message that came without an id.
+    pub fn derived(namespace: &str, name: &str) -> TaskId {
+        let ns = uuid::Uuid::new_v5(&uuid::Uuid::NAMESPACE_URL, namespace.as_bytes());
+        TaskId(uuid::Uuid::new_v5(&ns, name.as_bytes()).to_string())
+    }
+
+    pub fn parse(s: &str) -> Result<TaskId, InvalidToken> {
+        check_token(s)?;
+        Ok(TaskId(s.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl Session {
+    pub const DEFAULT: &'static str = "default";
+
+    pub fn parse(s: &str) -> Result<Session, InvalidToken> {
+        check_token(s)?;
+        Ok(Session(s.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl Default for Session {
+    fn default() -> Session {
+        Session(Session::DEFAULT.to_owned())
+    }
+}
+
+macro_rules! token_serde {
+    ($ty:ident) => {
+        impl<'de> Deserialize<'de> for $ty {
+            fn deserialize<D: Deserializer<'de>>(d: D) -> Result<$ty, D::Error> {
+                let s = String::deserialize(d)?;
+                $ty::parse(&s).map_err(serde::de::Error::custom)
+            }
+        }
+        impl fmt::Display for $ty {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+    };
+}
+token_serde!(TaskId);
+token_serde!(Session);
+
+/// Short tasks run as async tasks inside a worker; long ones in child processes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Class {
+    Short,
+    Long,
+}
+
+impl Class {
+    pub const ALL: [Class; 2] = [Class::Short, Class::Long];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Class::Short => "short",
+            Class::Long => "long",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Class> {
+        match s {
+            "short" => Some(Class::Short),
+            "long" => Some(Class::Long),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Class {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The lane within a class. Serialized as a word; submitters may also send an integer 0-9
+/// (the original plan's scale: 9 is "priority > 8" = high, 0-2 low, the rest normal).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Priority {
+    High,
+    Normal,
+    Low,
+}
+
+impl Priority {
+    /// Highest first: the order in which a worker looks at its lanes.
+    pub const ALL: [Priority; 3] = [Priority::High, Priority::Normal, Priority::Low];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Priority::High => "high",
+            Priority::Normal => "normal",
+            Priority::Low => "low",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Priority> {
+        match s {
+            "high" => Some(Priority::High),
+            "normal" => Some(Priority::Normal),
+            "low" => Some(Priority::Low),
+            _ => None,
+        }
+    }
+
+    pub fn from_level(level: u8) -> Option<Priority> {
+        match level {
+            9 => Some(Priority::High),
+            3..=8 => Some(Priority::Normal),
+            0..=2 => Some(Priority::Low),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Priority {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for Priority {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Priority, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Word(String),
+            Level(i64),
+        }
+        let bad = || serde::de::Error::custom("expected \"high\", \"normal\", \"low\" or 0-9");
+        match Raw::deserialize(d).map_err(|_| bad())? {
+            Raw::Word(w) => Priority::parse(&w).ok_or_else(bad),
+            Raw::Level(n) => u8::try_from(n).ok().and_then(Priority::from_level).ok_or_else(bad),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    Queued,
+    Running,
+    Retrying,
+    Paused,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+impl Status {
+    pub fn is_terminal(self) -> bool {
+        matches!(self, Status::Succeeded | Status::Failed | Status::Cancelled)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Queued => "queued",
+            Status::Running => "running",
+            Status::Retrying => "retrying",
+            Status::Paused => "paused",
+            Status::Succeeded => "succeeded",
+            Status::Failed => "failed",
+            Status::Cancelled => "cancelled",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Status> {
+        serde_json::from_value(Value::String(s.to_owned())).ok()
+    }
+}
+
+impl fmt::Display for Status {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Who or what made the last transition.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Cause {
+    /// Submitted, or moved by a person or program through the API.
+    User,
+    /// A worker picked it up, or the handler finished.
+    Worker,
+    /// The handler reported an error.
+    Error,
+    /// An attempt ran past its timeout, or the task past its absolute deadline.
+    Timeout,
+    /// The worker lost its lease (could not heartbeat) and stopped the attempt.
+    LeaseLost,
+    /// The message came back after its ack deadline: the worker running it is presumed dead.
+    WorkerLost,
+    /// A resource limit (memory, CPU, files) killed the attempt.
+    Limit,
+    /// The task was sent to the dead-letter stream.
+    DeadLetter,
+}
+
+/// A handler's progress report.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Progress {
+    /// 0.0 ..= 1.0.
+    pub fraction: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+/// Why an attempt failed. `retryable` decides between a retry with backoff and giving up.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, thiserror::Error)]
+#[error("{code}: {message}")]
+pub struct TaskError {
+    pub code: String,
+    pub message: String,
+    pub retryable: bool,
+}
+
+impl TaskError {
+    pub fn new(code: impl Into<String>, message: impl Into<String>, retryable: bool) -> TaskError {
+        TaskError { code: code.into(), message: message.into(), retryable }
+    }
+}
+
+/// The record of one task: the value under its id in the `tasks` bucket.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TaskRecord {
+    pub id: TaskId,
+    pub session: Session,
+    pub kind: String,
+    pub input: Value,
+    pub class: Class,
+    pub priority: Priority,
+    pub status: Status,
+    /// The attempt now running or last run; 0 until a worker first starts it.
+    pub attempt: u32,
+    pub max_attempts: u32,
+    /// Per-attempt timeout in seconds, already capped by the class.
+    pub timeout_s: u64,
+    #[serde(default)]
+    pub progress: Option<Progress>,
+    #[serde(default)]
+    pub result: Option<Value>,
+    #[serde(default)]
+    pub error: Option<TaskError>,
+    #[serde(default)]
+    pub cause: Option<Cause>,
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+    #[serde(default, with = "time::serde::rfc3339::option")]
+    pub started_at: Option<OffsetDateTime>,
+    #[serde(default, with = "time::serde::rfc3339::option")]
+    pub finished_at: Option<OffsetDateTime>,
+    /// The absolute deadline: no attempt starts after it, queueing and retries included.
+    #[serde(with = "time::serde::rfc3339")]
+    pub deadline: OffsetDateTime,
+    /// The worker running the task, or the last one that did.
+    #[serde(default)]
+    pub worker: Option<String>,
+}
+
+/// A move the state machine does not allow, with the state it was refused in.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("cannot {verb} a task that is {from}")]
+pub struct IllegalTransition {
+    pub verb: &'static str,
+    pub from: Status,
+}
+
+impl TaskRecord {
+    fn refuse(&self, verb: &'static str) -> IllegalTransition {
+        IllegalTransition { verb, from: self.status }
+    }
+
+    /// A worker starts attempt `attempt`. Allowed from `queued` and `retrying`, and from
+    /// `running` when the message was redelivered after the previous holder's lease ran out.
+    pub fn start(
+        &mut self,
+        attempt: u32,
+        worker: &str,
+        now: OffsetDateTime,
+    ) -> Result<(), IllegalTransition> {
+        let cause = match self.status {
+            Status::Queued | Status::Retrying => Cause::Worker,
+            Status::Running => Cause::WorkerLost,
+            _ => return Err(self.refuse("start")),
+        };
+        self.status = Status::Running;
+        self.cause = Some(cause);
+        self.attempt = attempt;
+        self.started_at = Some(now);
+        self.worker = Some(worker.to_owned());
+        self.progress = None;
+        Ok(())
+    }
+
+    pub fn report_progress(&mut self, progress: Progress) -> Result<(), IllegalTransition> {
+        if self.status != Status::Running {
+            return Err(self.refuse("report progress for"));
+        }
+        self.progress = Some(progress);
+        Ok(())
+    }
+
+    pub fn succeed(&mut self, result: Value, now: OffsetDateTime) -> Result<(), IllegalTransition> {
+        if self.status != Status::Running {
+            return Err(self.refuse("complete"));
+        }
+        self.status = Status::Succeeded;
+        self.cause = Some(Cause::Worker);
+        self.result = Some(result);
+        self.error = None;
+        self.finished_at = Some(now);
+        if let Some(p) = &mut self.progress {
+            p.fraction = 1.0;
+        }
+        Ok(())
+    }
+
+    /// The attempt failed and another will follow after a backoff.
+    pub fn retry_later(&mut self, error: TaskError, cause: Cause) -> Result<(), IllegalTransition> {
+        if self.status != Status::Running {
+            return Err(self.refuse("schedule a retry of"));
+        }
+        self.status = Status::Retrying;
+        self.cause = Some(cause);
+        self.error = Some(error);
+        Ok(())
+    }
+
+    /// Give up: the last attempt failed, attempts or time ran out, or the task cannot run at all.
+    /// Allowed from every non-terminal state (a task can be dead-lettered before it ever ran).
+    pub fn fail(
+        &mut self,
+        error: TaskError,
+        cause: Cause,
+        now: OffsetDateTime,
+    ) -> Result<(), IllegalTransition> {
+        if self.status.is_terminal() {
+            return Err(self.refuse("fail"));
+        }
+        self.status = Status::Failed;
+        self.cause = Some(cause);
+        self.error = Some(error);
+        self.finished_at = Some(now);
+        Ok(())
+    }
+
+    pub fn cancel(&mut self, cause: Cause, now: OffsetDateTime) -> Result<(), IllegalTransition> {
+        if self.status.is_terminal() {
+            return Err(self.refuse("cancel"));
+        }
+        self.status = Status::Cancelled;
+        self.cause = Some(cause);
+        self.finished_at = Some(now);
+        Ok(())
+    }
+
+    pub fn pause(&mut self) -> Result<(), IllegalTransition> {
+        if !matches!(self.status, Status::Queued | Status::Running | Status::Retrying) {
+            return Err(self.refuse("pause"));
+        }
+        self.status = Status::Paused;
+        self.cause = Some(Cause::User);
+        Ok(())
+    }
+
+    /// Resume a paused task: back to `running` if a worker still holds it, else `queued`.
+    pub fn resume(&mut self, still_held: bool) -> Result<(), IllegalTransition> {
+        if self.status != Status::Paused {
+            return Err(self.refuse("resume"));
+        }
+        self.status = if still_held { Status::Running } else { Status::Queued };
+        self.cause = Some(Cause::User);
+        Ok(())
+    }
+
+    /// An explicit retry of a finished task: a new round of attempts of the same id.
+    pub fn requeue(&mut self) -> Result<(), IllegalTransition> {
+        if !matches!(self.status, Status::Failed | Status::Cancelled) {
+            return Err(self.refuse("retry"));
+        }
+        self.status = Status::Queued;
+        self.cause = Some(Cause::User);
+        self.result = None;
+        self.finished_at = None;
+        self.progress = None;
+        Ok(())
+    }
+
+    /// The subject this task's events go to: `progress.<session>.<id>`.
+    pub fn progress_subject(&self) -> String {
+        crate::topology::progress_subject(&self.session, &self.id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(crate) fn record(status: Status) -> TaskRecord {
+        let now = OffsetDateTime::now_utc();
+        TaskRecord {
+            id: TaskId::generate(),
+            session: Session::default(),
+            kind: "sleep".into(),
+            input: serde_json::json!({}),
+            class: Class::Short,
+            priority: Priority::Normal,
+            status,
+            attempt: 0,
+            max_attempts: 3,
+            timeout_s: 300,
+            progress: None,
+            result: None,
+            error: None,
+            cause: Some(Cause::User),
+            created_at: now,
+            started_at: None,
+            finished_at: None,
+            deadline: now + time::Duration::days(7),
+            worker: None,
+        }
+    }
+
+    #[test]
+    fn happy_path() {
+        let now = OffsetDateTime::now_utc();
+        let mut r = record(Status::Queued);
+        r.start(1, "w1", now).unwrap();
+        assert_eq!((r.status, r.attempt, r.cause), (Status::Running, 1, Some(Cause::Worker)));
+        r.retry_later(TaskError::new("boom", "x", true), Cause::Error).unwrap();
+        assert_eq!(r.status, Status::Retrying);
+        r.start(2, "w2", now).unwrap();
+        r.succeed(serde_json::json!(42), now).unwrap();
+        assert_eq!(r.status, Status::Succeeded);
+        assert_eq!(r.error, None);
+    }
+
+    #[test]
+    fn terminal_states_never_change_except_by_retry() {
+        let now = OffsetDateTime::now_utc();
+        for s in [Status::Succeeded, Status::Failed, Status::Cancelled] {
+            let mut r = record(s);
+            assert!(r.start(1, "w", now).is_err());
+            assert!(r.succeed(Value::Null, now).is_err());
+            assert!(r.fail(TaskError::new("x", "y", false), Cause::Error, now).is_err());
+            assert!(r.cancel(Cause::User, now).is_err());
+            assert!(r.pause().is_err());
+            assert_eq!(r.requeue().is_ok(), s != Status::Succeeded);
+        }
+    }
+
+    #[test]
+    fn redelivery_of_a_running_task_says_the_worker_was_lost() {
+        let now = OffsetDateTime::now_utc();
+        let mut r = record(Status::Running);
+        r.start(2, "w2", now).unwrap();
+        assert_eq!(r.cause, Some(Cause::WorkerLost));
+    }
+
+    #[test]
+    fn illegal_moves_name_the_state() {
+        let mut r = record(Status::Queued);
+        let e = r.resume(false).unwrap_err();
+        assert_eq!(e.to_string(), "cannot resume a task that is queued");
+    }
+
+    #[test]
+    fn priority_accepts_words_and_levels() {
+        let p = |v: Value| serde_json::from_value::<Priority>(v);
+        assert_eq!(p("high".into()).unwrap(), Priority::High);
+        assert_eq!(p(9.into()).unwrap(), Priority::High);
+        assert_eq!(p(5.into()).unwrap(), Priority::Normal);
+        assert_eq!(p(0.into()).unwrap(), Priority::Low);
+        assert!(p(10.into()).is_err());
+        assert!(p((-1).into()).is_err());
+        assert!(p("urgent".into()).is_err());
+        assert_eq!(serde_json::to_value(Priority::Low).unwrap(), "low");
+    }
+
+    #[test]
+    fn tokens_are_subject_safe() {
+        assert!(TaskId::parse("abc-DEF_123").is_ok());
+        for bad in ["", "a.b", "a b", "a*", ">", &"x".repeat(65)] {
+            assert!(TaskId::parse(bad).is_err(), "{bad:?}");
+        }
+        assert_eq!(TaskId::derived("k", "a"), TaskId::derived("k", "a"));
+        assert_ne!(TaskId::derived("k", "a"), TaskId::derived("k", "b"));
+    }
+
+    #[test]
+    fn record_round_trips_through_json() {
+        let r = record(Status::Queued);
+        let json = serde_json::to_string(&r).unwrap();
+        assert_eq!(serde_json::from_str::<TaskRecord>(&json).unwrap(), r);
+    }
+}

@@ -1,0 +1,457 @@
+//! The NATS topology: every subject, stream, consumer and bucket name, and the one idempotent
+//! [`ensure`] that every binary and the test harness call at start.
+//!
+//! The definitions live once, as JetStream-API JSON under `nats/` (the files
+//! `nats stream add --config` and `nats consumer add --config` read); they are compiled in here,
+//! so the code and the operator's files cannot drift. [`Settings`] overrides the few fields a
+//! deployment tunes (queue limit, record TTL, replicas, ack deadline). No other file spells a
+//! subject pattern.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer, kv, stream};
+use serde_json::{Map, Value};
+
+use crate::task::{Class, Priority, Session, TaskId};
+
+pub const TASKS_STREAM: &str = "TASKS";
+pub const PROGRESS_STREAM: &str = "PROGRESS";
+pub const DLQ_STREAM: &str = "DLQ";
+/// The KV bucket of task records, and the stream behind it.
+pub const TASKS_BUCKET: &str = "tasks";
+pub const TASKS_KV_STREAM: &str = "KV_tasks";
+/// The archiver's durable consumer on [`TASKS_KV_STREAM`].
+pub const ARCHIVER_CONSUMER: &str = "archiver";
+
+/// Every progress event: what `nats sub 'progress.>'` watches.
+pub const PROGRESS_ALL: &str = "progress.>";
+/// Every dead letter.
+pub const DLQ_ALL: &str = "dlq.>";
+/// Where a message goes when it is not a task at all and has no lane of its own.
+pub const DLQ_INVALID: &str = "dlq.invalid";
+
+/// Request/reply services.
+pub const API_SERVICE: &str = "claw-api";
+pub const API_GROUP: &str = "claw.api";
+pub const ARCHIVE_SERVICE: &str = "claw-archive";
+pub const ARCHIVE_GROUP: &str = "claw.archive";
+pub const ARCHIVE_GET: &str = "claw.archive.get";
+pub const ARCHIVE_LIST: &str = "claw.archive.list";
+
+/// Headers the system reads or writes.
+pub mod headers {
+    /// JetStream's de-duplication id; the gateway sets it to the task id.
+    pub const MSG_ID: &str = "Nats-Msg-Id";
+    /// Why a message was dead-lettered: a short code (`invalid_task`, `max_attempts`, ...).
+    pub const DLQ_REASON: &str = "Claw-Dlq-Reason";
+    /// The human sentence behind the reason.
+    pub const DLQ_MESSAGE: &str = "Claw-Dlq-Message";
+    /// The subject the message was originally published to.
+    pub const DLQ_SUBJECT: &str = "Claw-Dlq-Subject";
+    /// The task id, when one could be determined.
+    pub const TASK_ID: &str = "Claw-Task-Id";
+    /// How many times the message had been delivered.
+    pub const DLQ_DELIVERIES: &str = "Claw-Dlq-Deliveries";
+}
+
+/// One class × priority lane: a subject of `TASKS` and the durable consumer that drains it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Lane {
+    pub class: Class,
+    pub priority: Priority,
+}
+
+impl Lane {
+    pub const ALL: [Lane; 6] = [
+        Lane { class: Class::Short, priority: Priority::High },
+        Lane { class: Class::Short, priority: Priority::Normal },
+        Lane { class: Class::Short, priority: Priority::Low },
+        Lane { class: Class::Long, priority: Priority::High },
+        Lane { class: Class::Long, priority: Priority::Normal },
+        Lane { class: Class::Long, priority: Priority::Low },
+    ];
+
+    pub fn new(class: Class, priority: Priority) -> Lane {
+        Lane { class, priority }
+    }
+
+    /// The lanes of one class, highest priority first.
+    pub fn of_class(class: Class) -> [Lane; 3] {
+        Priority::ALL.map(|priority| Lane { class, priority })
+    }
+
+    /// `tasks.<class>.<priority>`.
+    pub fn subject(self) -> String {
+        format!("tasks.{}.{}", self.class, self.priority)
+    }
+
+    /// The durable consumer name, `<class>-<priority>`.
+    pub fn consumer(self) -> String {
+        format!("{}-{}", self.class, self.priority)
+    }
+
+    /// `dlq.<class>.<priority>`.
+    pub fn dlq_subject(self) -> String {
+        format!("dlq.{}.{}", self.class, self.priority)
+    }
+
+    /// The lane of a `tasks.<class>.<priority>` subject.
+    pub fn of_subject(subject: &str) -> Option<Lane> {
+        let rest = subject.strip_prefix("tasks.")?;
+        let (class, priority) = rest.split_once('.')?;
+        Some(Lane { class: Class::parse(class)?, priority: Priority::parse(priority)? })
+    }
+}
+
+/// `progress.<session>.<task_id>`.
+pub fn progress_subject(session: &Session, id: &TaskId) -> String {
+    format!("progress.{session}.{id}")
+}
+
+/// Every event of one session: `progress.<session>.*`.
+pub fn progress_session_filter(session: &Session) -> String {
+    format!("progress.{session}.*")
+}
+
+/// The gateway's request/reply subject for a verb: `claw.api.<verb>`.
+pub fn api_subject(verb: &str) -> String {
+    format!("{API_GROUP}.{verb}")
+}
+
+/// What a deployment tunes; everything else comes from the files under `nats/`.
+#[derive(Clone, Debug, clap::Args)]
+pub struct Settings {
+    /// Queue limit: messages in `TASKS` before submits get 429.
+    #[arg(long = "queue-max", env = "CLAW_QUEUE_MAX", default_value_t = 10_000)]
+    pub queue_max: i64,
+    /// How long a record stays in the `tasks` bucket after its last change, in seconds.
+    #[arg(long = "record-ttl-s", env = "CLAW_RECORD_TTL_S", default_value_t = 86_400)]
+    pub record_ttl_s: u64,
+    /// Replicas of every stream (3 on a 3-node cluster).
+    #[arg(long = "replicas", env = "CLAW_REPLICAS", default_value_t = 1)]
+    pub replicas: usize,
+    /// The lane consumers' ack deadline in seconds. Only processes that set it (the worker does,
+    /// from its config) change it; others leave an existing consumer's value alone.
+    #[arg(long = "ack-wait-s", env = "CLAW_ACK_WAIT_S")]
+    pub ack_wait_s: Option<f64>,
+}
+
+impl Settings {
+    /// The values of the files under `nats/`.
+    pub fn standard() -> Settings {
+        Settings { queue_max: 10_000, record_ttl_s: 86_400, replicas: 1, ack_wait_s: None }
+    }
+
+    pub fn ack_wait(&self) -> Option<Duration> {
+        self.ack_wait_s.map(Duration::from_secs_f64)
+    }
+}
+
+/// What went wrong while ensuring the topology.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("NATS request for {what} failed: {source}")]
+    Nats {
+        what: String,
+        #[source]
+        source: async_nats::Error,
+    },
+    /// The object exists with settings that differ and the server refused to change them.
+    #[error(
+        "{what} exists with different settings ({diffs}) and cannot be updated: {reason}; \
+         remove it (`nats {what}` rm) or align the settings"
+    )]
+    Conflict { what: String, diffs: String, reason: String },
+    #[error("definition {file} is invalid: {reason}")]
+    Definition { file: &'static str, reason: String },
+}
+
+/// Handles on the ensured topology.
+#[derive(Clone, Debug)]
+pub struct Topology {
+    pub js: jetstream::Context,
+    pub tasks_kv: kv::Store,
+}
+
+impl Topology {
+    /// The durable pull consumer of a lane.
+    pub async fn lane_consumer(&self, lane: Lane) -> Result<consumer::PullConsumer, Error> {
+        self.js.get_consumer_from_stream(lane.consumer(), TASKS_STREAM).await.map_err(|e| {
+            Error::Nats { what: format!("consumer {}", lane.consumer()), source: e.into() }
+        })
+    }
+}
+
+struct Definition {
+    file: &'static str,
+    json: &'static str,
+}
+
+macro_rules! def {
+    ($path:literal) => {
+        Definition {
+            file: concat!("nats/", $path),
+            json: include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/../nats/", $path)),
+        }
+    };
+}
+
+const STREAMS: [Definition; 4] = [
+    def!("streams/TASKS.json"),
+    def!("streams/PROGRESS.json"),
+    def!("streams/DLQ.json"),
+    def!("streams/KV_tasks.json"),
+];
+
+const LANE_CONSUMERS: [Definition; 6] = [
+    def!("consumers/TASKS/short-high.json"),
+    def!("consumers/TASKS/short-normal.json"),
+    def!("consumers/TASKS/short-low.json"),
+    def!("consumers/TASKS/long-high.json"),
+    def!("consumers/TASKS/long-normal.json"),
+    def!("consumers/TASKS/long-low.json"),
+];
+
+const ARCHIVER: Definition = def!("consumers/KV_tasks/archiver.json");
+
+fn nanos(d: Duration) -> Value {
+    Value::from(d.as_nanos() as u64)
+}
+
+impl Definition {
+    fn parse(&self) -> Result<Map<String, Value>, Error> {
+        match serde_json::from_str(self.json) {
+            Ok(Value::Object(map)) => Ok(map),
+            Ok(_) => Err(Error::Definition { file: self.file, reason: "not an object".into() }),
+            Err(e) => Err(Error::Definition { file: self.file, reason: e.to_string() }),
+        }
+    }
+}
+
+/// The stream definitions with `settings` applied, by name.
+fn desired_streams(settings: &Settings) -> Result<Vec<Map<String, Value>>, Error> {
+    STREAMS
+        .iter()
+        .map(|def| {
+            let mut map = def.parse()?;
+            map.insert("num_replicas".into(), settings.replicas.into());
+            match map.get("name").and_then(Value::as_str) {
+                Some(TASKS_STREAM) => {
+                    map.insert("max_msgs".into(), settings.queue_max.into());
+                }
+                Some(TASKS_KV_STREAM) => {
+                    map.insert("max_age".into(), nanos(Duration::from_secs(settings.record_ttl_s)));
+                }
+                _ => {}
+            }
+            Ok(map)
+        })
+        .collect()
+}
+
+/// Creates what is missing and updates what differs from the definitions. Safe to call from
+/// many processes at once: creating an existing identical object is a no-op for the server.
+pub async fn ensure(js: &jetstream::Context, settings: &Settings) -> Result<Topology, Error> {
+    for desired in desired_streams(settings)? {
+        ensure_stream(js, desired).await?;
+    }
+    for def in &LANE_CONSUMERS {
+        let mut desired = def.parse()?;
+        let keep_existing_ack_wait = match settings.ack_wait() {
+            Some(ack_wait) => {
+                desired.insert("ack_wait".into(), nanos(ack_wait));
+                false
+            }
+            None => true,
+        };
+        ensure_consumer(js, TASKS_STREAM, desired, keep_existing_ack_wait).await?;
+    }
+    ensure_consumer(js, TASKS_KV_STREAM, ARCHIVER.parse()?, false).await?;
+    let tasks_kv = js
+        .get_key_value(TASKS_BUCKET)
+        .await
+        .map_err(|e| Error::Nats { what: format!("bucket {TASKS_BUCKET}"), source: e.into() })?;
+    Ok(Topology { js: js.clone(), tasks_kv })
+}
+
+/// Whether `existing` already has `value` for `key`. A key the server omits counts as equal when
+/// the wanted value is the server's default (false, 0, -1, empty).
+fn same(existing: &Map<String, Value>, key: &str, value: &Value) -> bool {
+    match existing.get(key) {
+        Some(v) => v == value,
+        None => match value {
+            Value::Bool(b) => !b,
+            Value::Number(n) => n.as_i64().is_some_and(|n| n == 0 || n == -1),
+            Value::String(s) => s.is_empty(),
+            Value::Array(a) => a.is_empty(),
+            Value::Null => true,
+            Value::Object(o) => o.is_empty(),
+        },
+    }
+}
+
+fn differences(existing: &Map<String, Value>, desired: &Map<String, Value>) -> Vec<String> {
+    desired
+        .iter()
+        .filter(|(k, v)| !same(existing, k, v))
+        .map(|(k, v)| {
+            let was = existing.get(k).map_or_else(|| "unset".to_owned(), Value::to_string);
+            format!("{k}: {was} -> {v}")
+        })
+        .collect()
+}
+
+fn to_map<T: serde::Serialize>(value: &T) -> Map<String, Value> {
+    match serde_json::to_value(value) {
+        Ok(Value::Object(map)) => map,
+        _ => Map::new(),
+    }
+}
+
+fn from_map<T: serde::de::DeserializeOwned>(
+    what: &str,
+    map: Map<String, Value>,
+) -> Result<T, Error> {
+    serde_json::from_value(Value::Object(map)).map_err(|e| Error::Conflict {
+        what: what.to_owned(),
+        diffs: String::new(),
+        reason: format!("merged configuration does not parse: {e}"),
+    })
+}
+
+async fn ensure_stream(js: &jetstream::Context, desired: Map<String, Value>) -> Result<(), Error> {
+    let name = desired.get("name").and_then(Value::as_str).unwrap_or_default().to_owned();
+    let what = format!("stream {name}");
+    let nats = |source: async_nats::Error| Error::Nats { what: what.clone(), source };
+    match js.get_stream(&name).await {
+        Ok(stream) => {
+            let existing = to_map(&stream.cached_info().config);
+            let diffs = differences(&existing, &desired);
+            if diffs.is_empty() {
+                return Ok(());
+            }
+            let mut merged = existing;
+            merged.extend(desired);
+            let config: stream::Config = from_map(&what, merged)?;
+            js.update_stream(config).await.map_err(|e| Error::Conflict {
+                what: what.clone(),
+                diffs: diffs.join(", "),
+                reason: e.to_string(),
+            })?;
+            tracing::info!(stream = %name, changes = %diffs.join(", "), "updated stream");
+            Ok(())
+        }
+        Err(e)
+            if matches!(e.kind(), jetstream::context::GetStreamErrorKind::JetStream(ref j)
+            if j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND) =>
+        {
+            let config: stream::Config = from_map(&what, desired)?;
+            match js.create_stream(config).await {
+                Ok(_) => {
+                    tracing::info!(stream = %name, "created stream");
+                    Ok(())
+                }
+                // Another process created it between our look and our create: check again.
+                Err(_) if js.get_stream(&name).await.is_ok() => Ok(()),
+                Err(e) => Err(nats(e.into())),
+            }
+        }
+        Err(e) => Err(nats(e.into())),
+    }
+}
+
+async fn ensure_consumer(
+    js: &jetstream::Context,
+    stream_name: &str,
+    mut desired: Map<String, Value>,
+    keep_existing_ack_wait: bool,
+) -> Result<(), Error> {
+    let name = desired.get("durable_name").and_then(Value::as_str).unwrap_or_default().to_owned();
+    let what = format!("consumer {stream_name}/{name}");
+    let nats = |source: async_nats::Error| Error::Nats { what: what.clone(), source };
+    let stream = js.get_stream_no_info(stream_name).await.map_err(|e| nats(e.into()))?;
+    match stream.consumer_info(&name).await {
+        Ok(info) => {
+            let existing = to_map(&info.config);
+            if keep_existing_ack_wait {
+                desired.remove("ack_wait");
+            }
+            let diffs = differences(&existing, &desired);
+            if diffs.is_empty() {
+                return Ok(());
+            }
+            let mut merged = existing;
+            merged.extend(desired);
+            let config: consumer::Config = from_map(&what, merged)?;
+            stream.update_consumer(config).await.map_err(|e| Error::Conflict {
+                what: what.clone(),
+                diffs: diffs.join(", "),
+                reason: e.to_string(),
+            })?;
+            tracing::info!(consumer = %name, changes = %diffs.join(", "), "updated consumer");
+            Ok(())
+        }
+        Err(e) if e.kind() == jetstream::context::ConsumerInfoErrorKind::NotFound => {
+            let config: consumer::Config = from_map(&what, desired)?;
+            stream.create_consumer(config).await.map_err(|e| nats(e.into()))?;
+            tracing::info!(consumer = %name, "created consumer");
+            Ok(())
+        }
+        Err(e) => Err(nats(e.into())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_definition_parses_into_its_config() {
+        for def in &STREAMS {
+            let map = def.parse().unwrap();
+            let _: stream::Config = serde_json::from_value(Value::Object(map)).unwrap();
+        }
+        for def in LANE_CONSUMERS.iter().chain([&ARCHIVER]) {
+            let map = def.parse().unwrap();
+            let _: consumer::Config = serde_json::from_value(Value::Object(map)).unwrap();
+        }
+    }
+
+    #[test]
+    fn lane_files_match_lane_names() {
+        for (def, lane) in LANE_CONSUMERS.iter().zip(Lane::ALL) {
+            let map = def.parse().unwrap();
+            assert_eq!(map["durable_name"], lane.consumer().as_str());
+            assert_eq!(map["filter_subject"], lane.subject().as_str());
+        }
+    }
+
+    #[test]
+    fn lanes_round_trip_through_subjects() {
+        for lane in Lane::ALL {
+            assert_eq!(Lane::of_subject(&lane.subject()), Some(lane));
+        }
+        assert_eq!(Lane::of_subject("tasks.short"), None);
+        assert_eq!(Lane::of_subject("tasks.huge.high"), None);
+    }
+
+    #[test]
+    fn settings_override_the_files() {
+        let s = Settings { queue_max: 5, record_ttl_s: 60, replicas: 3, ack_wait_s: None };
+        let streams = desired_streams(&s).unwrap();
+        let tasks = streams.iter().find(|m| m["name"] == TASKS_STREAM).unwrap();
+        assert_eq!(tasks["max_msgs"], 5);
+        assert_eq!(tasks["num_replicas"], 3);
+        let kv = streams.iter().find(|m| m["name"] == TASKS_KV_STREAM).unwrap();
+        assert_eq!(kv["max_age"], 60_000_000_000u64);
+    }
+
+    #[test]
+    fn absent_defaults_are_not_differences() {
+        let existing = to_map(&serde_json::json!({"a": 1}));
+        let desired = to_map(&serde_json::json!({"a": 1, "deny_purge": false, "b": -1}));
+        assert!(differences(&existing, &desired).is_empty());
+        let desired = to_map(&serde_json::json!({"a": 2}));
+        assert_eq!(differences(&existing, &desired), ["a: 1 -> 2"]);
+    }
+}

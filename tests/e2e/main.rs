@@ -1,0 +1,4 @@
+//! End-to-end tests, one binary (matklad's "Delete Cargo Integration Tests"): every module is a
+//! behaviour that crosses a process boundary, against a real nats-server.
+
+mod topology;

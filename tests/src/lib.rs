@@ -1,0 +1,132 @@
+//! The end-to-end test harness: a real nats-server per test on a random port, the services
+//! started in-process (through the same `run` functions `claw up` calls) or as real child
+//! processes (the built `claw-*` binaries), and waits that poll a condition with a deadline.
+//!
+//! Set `KEEP_TEST_DIRS=1` to keep each test's directory (server log, store, SQLite file).
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream;
+use claw_proto::connect::{self, NatsArgs};
+use claw_proto::nats_server::{self, NatsServer};
+use claw_proto::topology::{self, Settings, Topology};
+
+/// A test's scratch directory; removed on drop unless `KEEP_TEST_DIRS=1`.
+#[derive(Debug)]
+pub struct TestDir {
+    dir: Option<tempfile::TempDir>,
+    path: PathBuf,
+}
+
+impl TestDir {
+    pub fn new() -> TestDir {
+        let dir = tempfile::Builder::new().prefix("claw-test-").tempdir().expect("temp dir");
+        let path = dir.path().to_owned();
+        if std::env::var_os("KEEP_TEST_DIRS").is_some() {
+            eprintln!("test dir kept: {}", path.display());
+            return TestDir { dir: None, path: dir.keep() };
+        }
+        TestDir { dir: Some(dir), path }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Default for TestDir {
+    fn default() -> Self {
+        TestDir::new()
+    }
+}
+
+impl Drop for TestDir {
+    fn drop(&mut self) {
+        drop(self.dir.take());
+    }
+}
+
+/// A nats-server with JetStream, started for one test.
+#[derive(Debug)]
+pub struct Nats {
+    pub server: NatsServer,
+    pub dir: TestDir,
+}
+
+impl Nats {
+    pub fn start() -> Nats {
+        init_tracing();
+        let dir = TestDir::new();
+        let server = NatsServer::start(nats_server::Options::in_dir(dir.path().join("nats")))
+            .unwrap_or_else(|e| panic!("starting nats-server: {e}"));
+        Nats { server, dir }
+    }
+
+    pub fn url(&self) -> String {
+        self.server.url()
+    }
+
+    pub fn args(&self) -> NatsArgs {
+        NatsArgs::url(self.url())
+    }
+
+    /// A fresh client, as a service would have.
+    pub async fn client(&self) -> async_nats::Client {
+        connect::connect(&self.args(), "claw-test").await.expect("connect to test nats-server")
+    }
+
+    pub async fn jetstream(&self) -> jetstream::Context {
+        connect::jetstream(self.client().await)
+    }
+
+    /// Ensures the topology with test settings (see [`test_settings`]).
+    pub async fn topology(&self, settings: &Settings) -> Topology {
+        let js = self.jetstream().await;
+        topology::ensure(&js, settings).await.expect("ensure topology")
+    }
+}
+
+/// Settings for tests: a two-second ack deadline so redelivery is observable quickly.
+pub fn test_settings() -> Settings {
+    Settings { ack_wait_s: Some(2.0), ..Settings::standard() }
+}
+
+/// Waits until `check` returns `Some`, polling every 20 ms, or panics after `timeout` with
+/// `what` and the last value seen by `describe`.
+pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        if Instant::now() > deadline {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The path of a binary built from this workspace (`cargo build --bins` first; the test
+/// command does). Found next to the test executable: `target/<profile>/deps/e2e-*` → `target/<profile>/`.
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let dir = exe.parent().and_then(Path::parent).expect("target profile dir");
+    let path = dir.join(name);
+    assert!(path.is_file(), "{} not built: run `cargo build --bins` first", path.display());
+    path
+}
+
+pub fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_test_writer()
+        .try_init();
+}
