@@ -103,6 +103,14 @@ impl Lane {
     }
 }
 
+/// Every lane of one class, `tasks.<class>.*`: a worker's wake-up subscription.
+pub fn class_subjects(class: Class) -> String {
+    format!("tasks.{class}.*")
+}
+
+/// The KV subject of a record, `$KV.tasks.<id>`; the archiver reads ids back from it.
+pub const KV_SUBJECT_PREFIX: &str = "$KV.tasks.";
+
 /// `progress.<session>.<task_id>`.
 pub fn progress_subject(session: &Session, id: &TaskId) -> String {
     format!("progress.{session}.{id}")
