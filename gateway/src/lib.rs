@@ -1,1 +1,49 @@
-//! stub
+//! The gateway: the front door of OpenClaw. It accepts a task over HTTP or NATS request/reply,
+//! stores it in JetStream, and answers with the task's id as soon as JetStream has it; it never
+//! waits for the work itself.
+//!
+//! Reading order: [`config`], [`app`] (shared state), [`tasks`] (the operations, the submit hot
+//! path), [`http`] (axum routes), [`nats_api`] (the same operations as a NATS service),
+//! [`error`] (one error type, one mapping to responses), [`metrics`].
+
+pub mod app;
+pub mod config;
+pub mod error;
+pub mod http;
+pub mod metrics;
+pub mod nats_api;
+pub mod tasks;
+
+use claw_proto::topology::Topology;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+pub use app::App;
+pub use config::Config;
+pub use error::Error;
+pub use http::router;
+
+/// Serves HTTP on `listener` and the NATS API until `shutdown` is cancelled. The topology must
+/// already be ensured (the binary's `main` or `claw up` does it).
+pub async fn run(
+    topology: Topology,
+    config: Config,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), Error> {
+    metrics::install();
+    let app = App::new(topology, config).await?;
+    let nats = tokio::spawn(nats_api::serve(app.clone(), shutdown.clone()));
+    let addr = listener.local_addr().ok();
+    tracing::info!(?addr, "gateway listening");
+    let http_shutdown = shutdown.clone();
+    axum::serve(listener, router(app))
+        .with_graceful_shutdown(async move { http_shutdown.cancelled().await })
+        .await
+        .map_err(|e| Error::Internal(format!("HTTP server: {e}")))?;
+    shutdown.cancel();
+    match nats.await {
+        Ok(result) => result,
+        Err(e) => Err(Error::Internal(format!("NATS API task: {e}"))),
+    }
+}

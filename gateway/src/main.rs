@@ -1,1 +1,55 @@
-fn main() {}
+//! `claw-gateway`: the gateway as its own process (production layout). Parses configuration,
+//! connects to NATS, ensures the topology, binds the HTTP address and calls
+//! [`claw_gateway::run`] until SIGINT or SIGTERM.
+
+use std::net::SocketAddr;
+
+use anyhow::Context;
+use clap::Parser;
+use claw_proto::connect::{self, NatsArgs};
+use claw_proto::topology::{self, Settings};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, Parser)]
+#[command(name = "claw-gateway", version, about = "OpenClaw gateway: HTTP and NATS front door")]
+struct Cli {
+    /// Address to serve HTTP on. Without API tokens, keep it on loopback.
+    #[arg(long, env = "CLAW_HTTP", default_value = "127.0.0.1:8080")]
+    http: SocketAddr,
+    #[command(flatten)]
+    nats: NatsArgs,
+    #[command(flatten)]
+    topology: Settings,
+    #[command(flatten)]
+    gateway: claw_gateway::Config,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    let client = connect::connect(&cli.nats, "claw-gateway").await?;
+    let topology = topology::ensure(&connect::jetstream(client), &cli.topology).await?;
+    let listener = tokio::net::TcpListener::bind(cli.http)
+        .await
+        .with_context(|| format!("binding {}", cli.http))?;
+    let shutdown = CancellationToken::new();
+    tokio::spawn(cancel_on_signal(shutdown.clone()));
+    claw_gateway::run(topology, cli.gateway, listener, shutdown).await?;
+    Ok(())
+}
+
+async fn cancel_on_signal(token: CancellationToken) {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("shutting down");
+    token.cancel();
+}

@@ -41,8 +41,23 @@ impl NatsArgs {
 /// server is noticed within about twice this; the worker's lease logic relies on that.
 pub const PING_INTERVAL: Duration = Duration::from_secs(2);
 
+/// Could not connect: names the URL, keeps the cause.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot connect to NATS at {url}: {source}")]
+pub struct ConnectError {
+    pub url: String,
+    #[source]
+    pub source: async_nats::Error,
+}
+
 /// Connects with the options every service uses. `name` shows in `nats server report connections`.
-pub async fn connect(args: &NatsArgs, name: &str) -> Result<Client, async_nats::Error> {
+pub async fn connect(args: &NatsArgs, name: &str) -> Result<Client, ConnectError> {
+    connect_inner(args, name)
+        .await
+        .map_err(|source| ConnectError { url: args.nats_url.clone(), source })
+}
+
+async fn connect_inner(args: &NatsArgs, name: &str) -> Result<Client, async_nats::Error> {
     let mut options = ConnectOptions::new()
         .name(name)
         .ping_interval(PING_INTERVAL)

@@ -86,7 +86,34 @@ impl Invalid {
     }
 }
 
+/// Why raw bytes are not a spec: not JSON at all (a 400), or JSON of the wrong shape (a 422).
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+pub enum ParseError {
+    #[error("malformed JSON: {0}")]
+    Syntax(String),
+    #[error(transparent)]
+    Invalid(Invalid),
+}
+
 impl TaskSpec {
+    /// Like [`TaskSpec::from_slice`], but tells malformed JSON apart from a wrong shape.
+    pub fn parse(bytes: &[u8]) -> Result<TaskSpec, ParseError> {
+        let de = &mut serde_json::Deserializer::from_slice(bytes);
+        serde_path_to_error::deserialize(de).map_err(|e| {
+            use serde_json::error::Category;
+            match e.inner().classify() {
+                Category::Syntax | Category::Eof | Category::Io => {
+                    ParseError::Syntax(e.inner().to_string())
+                }
+                Category::Data => {
+                    let path = e.path().to_string();
+                    let field = (path != ".").then_some(path);
+                    ParseError::Invalid(Invalid { field, message: e.inner().to_string() })
+                }
+            }
+        })
+    }
+
     /// Parses a spec from raw bytes, naming the field at fault (`serde_path_to_error`).
     pub fn from_slice(bytes: &[u8]) -> Result<TaskSpec, Invalid> {
         let de = &mut serde_json::Deserializer::from_slice(bytes);
@@ -258,6 +285,17 @@ mod tests {
         assert_eq!(e.field.as_deref(), Some("input.seconds"));
         let e = admit(json!({"kind": "sleep", "session": "a.b"})).unwrap_err();
         assert_eq!(e.field.as_deref(), Some("session"));
+    }
+
+    #[test]
+    fn parse_tells_syntax_from_shape() {
+        assert!(matches!(TaskSpec::parse(b"{not json"), Err(ParseError::Syntax(_))));
+        assert!(matches!(TaskSpec::parse(b""), Err(ParseError::Syntax(_))));
+        match TaskSpec::parse(br#"{"kind": 3}"#) {
+            Err(ParseError::Invalid(i)) => assert_eq!(i.field.as_deref(), Some("kind")),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(TaskSpec::parse(b"[]"), Err(ParseError::Invalid(_))));
     }
 
     #[test]

@@ -2,3 +2,4 @@
 //! behaviour that crosses a process boundary, against a real nats-server.
 
 mod topology;
+mod gateway;

@@ -130,3 +130,67 @@ pub fn init_tracing() {
         .with_test_writer()
         .try_init();
 }
+
+/// A service running in-process on the test's runtime, stopped by cancelling its token.
+#[derive(Debug)]
+pub struct Running {
+    pub token: tokio_util::sync::CancellationToken,
+    pub handle: tokio::task::JoinHandle<()>,
+}
+
+impl Running {
+    /// Cancels the service and waits for it to return.
+    pub async fn stop(mut self) {
+        self.token.cancel();
+        let handle = std::mem::replace(&mut self.handle, tokio::spawn(async {}));
+        let _ = tokio::time::timeout(Duration::from_secs(30), handle).await;
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.token.cancel();
+    }
+}
+
+/// A gateway served in-process on a random loopback port.
+#[derive(Debug)]
+pub struct Gateway {
+    pub url: String,
+    pub running: Running,
+}
+
+impl Gateway {
+    pub async fn start(topology: &Topology, args: &[&str]) -> Gateway {
+        let config = claw_gateway::Config::from_args(args).expect("gateway flags");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let url = format!("http://{}", listener.local_addr().expect("local addr"));
+        let token = tokio_util::sync::CancellationToken::new();
+        let (topology, run_token) = (topology.clone(), token.clone());
+        let handle = tokio::spawn(async move {
+            if let Err(e) = claw_gateway::run(topology, config, listener, run_token).await {
+                panic!("gateway failed: {e}");
+            }
+        });
+        Gateway { url, running: Running { token, handle } }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.url)
+    }
+}
+
+/// Messages currently in a stream.
+pub async fn stream_messages(js: &jetstream::Context, stream: &str) -> u64 {
+    let mut s = js.get_stream(stream).await.expect("stream");
+    s.info().await.expect("stream info").state.messages
+}
+
+/// Keys currently in the `tasks` bucket (live records, not deleted).
+pub async fn record_count(topology: &Topology) -> usize {
+    use futures::TryStreamExt;
+    match topology.tasks_kv.keys().await {
+        Ok(keys) => keys.try_collect::<Vec<_>>().await.map(|k| k.len()).unwrap_or(0),
+        Err(_) => 0,
+    }
+}

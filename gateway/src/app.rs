@@ -1,0 +1,61 @@
+//! The gateway's shared state: one NATS connection and the handles derived from it, built once
+//! and cloned into every request (an `Arc` inside, so a clone is a pointer copy).
+
+use std::sync::Arc;
+
+use async_nats::jetstream::{self, kv, stream};
+use claw_proto::kinds::Catalog;
+use claw_proto::spec::Limits;
+use claw_proto::topology::{self, Topology};
+
+use crate::Config;
+use crate::error::Error;
+
+#[derive(Clone, Debug)]
+pub struct App(Arc<Inner>);
+
+#[derive(Debug)]
+pub struct Inner {
+    pub client: async_nats::Client,
+    pub js: jetstream::Context,
+    pub kv: kv::Store,
+    /// The stream behind `kv`, to remove a record by revision when its submit is refused.
+    pub kv_stream: stream::Stream<()>,
+    pub catalog: Catalog,
+    pub limits: Limits,
+    pub config: Config,
+}
+
+impl std::ops::Deref for App {
+    type Target = Inner;
+    fn deref(&self) -> &Inner {
+        &self.0
+    }
+}
+
+impl App {
+    pub async fn new(topology: Topology, config: Config) -> Result<App, Error> {
+        let kv_stream =
+            topology.js.get_stream_no_info(topology::TASKS_KV_STREAM).await.map_err(|e| {
+                Error::Unavailable(format!("stream {}: {e}", topology::TASKS_KV_STREAM))
+            })?;
+        Ok(App(Arc::new(Inner {
+            client: topology.js.client(),
+            js: topology.js,
+            kv: topology.tasks_kv,
+            kv_stream,
+            catalog: config.catalog(),
+            limits: config.limits(),
+            config,
+        })))
+    }
+
+    /// Refuses at once when the connection is down, instead of queueing the publish in the
+    /// client and answering 503 only after the ack timeout.
+    pub fn ensure_connected(&self) -> Result<(), Error> {
+        match self.client.connection_state() {
+            async_nats::connection::State::Connected => Ok(()),
+            state => Err(Error::Unavailable(format!("NATS connection is {state}"))),
+        }
+    }
+}

@@ -1,0 +1,72 @@
+//! The gateway's configuration: clap flags with environment equivalents, parsed once in `main`
+//! (or by `claw up`) and passed to [`crate::run`].
+
+use claw_proto::kinds::Catalog;
+use claw_proto::spec::Limits;
+use claw_proto::task::Class;
+
+#[derive(Clone, Debug, clap::Args)]
+pub struct Config {
+    /// Largest accepted request body in bytes (the task spec with its input).
+    #[arg(long, env = "CLAW_BODY_LIMIT", default_value_t = 1024 * 1024)]
+    pub body_limit: usize,
+    /// `Retry-After` seconds sent with 429 when the queue is full.
+    #[arg(long, env = "CLAW_RETRY_AFTER_S", default_value_t = 1)]
+    pub retry_after_s: u64,
+    /// Extra task kinds a custom worker runs, as NAME=short|long (repeatable).
+    #[arg(long = "kind", env = "CLAW_KINDS", value_delimiter = ',', value_parser = parse_kind)]
+    pub kinds: Vec<(String, Class)>,
+    /// Per-attempt timeout cap of short tasks, in seconds.
+    #[arg(long, env = "CLAW_SHORT_TIMEOUT_CAP_S", default_value_t = Limits::STANDARD.short_timeout_cap_s)]
+    pub short_timeout_cap_s: u64,
+    /// Per-attempt timeout cap of long tasks, in seconds.
+    #[arg(long, env = "CLAW_LONG_TIMEOUT_CAP_S", default_value_t = Limits::STANDARD.long_timeout_cap_s)]
+    pub long_timeout_cap_s: u64,
+    /// Longest absolute deadline from submission, in seconds.
+    #[arg(long, env = "CLAW_MAX_DEADLINE_S", default_value_t = Limits::STANDARD.max_deadline_s)]
+    pub max_deadline_s: u64,
+    /// Attempts of a task that does not say.
+    #[arg(long, env = "CLAW_DEFAULT_MAX_ATTEMPTS", default_value_t = Limits::STANDARD.default_max_attempts)]
+    pub default_max_attempts: u32,
+}
+
+fn parse_kind(s: &str) -> Result<(String, Class), String> {
+    let (name, class) = s.split_once('=').ok_or("expected NAME=short|long")?;
+    let class = Class::parse(class).ok_or("class must be short or long")?;
+    if name.is_empty() {
+        return Err("empty kind name".into());
+    }
+    Ok((name.to_owned(), class))
+}
+
+impl Config {
+    /// Parses flags as the binary would (for tests and embedders): `Config::from_args(["--kind", "x=long"])`.
+    pub fn from_args<I, T>(args: I) -> Result<Config, clap::Error>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        #[derive(clap::Parser)]
+        struct Wrapper {
+            #[command(flatten)]
+            config: Config,
+        }
+        let argv = std::iter::once(std::ffi::OsString::from("claw-gateway"))
+            .chain(args.into_iter().map(Into::into));
+        <Wrapper as clap::Parser>::try_parse_from(argv).map(|w| w.config)
+    }
+
+    pub fn catalog(&self) -> Catalog {
+        self.kinds.iter().fold(Catalog::builtin(), |c, (k, class)| c.with(k, *class))
+    }
+
+    pub fn limits(&self) -> Limits {
+        Limits {
+            short_timeout_cap_s: self.short_timeout_cap_s,
+            long_timeout_cap_s: self.long_timeout_cap_s,
+            max_deadline_s: self.max_deadline_s,
+            default_max_attempts: self.default_max_attempts,
+            ..Limits::STANDARD
+        }
+    }
+}

@@ -1,0 +1,96 @@
+//! The gateway's one error type, and the one place it becomes a response (HTTP or NATS reply).
+//!
+//! Client mistakes carry their message; internal failures say little to the caller and are
+//! logged once, here. The body is always `{"error": {"code", "message", "field"?}}`.
+
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use claw_proto::api::{ApiError, ErrorBody};
+use claw_proto::spec::{Invalid, ParseError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The body is not JSON at all.
+    #[error("{0}")]
+    MalformedJson(String),
+    /// JSON of the wrong shape, or a value out of range.
+    #[error("{}", .0.message)]
+    Invalid(Invalid),
+    #[error("no task {0}")]
+    NotFound(String),
+    #[error("request body exceeds {0} bytes")]
+    TooLarge(usize),
+    #[error("the task queue is full; retry later")]
+    QueueFull { retry_after_s: u64 },
+    /// NATS, JetStream or the archive cannot be reached; nothing was stored.
+    #[error("{0}")]
+    Unavailable(String),
+    /// A bug or an unexpected reply; the detail goes to the log, not to the caller.
+    #[error("internal error")]
+    Internal(String),
+}
+
+impl From<ParseError> for Error {
+    fn from(e: ParseError) -> Error {
+        match e {
+            ParseError::Syntax(m) => Error::MalformedJson(m),
+            ParseError::Invalid(i) => Error::Invalid(i),
+        }
+    }
+}
+
+impl From<Invalid> for Error {
+    fn from(i: Invalid) -> Error {
+        Error::Invalid(i)
+    }
+}
+
+impl Error {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Error::MalformedJson(_) => StatusCode::BAD_REQUEST,
+            Error::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            Error::NotFound(_) => StatusCode::NOT_FOUND,
+            Error::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Error::QueueFull { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Error::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    pub fn code(&self) -> &'static str {
+        match self {
+            Error::MalformedJson(_) => "malformed_json",
+            Error::Invalid(_) => "invalid_request",
+            Error::NotFound(_) => "not_found",
+            Error::TooLarge(_) => "payload_too_large",
+            Error::QueueFull { .. } => "queue_full",
+            Error::Unavailable(_) => "unavailable",
+            Error::Internal(_) => "internal",
+        }
+    }
+
+    /// The body sent to the caller (HTTP or NATS), logging internal errors once.
+    pub fn body(&self) -> ErrorBody {
+        match self {
+            Error::Internal(detail) => tracing::error!(%detail, "internal error"),
+            Error::Unavailable(detail) => tracing::warn!(%detail, "dependency unavailable"),
+            _ => {}
+        }
+        let field = match self {
+            Error::Invalid(i) => i.field.clone(),
+            _ => None,
+        };
+        ErrorBody { error: ApiError { code: self.code().into(), message: self.to_string(), field } }
+    }
+}
+
+impl IntoResponse for Error {
+    fn into_response(self) -> Response {
+        let mut response = (self.status(), axum::Json(self.body())).into_response();
+        if let Error::QueueFull { retry_after_s } = self {
+            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(retry_after_s));
+        }
+        response
+    }
+}

@@ -1,0 +1,149 @@
+//! The HTTP API (axum): routes, and the translation between HTTP and [`crate::tasks`].
+//!
+//! Bodies are read as bytes and parsed by `TaskSpec::parse`, so a malformed body gets our error
+//! shape with the offending field instead of axum's plain-text rejection; the body limit turns
+//! into 413 the same way.
+
+use std::collections::HashMap;
+
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use bytes::Bytes;
+use claw_proto::api::{self, ListQuery};
+use claw_proto::spec::Invalid;
+use claw_proto::task::{Session, Status};
+use claw_proto::topology;
+
+use crate::app::App;
+use crate::error::Error;
+use crate::tasks;
+
+/// The gateway's HTTP routes, for `run` and for tests (`router(app).oneshot(request)`).
+pub fn router(app: App) -> Router {
+    let body_limit = app.config.body_limit;
+    Router::new()
+        .route("/v1/tasks", post(submit).get(list))
+        .route("/v1/tasks/{id}", get(get_task))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .layer(DefaultBodyLimit::max(body_limit))
+        .layer(tower_http::trace::TraceLayer::new_for_http())
+        .with_state(app)
+}
+
+async fn submit(
+    State(app): State<App>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, Error> {
+    let body = body.map_err(|rejection| match rejection.status() {
+        StatusCode::PAYLOAD_TOO_LARGE => Error::TooLarge(app.config.body_limit),
+        _ => Error::MalformedJson(rejection.body_text()),
+    })?;
+    let key = match headers.get("idempotency-key") {
+        None => None,
+        Some(v) => Some(
+            v.to_str().map_err(|_| Invalid::field("Idempotency-Key", "must be visible ASCII"))?,
+        ),
+    };
+    let submitted = tasks::submit(&app, &body, key).await?;
+    let status = if submitted.created { StatusCode::ACCEPTED } else { StatusCode::OK };
+    Ok((status, Json(submitted.record)).into_response())
+}
+
+async fn get_task(State(app): State<App>, Path(id): Path<String>) -> Result<Response, Error> {
+    Ok(Json(tasks::get(&app, &id).await?).into_response())
+}
+
+/// `GET /v1/tasks?session=&status=&kind=&limit=&cursor=`. Empty parameters count as absent,
+/// which is what an HTML form with an unset filter sends.
+async fn list(
+    State(app): State<App>,
+    Query(params): Query<HashMap<String, String>>,
+) -> Result<Response, Error> {
+    let query = list_query(params)?;
+    Ok(Json(tasks::list(&app, &query).await?).into_response())
+}
+
+fn list_query(params: HashMap<String, String>) -> Result<ListQuery, Error> {
+    let mut query = ListQuery::default();
+    for (key, value) in params {
+        if value.is_empty() {
+            continue;
+        }
+        match key.as_str() {
+            "session" => {
+                query.session = Some(
+                    Session::parse(&value).map_err(|e| Invalid::field("session", e.to_string()))?,
+                )
+            }
+            "status" => {
+                query.status =
+                    Some(Status::parse(&value).ok_or_else(|| {
+                        Invalid::field("status", format!("unknown status {value:?}"))
+                    })?)
+            }
+            "kind" => query.kind = Some(value),
+            "limit" => {
+                let limit = value.parse::<u32>().ok().filter(|n| (1..=api::MAX_PAGE).contains(n));
+                query.limit = Some(limit.ok_or_else(|| {
+                    Invalid::field("limit", format!("must be 1-{}", api::MAX_PAGE))
+                })?);
+            }
+            "cursor" => query.cursor = Some(value),
+            other => {
+                return Err(Invalid::field(other, format!("unknown parameter {other:?}")).into());
+            }
+        }
+    }
+    Ok(query)
+}
+
+async fn healthz() -> &'static str {
+    "ok"
+}
+
+/// Ready when NATS is connected and the topology is there.
+async fn readyz(State(app): State<App>) -> Result<Response, Error> {
+    app.ensure_connected()?;
+    app.js
+        .get_stream(topology::TASKS_STREAM)
+        .await
+        .map_err(|e| Error::Unavailable(format!("stream {}: {e}", topology::TASKS_STREAM)))?;
+    Ok("ready".into_response())
+}
+
+async fn metrics() -> Response {
+    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], crate::metrics::render())
+        .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn list_query_parses_and_names_bad_fields() {
+        let q = list_query(params(&[("status", "failed"), ("limit", "10"), ("kind", "")]));
+        let q = q.unwrap();
+        assert_eq!(q.status, Some(Status::Failed));
+        assert_eq!(q.limit, Some(10));
+        assert_eq!(q.kind, None);
+        for (k, v) in [("status", "done"), ("limit", "0"), ("limit", "x"), ("session", "a.b")] {
+            match list_query(params(&[(k, v)])) {
+                Err(Error::Invalid(i)) => assert_eq!(i.field.as_deref(), Some(k)),
+                other => panic!("{k}={v}: {other:?}"),
+            }
+        }
+        assert!(list_query(params(&[("colour", "red")])).is_err());
+    }
+}

@@ -1,0 +1,233 @@
+//! The task operations behind both front doors (HTTP in [`crate::http`], NATS request/reply in
+//! [`crate::nats_api`]): submit, get, list. One code path, so the two cannot disagree.
+//!
+//! Submit is the hot path. It admits the spec, then sends the task message to its lane and the
+//! `queued` record to the `tasks` bucket back to back and waits for both acks together: one
+//! round trip, and 202 only once JetStream has stored the task. The record is created with
+//! create-if-absent, so a worker that was faster and already wrote `running` is never
+//! overwritten. If the lane refuses the message (queue full) the record is removed again by its
+//! revision, so a refused submit leaves nothing behind.
+
+use std::future::IntoFuture;
+use std::time::Instant;
+
+use async_nats::HeaderMap;
+use async_nats::jetstream::context::{PublishError, PublishErrorKind};
+use async_nats::jetstream::kv::CreateErrorKind;
+use async_nats::jetstream::{self, ErrorCode};
+use bytes::Bytes;
+use claw_proto::api::{ErrorBody, GetRequest, ListPage, ListQuery};
+use claw_proto::event::Event;
+use claw_proto::spec::{Invalid, TaskSpec};
+use claw_proto::task::{TaskId, TaskRecord};
+use claw_proto::topology::{self, Lane, headers};
+use serde::de::DeserializeOwned;
+use time::OffsetDateTime;
+
+use crate::app::App;
+use crate::error::Error;
+
+/// What a submit produced: a new task (202), or the one an earlier submit with the same
+/// idempotency key (or explicit id) created (200).
+#[derive(Debug)]
+pub struct Submitted {
+    pub record: TaskRecord,
+    pub created: bool,
+}
+
+/// Longest accepted `Idempotency-Key`.
+pub const MAX_IDEMPOTENCY_KEY: usize = 255;
+
+pub async fn submit(
+    app: &App,
+    body: &[u8],
+    idempotency_key: Option<&str>,
+) -> Result<Submitted, Error> {
+    let started = Instant::now();
+    let result = submit_inner(app, body, idempotency_key).await;
+    let outcome = match &result {
+        Ok(s) if s.created => "created",
+        Ok(_) => "existing",
+        Err(e) => e.code(),
+    };
+    metrics::counter!("claw_gateway_submits_total", "outcome" => outcome).increment(1);
+    metrics::histogram!("claw_gateway_submit_seconds").record(started.elapsed().as_secs_f64());
+    result
+}
+
+async fn submit_inner(
+    app: &App,
+    body: &[u8],
+    idempotency_key: Option<&str>,
+) -> Result<Submitted, Error> {
+    let spec = TaskSpec::parse(body)?;
+    if let Some(key) = idempotency_key
+        && (key.is_empty() || key.len() > MAX_IDEMPOTENCY_KEY)
+    {
+        return Err(Invalid::field("Idempotency-Key", "must be 1-255 characters").into());
+    }
+    let id = match (idempotency_key, &spec.id) {
+        (Some(key), _) => TaskId::derived("idempotency-key", key),
+        (None, Some(id)) => id.clone(),
+        (None, None) => TaskId::generate(),
+    };
+    let record = spec.admit(id, OffsetDateTime::now_utc(), None, &app.catalog, &app.limits)?;
+    app.ensure_connected()?;
+    let submitted = if idempotency_key.is_some() || spec.id.is_some() {
+        submit_once(app, record).await?
+    } else {
+        submit_new(app, record).await?
+    };
+    if submitted.created {
+        announce(app, &submitted.record).await;
+    }
+    Ok(submitted)
+}
+
+/// A fresh id: nobody else can hold this key, so publish and create are pipelined.
+async fn submit_new(app: &App, record: TaskRecord) -> Result<Submitted, Error> {
+    let (message, value) = encode(&record)?;
+    let ack = publish(app, &record, message).await.map_err(|e| publish_error(e, app))?;
+    let (ack, created) = tokio::join!(ack.into_future(), app.kv.create(record.id.as_str(), value));
+    if let Err(e) = ack {
+        if let Ok(revision) = created {
+            forget(app, revision).await;
+        }
+        return Err(publish_error(e, app));
+    }
+    match created {
+        // AlreadyExists: a worker picked the task up before our create landed; its record wins.
+        Ok(_) => {}
+        Err(e) if e.kind() == CreateErrorKind::AlreadyExists => {}
+        // The task is stored, which is what 202 promises; the worker rebuilds the record from
+        // the message when it finds none.
+        Err(e) => tracing::warn!(task_id = %record.id, error = %e, "queued record not created"),
+    }
+    Ok(Submitted { record, created: true })
+}
+
+/// A caller-chosen id (idempotency key or explicit id): claim the key first, then publish, so
+/// a repeat finds the first task instead of queueing a second one. One extra round trip, paid
+/// only by callers who ask for idempotency.
+async fn submit_once(app: &App, record: TaskRecord) -> Result<Submitted, Error> {
+    let (message, value) = encode(&record)?;
+    match app.kv.create(record.id.as_str(), value).await {
+        Ok(revision) => {
+            let result = match publish(app, &record, message).await {
+                Ok(ack) => ack.into_future().await,
+                Err(e) => Err(e),
+            };
+            if let Err(e) = result {
+                forget(app, revision).await;
+                return Err(publish_error(e, app));
+            }
+            Ok(Submitted { record, created: true })
+        }
+        Err(e) if e.kind() == CreateErrorKind::AlreadyExists => {
+            let existing = get(app, record.id.as_str()).await?;
+            Ok(Submitted { record: existing, created: false })
+        }
+        Err(e) => Err(Error::Unavailable(format!("creating record: {e}"))),
+    }
+}
+
+fn encode(record: &TaskRecord) -> Result<(Bytes, Bytes), Error> {
+    let message = serde_json::to_vec(&TaskSpec::of_record(record))
+        .map_err(|e| Error::Internal(e.to_string()))?;
+    let value = serde_json::to_vec(record).map_err(|e| Error::Internal(e.to_string()))?;
+    Ok((message.into(), value.into()))
+}
+
+/// Sends the task to its lane; the returned future resolves with JetStream's ack.
+async fn publish(
+    app: &App,
+    record: &TaskRecord,
+    message: Bytes,
+) -> Result<jetstream::context::PublishAckFuture, PublishError> {
+    let mut headers = HeaderMap::new();
+    // JetStream drops a second message with the same id inside its duplicate window.
+    headers.insert(headers::MSG_ID, record.id.as_str());
+    let lane = Lane::new(record.class, record.priority);
+    app.js.publish_with_headers(lane.subject(), headers, message).await
+}
+
+/// Removes a record whose task was refused, so the refusal leaves nothing behind.
+async fn forget(app: &App, revision: u64) {
+    if let Err(e) = app.kv_stream.delete_message(revision).await {
+        tracing::warn!(revision, error = %e, "could not remove the record of a refused task");
+    }
+}
+
+fn publish_error(e: PublishError, app: &App) -> Error {
+    match e.kind() {
+        PublishErrorKind::MaxPayloadExceeded => Error::TooLarge(app.config.body_limit),
+        PublishErrorKind::Other if is_store_full(&e) => {
+            Error::QueueFull { retry_after_s: app.config.retry_after_s }
+        }
+        _ => Error::Unavailable(format!("JetStream did not store the task: {e}")),
+    }
+}
+
+/// JetStream refuses a message with "store failed" (10077) when a discard-new limit is hit.
+fn is_store_full(e: &PublishError) -> bool {
+    std::error::Error::source(e)
+        .and_then(|s| s.downcast_ref::<jetstream::Error>())
+        .is_some_and(|j| j.error_code() == ErrorCode::STREAM_STORE_FAILED)
+}
+
+/// Announces the new task on its progress subject. A core publish: the PROGRESS stream stores
+/// it, and the submitter does not wait for that.
+async fn announce(app: &App, record: &TaskRecord) {
+    let event = Event::status(record);
+    if let Err(e) = app.client.publish(record.progress_subject(), event.to_json()).await {
+        tracing::debug!(task_id = %record.id, error = %e, "queued event not sent");
+    }
+}
+
+/// The record: live from the bucket, else from the archive.
+pub async fn get(app: &App, id: &str) -> Result<TaskRecord, Error> {
+    let id = TaskId::parse(id).map_err(|_| Error::NotFound(id.to_owned()))?;
+    app.ensure_connected()?;
+    match app.kv.get(id.as_str()).await {
+        Ok(Some(bytes)) => serde_json::from_slice(&bytes)
+            .map_err(|e| Error::Internal(format!("record {id} does not parse: {e}"))),
+        Ok(None) => {
+            let request = GetRequest { id: id.clone() };
+            archive_request(app, topology::ARCHIVE_GET, &request).await
+        }
+        Err(e) => Err(Error::Unavailable(format!("reading record {id}: {e}"))),
+    }
+}
+
+/// History from the archive.
+pub async fn list(app: &App, query: &ListQuery) -> Result<ListPage, Error> {
+    app.ensure_connected()?;
+    archive_request(app, topology::ARCHIVE_LIST, query).await
+}
+
+async fn archive_request<Q: serde::Serialize, T: DeserializeOwned>(
+    app: &App,
+    subject: &'static str,
+    request: &Q,
+) -> Result<T, Error> {
+    use async_nats::client::RequestErrorKind;
+    let payload = serde_json::to_vec(request).map_err(|e| Error::Internal(e.to_string()))?;
+    let reply = app.client.request(subject, payload.into()).await.map_err(|e| match e.kind() {
+        RequestErrorKind::NoResponders => Error::Unavailable("the archive is not running".into()),
+        _ => Error::Unavailable(format!("the archive did not answer: {e}")),
+    })?;
+    // A success parses as T; otherwise the reply is our error body.
+    if let Ok(value) = serde_json::from_slice::<T>(&reply.payload) {
+        return Ok(value);
+    }
+    match serde_json::from_slice::<ErrorBody>(&reply.payload) {
+        Ok(ErrorBody { error }) => Err(match error.code.as_str() {
+            "not_found" => Error::NotFound(error.message),
+            "invalid_request" => {
+                Error::Invalid(Invalid { field: error.field, message: error.message })
+            }
+            _ => Error::Unavailable(format!("archive: {}", error.message)),
+        }),
+        Err(e) => Err(Error::Internal(format!("unexpected reply from {subject}: {e}"))),
+    }
+}

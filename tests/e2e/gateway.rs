@@ -1,0 +1,210 @@
+//! The gateway on its own, against a real nats-server: validation, limits, idempotency,
+//! queue full, NATS down. No worker runs, so every accepted task stays queued.
+
+use std::time::{Duration, Instant};
+
+use claw_proto::topology::{self, Settings};
+use claw_tests::{Gateway, Nats, record_count, stream_messages, test_settings};
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+async fn post(gw: &Gateway, body: impl Into<reqwest::Body>) -> (StatusCode, Value) {
+    let response = reqwest::Client::new()
+        .post(gw.url("/v1/tasks"))
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .expect("gateway answers");
+    let status = response.status();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test]
+async fn bad_input_gets_the_right_4xx_and_stores_nothing() {
+    let nats = Nats::start();
+    let topo = nats.topology(&test_settings()).await;
+    let gw = Gateway::start(&topo, &["--body-limit", "4096"]).await;
+
+    let cases: Vec<(&str, Vec<u8>, StatusCode, &str, Option<&str>)> = vec![
+        ("malformed", b"{\"kind\": ".to_vec(), StatusCode::BAD_REQUEST, "malformed_json", None),
+        ("empty", Vec::new(), StatusCode::BAD_REQUEST, "malformed_json", None),
+        (
+            "unknown kind",
+            br#"{"kind": "teleport"}"#.to_vec(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_request",
+            Some("kind"),
+        ),
+        (
+            "wrong type",
+            br#"{"kind": "sleep", "max_attempts": "three"}"#.to_vec(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_request",
+            Some("max_attempts"),
+        ),
+        (
+            "wrong input type",
+            br#"{"kind": "sleep", "input": {"seconds": "long"}}"#.to_vec(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_request",
+            Some("input.seconds"),
+        ),
+        (
+            "bad priority",
+            br#"{"kind": "sleep", "priority": 12}"#.to_vec(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_request",
+            Some("priority"),
+        ),
+        (
+            "oversized",
+            json!({"kind": "sleep", "input": {"echo": "x".repeat(5000)}}).to_string().into_bytes(),
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            None,
+        ),
+    ];
+    for (name, body, status, code, field) in cases {
+        let (got, body) = post(&gw, body).await;
+        assert_eq!(got, status, "{name}: {body}");
+        assert_eq!(body["error"]["code"], code, "{name}: {body}");
+        assert!(body["error"]["message"].as_str().is_some_and(|m| !m.is_empty()), "{name}");
+        assert_eq!(body["error"]["field"].as_str(), field, "{name}: {body}");
+    }
+    assert_eq!(stream_messages(&topo.js, topology::TASKS_STREAM).await, 0);
+    assert_eq!(record_count(&topo).await, 0);
+}
+
+#[tokio::test]
+async fn accepted_task_is_stored_queued_with_its_lane() {
+    let nats = Nats::start();
+    let topo = nats.topology(&test_settings()).await;
+    let gw = Gateway::start(&topo, &[]).await;
+
+    let (status, body) =
+        post(&gw, json!({"kind": "sleep", "input": {"seconds": 1}, "priority": 9}).to_string())
+            .await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    assert_eq!(body["status"], "queued");
+    assert_eq!((body["class"].as_str(), body["priority"].as_str()), (Some("short"), Some("high")));
+    let id = body["id"].as_str().unwrap();
+
+    let mut lane = topo.js.get_stream(topology::TASKS_STREAM).await.unwrap();
+    let msg = lane.get_last_raw_message_by_subject("tasks.short.high").await.unwrap();
+    let spec: Value = serde_json::from_slice(&msg.payload).unwrap();
+    assert_eq!(spec["id"], id);
+    let _ = lane.info().await;
+
+    let record = reqwest::get(gw.url(&format!("/v1/tasks/{id}"))).await.unwrap();
+    assert_eq!(record.status(), StatusCode::OK);
+    let record: Value = record.json().await.unwrap();
+    assert_eq!(record["status"], "queued");
+}
+
+#[tokio::test]
+async fn idempotency_key_returns_the_same_task() {
+    let nats = Nats::start();
+    let topo = nats.topology(&test_settings()).await;
+    let gw = Gateway::start(&topo, &[]).await;
+    let client = reqwest::Client::new();
+    let submit = || {
+        client
+            .post(gw.url("/v1/tasks"))
+            .header("idempotency-key", "order-42")
+            .body(json!({"kind": "sleep"}).to_string())
+            .send()
+    };
+    let first = submit().await.unwrap();
+    assert_eq!(first.status(), StatusCode::ACCEPTED);
+    let first: Value = first.json().await.unwrap();
+    let second = submit().await.unwrap();
+    assert_eq!(second.status(), StatusCode::OK);
+    let second: Value = second.json().await.unwrap();
+    assert_eq!(first["id"], second["id"]);
+    assert_eq!(stream_messages(&topo.js, topology::TASKS_STREAM).await, 1);
+    assert_eq!(record_count(&topo).await, 1);
+}
+
+#[tokio::test]
+async fn full_queue_gets_429_and_leaves_nothing_behind() {
+    let nats = Nats::start();
+    let topo = nats.topology(&Settings { queue_max: 3, ..test_settings() }).await;
+    let gw = Gateway::start(&topo, &["--retry-after-s", "7"]).await;
+    for _ in 0..3 {
+        let (status, body) = post(&gw, json!({"kind": "sleep"}).to_string()).await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    }
+    let response = reqwest::Client::new()
+        .post(gw.url("/v1/tasks"))
+        .body(json!({"kind": "sleep"}).to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(response.headers()["retry-after"], "7");
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "queue_full");
+    assert_eq!(stream_messages(&topo.js, topology::TASKS_STREAM).await, 3);
+    assert_eq!(record_count(&topo).await, 3);
+    let kv = stream_messages(&topo.js, topology::TASKS_KV_STREAM).await;
+    assert_eq!(kv, 3, "the refused task's record was removed, not just marked deleted");
+}
+
+#[tokio::test]
+async fn nats_down_answers_503_quickly() {
+    let mut nats = Nats::start();
+    let topo = nats.topology(&test_settings()).await;
+    let gw = Gateway::start(&topo, &[]).await;
+    nats.server.kill();
+    // The client notices the closed socket at once; the gateway then refuses without waiting.
+    let client = topo.js.client();
+    claw_tests::wait_for("client to see the server gone", Duration::from_secs(10), || async {
+        (client.connection_state() != async_nats::connection::State::Connected).then_some(())
+    })
+    .await;
+    let started = Instant::now();
+    let (status, body) = post(&gw, json!({"kind": "sleep"}).to_string()).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert_eq!(body["error"]["code"], "unavailable");
+    assert!(started.elapsed() < Duration::from_secs(2), "took {:?}", started.elapsed());
+    let ready = reqwest::get(gw.url("/readyz")).await.unwrap();
+    assert_eq!(ready.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let health = reqwest::get(gw.url("/healthz")).await.unwrap();
+    assert_eq!(health.status(), StatusCode::OK);
+}
+
+#[tokio::test]
+async fn submit_over_nats_request_reply_uses_the_same_path() {
+    let nats = Nats::start();
+    let topo = nats.topology(&test_settings()).await;
+    let _gw = Gateway::start(&topo, &[]).await;
+    let client = nats.client().await;
+    let reply = claw_tests::wait_for("claw.api.submit to answer", Duration::from_secs(10), || {
+        let client = client.clone();
+        async move {
+            client
+                .request(
+                    "claw.api.submit",
+                    json!({"kind": "sleep", "session": "s1"}).to_string().into(),
+                )
+                .await
+                .ok()
+        }
+    })
+    .await;
+    let record: Value = serde_json::from_slice(&reply.payload).unwrap();
+    assert_eq!(record["status"], "queued");
+    assert_eq!(record["session"], "s1");
+    let id = record["id"].as_str().unwrap().to_owned();
+
+    let got = client.request("claw.api.get", id.clone().into()).await.unwrap();
+    let got: Value = serde_json::from_slice(&got.payload).unwrap();
+    assert_eq!(got["id"], id.as_str());
+
+    let bad = client.request("claw.api.submit", "{oops".into()).await.unwrap();
+    let headers = bad.headers.as_ref().expect("error headers");
+    assert_eq!(headers.get("Nats-Service-Error-Code").unwrap().as_str(), "400");
+    let body: Value = serde_json::from_slice(&bad.payload).unwrap();
+    assert_eq!(body["error"]["code"], "malformed_json");
+}
