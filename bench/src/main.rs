@@ -1,0 +1,210 @@
+//! `claw-bench`: measures a running system from the outside, the way users meet it.
+//!
+//! It starts `claw up` (the release build next to this binary) as a separate process with a
+//! fresh data directory, waits for `/readyz`, and measures:
+//! 1. submit latency: one client, sequential `POST /v1/tasks`, keep-alive; p50 / p99 / max;
+//! 2. submit throughput: `--connections` clients submitting at once; accepted submits per second;
+//! 3. end to end: `--e2e` no-op tasks (`sleep` 0 s) submitted as fast as the clients can, timed
+//!    until every one of them is a row in the archive's SQLite file (which happens only after its
+//!    record reached `succeeded` in the `tasks` bucket).
+//!
+//! Client and server share this machine's cores, so the figures are for the whole system on one
+//! box. Run: `cargo build --release --bins && target/release/claw-bench`.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::Parser;
+
+#[derive(Debug, Parser)]
+#[command(name = "claw-bench", about = "Benchmarks a claw up started by this command")]
+struct Args {
+    /// Sequential submits for the latency figure.
+    #[arg(long, default_value_t = 5000)]
+    latency: usize,
+    /// Submits for the throughput figure.
+    #[arg(long, default_value_t = 20000)]
+    throughput: usize,
+    /// Concurrent clients for throughput and end to end.
+    #[arg(long, default_value_t = 32)]
+    connections: usize,
+    /// No-op tasks for the end-to-end figure.
+    #[arg(long, default_value_t = 20000)]
+    e2e: usize,
+}
+
+struct System {
+    child: Child,
+    url: String,
+    db: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for System {
+    fn drop(&mut self) {
+        let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+async fn start_system() -> anyhow::Result<System> {
+    let exe = std::env::current_exe()?;
+    let claw = exe.parent().context("exe dir")?.join("claw");
+    if !claw.is_file() {
+        bail!("{} not built: cargo build --release --bins", claw.display());
+    }
+    let dir = tempfile::Builder::new().prefix("claw-bench-").tempdir()?;
+    let port = free_port()?;
+    let child = Command::new(&claw)
+        .arg("up")
+        .arg("--data")
+        .arg(dir.path())
+        .arg("--http")
+        .arg(format!("127.0.0.1:{port}"))
+        .args(["--nats-port", "0", "--queue-max", "1000000"])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .spawn()?;
+    let url = format!("http://127.0.0.1:{port}");
+    let system = System { child, url, db: dir.path().join("archive.sqlite"), _dir: dir };
+    let client = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Ok(r) = client.get(format!("{}/readyz", system.url)).send().await
+            && r.status().is_success()
+        {
+            return Ok(system);
+        }
+        if Instant::now() > deadline {
+            bail!("claw up not ready after 60 s");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+const NOOP: &str = r#"{"kind":"sleep","input":{"seconds":0}}"#;
+
+async fn submit(client: &reqwest::Client, url: &str) -> anyhow::Result<()> {
+    let r = client.post(format!("{url}/v1/tasks")).body(NOOP).send().await?;
+    if r.status() != reqwest::StatusCode::ACCEPTED {
+        bail!("submit answered {}: {}", r.status(), r.text().await.unwrap_or_default());
+    }
+    Ok(())
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i]
+}
+
+async fn latency(system: &System, n: usize) -> anyhow::Result<()> {
+    let client = reqwest::Client::new();
+    for _ in 0..200 {
+        submit(&client, &system.url).await?; // warm-up: connection, allocator, JIT-free paths
+    }
+    let mut times = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = Instant::now();
+        submit(&client, &system.url).await?;
+        times.push(t.elapsed());
+    }
+    times.sort();
+    println!(
+        "| submit latency, 1 client, sequential | {n} | p50 {:.3} ms | p99 {:.3} ms | max {:.3} ms |",
+        ms(percentile(&times, 0.5)),
+        ms(percentile(&times, 0.99)),
+        ms(*times.last().unwrap_or(&Duration::ZERO)),
+    );
+    Ok(())
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// Submits `n` tasks from `connections` concurrent clients; returns the elapsed time.
+async fn flood(system: &System, n: usize, connections: usize) -> anyhow::Result<Duration> {
+    let client = reqwest::Client::builder().pool_max_idle_per_host(connections).build()?;
+    let left = Arc::new(AtomicUsize::new(n));
+    let started = Instant::now();
+    let workers = (0..connections).map(|_| {
+        let (client, url, left) = (client.clone(), system.url.clone(), left.clone());
+        tokio::spawn(async move {
+            while left.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |l| l.checked_sub(1)).is_ok()
+            {
+                submit(&client, &url).await?;
+            }
+            anyhow::Ok(())
+        })
+    });
+    for result in futures::future::join_all(workers).await {
+        result??;
+    }
+    Ok(started.elapsed())
+}
+
+async fn throughput(system: &System, n: usize, connections: usize) -> anyhow::Result<()> {
+    let elapsed = flood(system, n, connections).await?;
+    println!(
+        "| submit throughput, {connections} clients | {n} | {:.0} submits/s | {:.2} s total | |",
+        n as f64 / elapsed.as_secs_f64(),
+        elapsed.as_secs_f64()
+    );
+    Ok(())
+}
+
+async fn archived(db: &Path) -> anyhow::Result<i64> {
+    let options = sqlx::sqlite::SqliteConnectOptions::new().filename(db).read_only(true);
+    let mut conn = sqlx::ConnectOptions::connect(&options).await?;
+    let (n,): (i64,) = sqlx::query_as("SELECT count(*) FROM tasks").fetch_one(&mut conn).await?;
+    Ok(n)
+}
+
+async fn end_to_end(system: &System, n: usize, connections: usize) -> anyhow::Result<()> {
+    let before = archived(&system.db).await.unwrap_or(0);
+    let started = Instant::now();
+    let submitted = flood(system, n, connections).await?;
+    let deadline = Instant::now() + Duration::from_secs(600);
+    loop {
+        let rows = archived(&system.db).await.unwrap_or(0);
+        if rows >= before + n as i64 {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("only {} of {n} tasks archived after 600 s", rows - before);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let elapsed = started.elapsed();
+    println!(
+        "| no-op tasks end to end (submit → succeeded → SQLite), {connections} clients | {n} | {:.0} tasks/s | {:.2} s total (submits done at {:.2} s) | |",
+        n as f64 / elapsed.as_secs_f64(),
+        elapsed.as_secs_f64(),
+        submitted.as_secs_f64()
+    );
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    println!("| measure | n | result | | |");
+    println!("|---|---|---|---|---|");
+    let system = start_system().await?;
+    latency(&system, args.latency).await?;
+    throughput(&system, args.throughput, args.connections).await?;
+    drop(system);
+    // A fresh system, so the end-to-end run does not also drain the throughput run's backlog.
+    let system = start_system().await?;
+    end_to_end(&system, args.e2e, args.connections).await?;
+    Ok(())
+}
