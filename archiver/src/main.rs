@@ -1,1 +1,67 @@
-fn main() {}
+//! `claw-archiver`: the archiver as its own process. Parses flags, starts tracing, connects,
+//! ensures the topology, turns ctrl-c / SIGTERM into a cancellation, and calls
+//! [`claw_archiver::run`] (the same function `claw up` and the tests call).
+
+use anyhow::Context;
+use clap::Parser;
+use claw_proto::connect::{self, NatsArgs};
+use claw_proto::topology::{self, Settings};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, Parser)]
+#[command(name = "claw-archiver", version, about = "Archives finished tasks into SQLite")]
+struct Cli {
+    #[command(flatten)]
+    nats: NatsArgs,
+    #[command(flatten)]
+    settings: Settings,
+    #[command(flatten)]
+    config: claw_archiver::Config,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+
+    let client = connect::connect(&cli.nats, "claw-archiver")
+        .await
+        .map_err(|e| anyhow::anyhow!(e))
+        .with_context(|| format!("connecting to NATS at {}", cli.nats.nats_url))?;
+    let js = connect::jetstream(client);
+    let topology = topology::ensure(&js, &cli.settings).await.context("ensuring the topology")?;
+
+    let shutdown = CancellationToken::new();
+    tokio::spawn(cancel_on_signal(shutdown.clone()));
+    claw_archiver::run(topology, cli.config, shutdown).await?;
+    Ok(())
+}
+
+/// Cancels on ctrl-c or SIGTERM; the archiver then finishes its batch and returns.
+async fn cancel_on_signal(shutdown: CancellationToken) {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = ctrl_c => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGTERM; ctrl-c only");
+                let _ = ctrl_c.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+    tracing::info!("shutting down");
+    shutdown.cancel();
+}

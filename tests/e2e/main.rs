@@ -3,3 +3,4 @@
 
 mod topology;
 mod gateway;
+mod archiver;

@@ -1,0 +1,417 @@
+//! The archive in SQLite: one row per task holding its latest terminal record.
+//!
+//! Only this module touches SQLite, and only the archiver uses it. The consumer loop writes
+//! through [`Store::upsert`] (one transaction per batch); the `claw.archive.*` services read
+//! through [`Store::get`] and [`Store::list`]. The schema is in `archiver/migrations/`.
+//!
+//! Idempotency rests on the revision guard of the upsert: a row only moves to a strictly higher
+//! KV revision, so a redelivered or replayed message never duplicates or regresses a row, while
+//! a later terminal revision of the same id (after an explicit retry) replaces it.
+
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+
+use claw_proto::api::ListPage;
+use claw_proto::{Session, Status, TaskId, TaskRecord};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{QueryBuilder, Sqlite, SqlitePool};
+use time::OffsetDateTime;
+
+use crate::Error;
+
+/// Connections in the pool: one for the consumer's write transaction, the rest for concurrent
+/// `get`/`list` requests, which WAL lets read while the writer writes.
+const POOL_SIZE: u32 = 8;
+
+/// How long a statement waits for a lock before failing. Writers are serialized by SQLite; with
+/// a single writer this only covers checkpoints and a reader holding the WAL, which are short.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// One terminal revision of a record, ready to be written.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Entry {
+    /// The KV revision: the stream sequence of the `KV_tasks` message that carried it.
+    pub revision: u64,
+    pub record: TaskRecord,
+    /// The record's JSON exactly as it was in the bucket; `get` answers with these bytes.
+    pub json: String,
+}
+
+/// A position in the newest-first order: the key of the last row of a page.
+///
+/// Its string form, `<created_at unix micros>.<id>`, is opaque to callers: they only pass back
+/// what `next_cursor` gave them. A '.' cannot occur in an id, so the split is unambiguous.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Cursor {
+    created_at: i64,
+    id: String,
+}
+
+impl Cursor {
+    pub fn encode(&self) -> String {
+        format!("{}.{}", self.created_at, self.id)
+    }
+
+    /// `None` for a string that no page produced.
+    pub fn decode(s: &str) -> Option<Cursor> {
+        let (micros, id) = s.split_once('.')?;
+        let created_at = i64::from_str(micros).ok()?;
+        let id = TaskId::parse(id).ok()?;
+        Some(Cursor { created_at, id: id.as_str().to_owned() })
+    }
+}
+
+/// A validated `list` query.
+#[derive(Clone, Debug, Default)]
+pub struct Filter {
+    pub session: Option<Session>,
+    pub status: Option<Status>,
+    pub kind: Option<String>,
+    /// Rows per page, already checked against `MAX_PAGE`.
+    pub limit: u32,
+    /// Start strictly after this position.
+    pub after: Option<Cursor>,
+}
+
+/// The archive database. Cheap to clone: it is a pool handle.
+#[derive(Clone, Debug)]
+pub struct Store {
+    pool: SqlitePool,
+}
+
+impl Store {
+    /// Opens (creating when missing) the SQLite file at `path` and applies the migrations.
+    pub async fn open(path: &Path) -> Result<Store, Error> {
+        let options = SqliteConnectOptions::new()
+            .filename(path)
+            .create_if_missing(true)
+            // WAL lets the services read while a batch commits.
+            .journal_mode(SqliteJournalMode::Wal)
+            // In WAL mode NORMAL only risks the last commits on power loss, never corruption;
+            // those commits were not yet acked, so JetStream redelivers them.
+            .synchronous(SqliteSynchronous::Normal)
+            .busy_timeout(BUSY_TIMEOUT);
+        let pool =
+            SqlitePoolOptions::new().max_connections(POOL_SIZE).connect_with(options).await?;
+        Store::migrated(pool).await
+    }
+
+    /// Applies the migrations to an existing pool (the tests' fresh databases come this way).
+    pub async fn migrated(pool: SqlitePool) -> Result<Store, Error> {
+        sqlx::migrate!().run(&pool).await?;
+        Ok(Store { pool })
+    }
+
+    /// Writes every entry in one transaction; returns how many rows were inserted or moved to a
+    /// newer revision. Entries at or below a row's revision change nothing.
+    pub async fn upsert(&self, entries: &[Entry]) -> Result<u64, Error> {
+        let mut tx = self.pool.begin().await?;
+        let mut changed = 0;
+        for entry in entries {
+            let r = &entry.record;
+            let done = sqlx::query(
+                "INSERT INTO tasks (id, revision, session, kind, status, class, priority,
+                                    created_at, finished_at, record)
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                 ON CONFLICT (id) DO UPDATE SET
+                    revision = excluded.revision, session = excluded.session,
+                    kind = excluded.kind, status = excluded.status, class = excluded.class,
+                    priority = excluded.priority, created_at = excluded.created_at,
+                    finished_at = excluded.finished_at, record = excluded.record
+                 WHERE excluded.revision > tasks.revision",
+            )
+            .bind(r.id.as_str())
+            // Stream sequences are far below 2^63; saturate rather than wrap if one is not.
+            .bind(i64::try_from(entry.revision).unwrap_or(i64::MAX))
+            .bind(r.session.as_str())
+            .bind(&r.kind)
+            .bind(r.status.as_str())
+            .bind(r.class.as_str())
+            .bind(r.priority.as_str())
+            .bind(micros(r.created_at))
+            .bind(r.finished_at.map(micros))
+            .bind(&entry.json)
+            .execute(&mut *tx)
+            .await?;
+            changed += done.rows_affected();
+        }
+        tx.commit().await?;
+        Ok(changed)
+    }
+
+    /// The archived record JSON of `id`, as it was in the bucket.
+    pub async fn get(&self, id: &TaskId) -> Result<Option<String>, Error> {
+        let json = sqlx::query_scalar("SELECT record FROM tasks WHERE id = ?")
+            .bind(id.as_str())
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(json)
+    }
+
+    /// One page, newest first by (created_at, id), with the cursor of the next page when there
+    /// may be one.
+    pub async fn list(&self, filter: &Filter) -> Result<ListPage, Error> {
+        let mut query = QueryBuilder::<Sqlite>::new("SELECT id, created_at, record FROM tasks");
+        let mut sep = " WHERE ";
+        if let Some(session) = &filter.session {
+            query.push(sep).push("session = ").push_bind(session.as_str().to_owned());
+            sep = " AND ";
+        }
+        if let Some(status) = filter.status {
+            query.push(sep).push("status = ").push_bind(status.as_str());
+            sep = " AND ";
+        }
+        if let Some(kind) = &filter.kind {
+            query.push(sep).push("kind = ").push_bind(kind.clone());
+            sep = " AND ";
+        }
+        if let Some(after) = &filter.after {
+            // A row-value comparison is a range on the (.., created_at, id) indexes.
+            query
+                .push(sep)
+                .push("(created_at, id) < (")
+                .push_bind(after.created_at)
+                .push(", ")
+                .push_bind(after.id.clone())
+                .push(")");
+        }
+        // One row more than asked tells whether a next page exists without a COUNT.
+        query
+            .push(" ORDER BY created_at DESC, id DESC LIMIT ")
+            .push_bind(i64::from(filter.limit) + 1);
+        let mut rows: Vec<(String, i64, String)> =
+            query.build_query_as().fetch_all(&self.pool).await?;
+
+        let more = rows.len() > filter.limit as usize;
+        rows.truncate(filter.limit as usize);
+        let next_cursor = match rows.last() {
+            Some((id, created_at, _)) if more => {
+                Some(Cursor { created_at: *created_at, id: id.clone() }.encode())
+            }
+            _ => None,
+        };
+        let tasks = rows
+            .into_iter()
+            .map(|(id, _, json)| {
+                serde_json::from_str(&json).map_err(|source| Error::StoredRecord { id, source })
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(ListPage { tasks, next_cursor })
+    }
+
+    /// Closes the pool, checkpointing the WAL.
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+}
+
+/// Unix microseconds: the sortable form of a timestamp in the table.
+fn micros(t: OffsetDateTime) -> i64 {
+    (t.unix_timestamp_nanos() / 1_000) as i64
+}
+
+#[cfg(test)]
+mod tests {
+    use claw_proto::api::DEFAULT_PAGE;
+    use claw_proto::kinds::Catalog;
+    use claw_proto::spec::{Limits, TaskSpec};
+    use serde_json::json;
+
+    use super::*;
+
+    /// A terminal record of `kind` in `session`, created `offset_s` seconds after a fixed epoch.
+    fn terminal(session: &str, kind: &str, status: Status, offset_s: i64) -> TaskRecord {
+        let created = OffsetDateTime::UNIX_EPOCH
+            + time::Duration::days(20_000)
+            + time::Duration::seconds(offset_s);
+        let input = match kind {
+            "exec" => json!({"program": "x"}),
+            _ => json!({"seconds": 1}),
+        };
+        let spec = TaskSpec {
+            session: Some(Session::parse(session).unwrap()),
+            ..TaskSpec::from_slice(json!({"kind": kind, "input": input}).to_string().as_bytes())
+                .unwrap()
+        };
+        let mut r = spec
+            .admit(TaskId::generate(), created, None, &Catalog::builtin(), &Limits::STANDARD)
+            .unwrap();
+        r.start(1, "w1", created).unwrap();
+        match status {
+            Status::Succeeded => r.succeed(json!("ok"), created).unwrap(),
+            Status::Failed => r
+                .fail(
+                    claw_proto::TaskError::new("boom", "x", false),
+                    claw_proto::Cause::Error,
+                    created,
+                )
+                .unwrap(),
+            Status::Cancelled => r.cancel(claw_proto::Cause::User, created).unwrap(),
+            _ => unreachable!("only terminal records are archived"),
+        }
+        r
+    }
+
+    fn entry(revision: u64, record: &TaskRecord) -> Entry {
+        Entry { revision, record: record.clone(), json: serde_json::to_string(record).unwrap() }
+    }
+
+    async fn count(store: &Store) -> i64 {
+        sqlx::query_scalar("SELECT COUNT(*) FROM tasks").fetch_one(&store.pool).await.unwrap()
+    }
+
+    async fn revision(store: &Store, id: &TaskId) -> i64 {
+        sqlx::query_scalar("SELECT revision FROM tasks WHERE id = ?")
+            .bind(id.as_str())
+            .fetch_one(&store.pool)
+            .await
+            .unwrap()
+    }
+
+    fn all(limit: u32) -> Filter {
+        Filter { limit, ..Filter::default() }
+    }
+
+    #[sqlx::test]
+    async fn same_revision_twice_is_one_row(pool: SqlitePool) {
+        let store = Store::migrated(pool).await.unwrap();
+        let r = terminal("s1", "sleep", Status::Succeeded, 0);
+        assert_eq!(store.upsert(&[entry(7, &r)]).await.unwrap(), 1);
+        assert_eq!(store.upsert(&[entry(7, &r), entry(7, &r)]).await.unwrap(), 0);
+        assert_eq!(count(&store).await, 1);
+        assert_eq!(revision(&store, &r.id).await, 7);
+    }
+
+    #[sqlx::test]
+    async fn an_older_revision_never_overwrites_a_newer_one(pool: SqlitePool) {
+        let store = Store::migrated(pool).await.unwrap();
+        let failed = terminal("s1", "sleep", Status::Failed, 0);
+        // The same id retried explicitly and succeeded at a later revision.
+        let mut succeeded = failed.clone();
+        succeeded.requeue().unwrap();
+        succeeded.start(1, "w2", succeeded.created_at).unwrap();
+        succeeded.succeed(json!(42), succeeded.created_at).unwrap();
+
+        store.upsert(&[entry(20, &succeeded)]).await.unwrap();
+        assert_eq!(store.upsert(&[entry(10, &failed)]).await.unwrap(), 0);
+        let json = store.get(&failed.id).await.unwrap().unwrap();
+        assert_eq!(serde_json::from_str::<TaskRecord>(&json).unwrap(), succeeded);
+
+        // In order, within one batch, the later revision wins too.
+        let store2 = store.clone();
+        sqlx::query("DELETE FROM tasks").execute(&store2.pool).await.unwrap();
+        store.upsert(&[entry(10, &failed), entry(20, &succeeded)]).await.unwrap();
+        assert_eq!(count(&store).await, 1);
+        assert_eq!(revision(&store, &failed.id).await, 20);
+        let page = store.list(&all(10)).await.unwrap();
+        assert_eq!(page.tasks, [succeeded]);
+    }
+
+    #[sqlx::test]
+    async fn get_returns_the_bytes_that_were_archived(pool: SqlitePool) {
+        let store = Store::migrated(pool).await.unwrap();
+        let r = terminal("s1", "sleep", Status::Cancelled, 0);
+        let e = entry(3, &r);
+        store.upsert(std::slice::from_ref(&e)).await.unwrap();
+        assert_eq!(store.get(&r.id).await.unwrap(), Some(e.json));
+        assert_eq!(store.get(&TaskId::generate()).await.unwrap(), None);
+    }
+
+    #[sqlx::test]
+    async fn list_filters_by_session_status_and_kind(pool: SqlitePool) {
+        let store = Store::migrated(pool).await.unwrap();
+        let records = [
+            terminal("alice", "sleep", Status::Succeeded, 1),
+            terminal("alice", "exec", Status::Failed, 2),
+            terminal("bob", "sleep", Status::Failed, 3),
+            terminal("bob", "exec", Status::Cancelled, 4),
+        ];
+        let entries: Vec<_> = records.iter().zip(1..).map(|(r, rev)| entry(rev, r)).collect();
+        store.upsert(&entries).await.unwrap();
+
+        let store = &store;
+        let ids = |f: Filter| async move {
+            let page = store.list(&Filter { limit: DEFAULT_PAGE, ..f }).await.unwrap();
+            assert_eq!(page.next_cursor, None);
+            page.tasks.into_iter().map(|t| t.id).collect::<Vec<_>>()
+        };
+        let id = |i: usize| records[i].id.clone();
+
+        assert_eq!(ids(Filter::default()).await, [id(3), id(2), id(1), id(0)]);
+        let alice = Some(Session::parse("alice").unwrap());
+        assert_eq!(
+            ids(Filter { session: alice.clone(), ..Filter::default() }).await,
+            [id(1), id(0)]
+        );
+        let failed = Some(Status::Failed);
+        assert_eq!(ids(Filter { status: failed, ..Filter::default() }).await, [id(2), id(1)]);
+        let exec = Some("exec".to_owned());
+        assert_eq!(ids(Filter { kind: exec.clone(), ..Filter::default() }).await, [id(3), id(1)]);
+        let all_three = Filter { session: alice, status: failed, kind: exec, ..Filter::default() };
+        assert_eq!(ids(all_three).await, [id(1)]);
+        let running = Filter { status: Some(Status::Running), ..Filter::default() };
+        assert!(ids(running).await.is_empty());
+    }
+
+    #[sqlx::test]
+    async fn cursor_pages_have_no_overlap_no_gap_and_keep_the_order(pool: SqlitePool) {
+        let store = Store::migrated(pool).await.unwrap();
+        // 23 records, several sharing a created_at so the id breaks ties.
+        let records: Vec<_> =
+            (0..23).map(|i| terminal("s", "sleep", Status::Succeeded, i / 3)).collect();
+        let entries: Vec<_> = records.iter().zip(1..).map(|(r, rev)| entry(rev, r)).collect();
+        store.upsert(&entries).await.unwrap();
+
+        let mut expected: Vec<_> = records.iter().map(|r| (r.created_at, r.id.clone())).collect();
+        expected.sort();
+        expected.reverse();
+
+        let mut seen = Vec::new();
+        let mut filter = all(5);
+        let mut pages = 0;
+        loop {
+            let page = store.list(&filter).await.unwrap();
+            pages += 1;
+            assert!(page.tasks.len() <= 5);
+            seen.extend(page.tasks.iter().map(|t| (t.created_at, t.id.clone())));
+            match page.next_cursor {
+                Some(cursor) => filter.after = Some(Cursor::decode(&cursor).unwrap()),
+                None => break,
+            }
+        }
+        assert_eq!(pages, 5);
+        assert_eq!(seen, expected);
+
+        // An exact multiple of the page size ends without an empty extra page.
+        let page = store.list(&all(23)).await.unwrap();
+        assert_eq!((page.tasks.len(), page.next_cursor), (23, None));
+    }
+
+    #[test]
+    fn cursors_round_trip_and_refuse_garbage() {
+        let c = Cursor { created_at: 1_700_000_000_000_000, id: "abc-1".into() };
+        assert_eq!(Cursor::decode(&c.encode()), Some(c));
+        for bad in ["", "x", "12", "12.", "a.b", "12.a.b", "12.a b"] {
+            assert_eq!(Cursor::decode(bad), None, "{bad:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn open_creates_the_file_in_wal_mode_and_reopens() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("archive.sqlite");
+        let store = Store::open(&path).await.unwrap();
+        let mode: String =
+            sqlx::query_scalar("PRAGMA journal_mode").fetch_one(&store.pool).await.unwrap();
+        assert_eq!(mode, "wal");
+        let r = terminal("s", "sleep", Status::Succeeded, 0);
+        store.upsert(&[entry(1, &r)]).await.unwrap();
+        store.close().await;
+
+        // Migrations already applied are skipped; the data is still there.
+        let store = Store::open(&path).await.unwrap();
+        assert_eq!(count(&store).await, 1);
+        store.close().await;
+    }
+}

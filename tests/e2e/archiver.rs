@@ -1,0 +1,387 @@
+//! The archiver against a real nats-server and a real SQLite file: every terminal record lands
+//! once per revision even when the archiver was down, a restart replays nothing, and the
+//! `claw.archive.*` services answer history with the shared error shape.
+//!
+//! The worker is not needed: the tests write record revisions into the `tasks` bucket the way a
+//! worker does (create `queued`, then compare-and-set each transition). Rows are counted with
+//! sqlx straight from the file; that is the test observing, the archiver is still the only writer.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use async_nats::jetstream::consumer::PullConsumer;
+use async_nats::jetstream::kv;
+use claw_proto::api::{ErrorBody, GetRequest, ListPage, ListQuery};
+use claw_proto::kinds::Catalog;
+use claw_proto::spec::{Limits, TaskSpec};
+use claw_proto::topology::{
+    ARCHIVE_GET, ARCHIVE_LIST, ARCHIVER_CONSUMER, TASKS_KV_STREAM, Topology,
+};
+use claw_proto::{Cause, Session, Status, TaskError, TaskId, TaskRecord};
+use claw_tests::{Nats, test_settings, wait_for};
+use futures::StreamExt;
+use serde_json::json;
+use sqlx::sqlite::SqliteConnectOptions;
+use sqlx::{ConnectOptions, Connection};
+use time::OffsetDateTime;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+/// An archiver running in-process through `claw_archiver::run`, stopped by its own token.
+struct Archiver {
+    token: CancellationToken,
+    handle: JoinHandle<Result<(), claw_archiver::Error>>,
+}
+
+impl Archiver {
+    fn start(topology: &Topology, db: &Path) -> Archiver {
+        let config = claw_archiver::Config { db: db.to_owned(), batch_max: 256, batch_wait_ms: 20 };
+        let token = CancellationToken::new().child_token();
+        let handle = tokio::spawn(claw_archiver::run(topology.clone(), config, token.clone()));
+        Archiver { token, handle }
+    }
+
+    async fn stop(self) {
+        self.token.cancel();
+        tokio::time::timeout(Duration::from_secs(15), self.handle)
+            .await
+            .expect("the archiver stops within 15 s of cancellation")
+            .expect("the archiver task does not panic")
+            .expect("the archiver returns Ok");
+    }
+}
+
+/// A `queued` record as the gateway admits it: `created_at` is explicit so listing order is
+/// known in advance.
+fn admitted(session: &str, kind: &str, created_at: OffsetDateTime) -> TaskRecord {
+    let input = if kind == "exec" { json!({"program": "x"}) } else { json!({"seconds": 1}) };
+    let spec = TaskSpec {
+        session: Some(Session::parse(session).unwrap()),
+        ..TaskSpec::from_slice(json!({"kind": kind, "input": input}).to_string().as_bytes())
+            .unwrap()
+    };
+    spec.admit(TaskId::generate(), created_at, None, &Catalog::builtin(), &Limits::STANDARD)
+        .unwrap()
+}
+
+fn bytes(record: &TaskRecord) -> bytes::Bytes {
+    serde_json::to_vec(record).unwrap().into()
+}
+
+async fn create(kv: &kv::Store, record: &TaskRecord) -> u64 {
+    kv.create(record.id.as_str(), bytes(record)).await.expect("create the queued record")
+}
+
+async fn update(kv: &kv::Store, record: &TaskRecord, revision: u64) -> u64 {
+    kv.update(record.id.as_str(), bytes(record), revision).await.expect("CAS the next revision")
+}
+
+/// Moves a running record to `end`.
+fn finish(record: &mut TaskRecord, end: Status) {
+    let now = OffsetDateTime::now_utc();
+    match end {
+        Status::Succeeded => record.succeed(json!({"ok": true}), now).unwrap(),
+        Status::Failed => {
+            record.fail(TaskError::new("boom", "planned", false), Cause::Error, now).unwrap()
+        }
+        Status::Cancelled => record.cancel(Cause::User, now).unwrap(),
+        other => panic!("{other} is not terminal"),
+    }
+}
+
+/// The whole life of a task as a worker writes it: queued → running → `end`. Returns the final
+/// record and its revision.
+async fn run_task(kv: &kv::Store, mut record: TaskRecord, end: Status) -> (TaskRecord, u64) {
+    let revision = create(kv, &record).await;
+    record.start(1, "test-worker", OffsetDateTime::now_utc()).unwrap();
+    let revision = update(kv, &record, revision).await;
+    finish(&mut record, end);
+    let revision = update(kv, &record, revision).await;
+    (record, revision)
+}
+
+/// Rows as `(id, revision, status)`; `None` until the archiver has created the table.
+async fn archived(db: &Path) -> Option<Vec<(String, i64, String)>> {
+    let mut conn = SqliteConnectOptions::new().filename(db).connect().await.ok()?;
+    let rows = sqlx::query_as("SELECT id, revision, status FROM tasks ORDER BY id")
+        .fetch_all(&mut conn)
+        .await
+        .ok();
+    let _ = conn.close().await;
+    rows
+}
+
+async fn count(db: &Path) -> Option<usize> {
+    archived(db).await.map(|r| r.len())
+}
+
+async fn wait_for_rows(db: &Path, n: usize) -> Vec<(String, i64, String)> {
+    wait_for(&format!("{n} archived rows"), WAIT, || async {
+        archived(db).await.filter(|r| r.len() == n)
+    })
+    .await
+}
+
+async fn consumer(topology: &Topology) -> PullConsumer {
+    topology.js.get_consumer_from_stream(ARCHIVER_CONSUMER, TASKS_KV_STREAM).await.unwrap()
+}
+
+/// Waits until the archiver consumer has nothing pending or un-acked: everything written so far
+/// has been decided on (archived or skipped) and acked.
+async fn wait_for_acked(consumer: &PullConsumer) -> async_nats::jetstream::consumer::Info {
+    wait_for("the archiver consumer to ack everything", WAIT, || async {
+        let info = consumer.get_info().await.ok()?;
+        (info.num_pending == 0 && info.num_ack_pending == 0).then_some(info)
+    })
+    .await
+}
+
+fn db_path(nats: &Nats) -> PathBuf {
+    nats.dir.path().join("archive.sqlite")
+}
+
+#[tokio::test]
+async fn a_stopped_archiver_catches_up_once_and_a_restart_replays_nothing() {
+    let nats = Nats::start();
+    let topology = nats.topology(&test_settings()).await;
+    let kv = topology.tasks_kv.clone();
+    let db = db_path(&nats);
+
+    // 500 tasks complete while no archiver runs.
+    let finals: HashMap<String, u64> = futures::stream::iter(0..500)
+        .map(|i| {
+            let kv = kv.clone();
+            async move {
+                let record = admitted(&format!("s{}", i % 5), "sleep", OffsetDateTime::now_utc());
+                let (record, revision) = run_task(&kv, record, Status::Succeeded).await;
+                (record.id.to_string(), revision)
+            }
+        })
+        .buffer_unordered(32)
+        .collect()
+        .await;
+    assert_eq!(finals.len(), 500);
+    assert_eq!(count(&db).await, None, "nothing is archived while the archiver is down");
+
+    let archiver = Archiver::start(&topology, &db);
+    let rows = wait_for_rows(&db, 500).await;
+    let consumer = consumer(&topology).await;
+    let info = wait_for_acked(&consumer).await;
+    archiver.stop().await;
+    // Each row holds the final revision of its task, and nothing but succeeded records.
+    for (id, revision, status) in &rows {
+        assert_eq!(Some(&(*revision as u64)), finals.get(id), "revision of {id}");
+        assert_eq!(status, "succeeded");
+    }
+    assert_eq!(archived(&db).await.unwrap().len(), 500, "no duplicates after the stop");
+
+    // Restarted, it resumes after its last ack: the next delivery is a new task, not a replay.
+    let archiver = Archiver::start(&topology, &db);
+    let sentinel = admitted("s0", "sleep", OffsetDateTime::now_utc());
+    let (sentinel, revision) = run_task(&kv, sentinel, Status::Failed).await;
+    let rows = wait_for_rows(&db, 501).await;
+    let after = wait_for_acked(&consumer).await;
+    archiver.stop().await;
+    assert!(rows.contains(&(sentinel.id.to_string(), revision as i64, "failed".into())));
+    // Deliveries only for the sentinel (1 to 3: the bucket keeps one revision per key, so an
+    // archiver slower than the writes sees only the latest), none for the 500 before it.
+    let delivered = after.delivered.consumer_sequence - info.delivered.consumer_sequence;
+    assert!((1..=3).contains(&delivered), "{delivered} deliveries after the restart");
+    assert_eq!(after.num_redelivered, 0);
+}
+
+#[tokio::test]
+async fn a_record_finishing_while_the_archiver_runs_lands_once_with_its_final_revision() {
+    let nats = Nats::start();
+    let topology = nats.topology(&test_settings()).await;
+    let kv = topology.tasks_kv.clone();
+    let db = db_path(&nats);
+    let archiver = Archiver::start(&topology, &db);
+    let consumer = consumer(&topology).await;
+
+    let mut record = admitted("live", "sleep", OffsetDateTime::now_utc());
+    let revision = create(&kv, &record).await;
+    record.start(1, "test-worker", OffsetDateTime::now_utc()).unwrap();
+    let revision = update(&kv, &record, revision).await;
+    // Something that is not a record must not block what follows it.
+    kv.put("junk", "not a task record".into()).await.unwrap();
+    wait_for_acked(&consumer).await;
+    assert_eq!(count(&db).await, Some(0), "live revisions leave no row");
+
+    finish(&mut record, Status::Failed);
+    let failed_revision = update(&kv, &record, revision).await;
+    let rows = wait_for_rows(&db, 1).await;
+    assert_eq!(rows, [(record.id.to_string(), failed_revision as i64, "failed".into())]);
+
+    // An explicit retry runs the same id again; its new terminal revision replaces the row.
+    record.requeue().unwrap();
+    let revision = update(&kv, &record, failed_revision).await;
+    record.start(1, "test-worker", OffsetDateTime::now_utc()).unwrap();
+    let revision = update(&kv, &record, revision).await;
+    finish(&mut record, Status::Succeeded);
+    let final_revision = update(&kv, &record, revision).await;
+    let expected = vec![(record.id.to_string(), final_revision as i64, "succeeded".to_owned())];
+    wait_for("the retried task's final revision in its row", WAIT, || async {
+        archived(&db).await.filter(|r| *r == expected)
+    })
+    .await;
+    wait_for_acked(&consumer).await;
+    archiver.stop().await;
+    assert_eq!(archived(&db).await.unwrap(), expected);
+}
+
+/// A request to an archive endpoint; retried while the service is not yet subscribed.
+async fn request(client: &async_nats::Client, subject: &str, body: Vec<u8>) -> async_nats::Message {
+    let body = bytes::Bytes::from(body);
+    wait_for(&format!("a reply on {subject}"), WAIT, || async {
+        client.request(subject.to_owned(), body.clone()).await.ok()
+    })
+    .await
+}
+
+async fn list(client: &async_nats::Client, query: &ListQuery) -> ListPage {
+    let reply = request(client, ARCHIVE_LIST, serde_json::to_vec(query).unwrap()).await;
+    serde_json::from_slice(&reply.payload)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&reply.payload)))
+}
+
+/// Every page of `query`, following `next_cursor`.
+async fn list_all(client: &async_nats::Client, mut query: ListQuery) -> Vec<Vec<TaskId>> {
+    let mut pages = Vec::new();
+    loop {
+        let page = list(client, &query).await;
+        pages.push(page.tasks.iter().map(|t| t.id.clone()).collect());
+        match page.next_cursor {
+            Some(cursor) => query.cursor = Some(cursor),
+            None => return pages,
+        }
+    }
+}
+
+/// The error of a failed reply, with its micro-service status header.
+async fn error(client: &async_nats::Client, subject: &str, body: &[u8]) -> (ErrorBody, String) {
+    let reply = request(client, subject, body.to_vec()).await;
+    let status = reply
+        .headers
+        .as_ref()
+        .and_then(|h| h.get(async_nats::service::NATS_SERVICE_ERROR_CODE))
+        .map(|v| v.to_string())
+        .unwrap_or_default();
+    let body = serde_json::from_slice(&reply.payload)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&reply.payload)));
+    (body, status)
+}
+
+#[tokio::test]
+async fn archive_get_and_list_answer_over_nats() {
+    let nats = Nats::start();
+    let topology = nats.topology(&test_settings()).await;
+    let kv = topology.tasks_kv.clone();
+    let db = db_path(&nats);
+    let archiver = Archiver::start(&topology, &db);
+    let client = nats.client().await;
+
+    // 20 tasks a second apart: alice's 12 succeed (sleep), bob's 5 exec fail, 3 sleep cancelled.
+    let base = OffsetDateTime::now_utc() - time::Duration::hours(1);
+    let mut all = Vec::new();
+    for i in 0..20 {
+        let (session, kind, end) = match i {
+            0..12 => ("alice", "sleep", Status::Succeeded),
+            12..17 => ("bob", "exec", Status::Failed),
+            _ => ("bob", "sleep", Status::Cancelled),
+        };
+        let record = admitted(session, kind, base + time::Duration::seconds(i));
+        all.push(run_task(&kv, record, end).await.0);
+    }
+    wait_for_rows(&db, 20).await;
+    let newest_first = |pick: &dyn Fn(&TaskRecord) -> bool| -> Vec<TaskId> {
+        all.iter().rev().filter(|r| pick(r)).map(|r| r.id.clone()).collect()
+    };
+
+    // get: the archived record is exactly what the bucket held.
+    let reply = request(
+        &client,
+        ARCHIVE_GET,
+        serde_json::to_vec(&GetRequest { id: all[3].id.clone() }).unwrap(),
+    )
+    .await;
+    let in_kv = kv.get(all[3].id.as_str()).await.unwrap().unwrap();
+    assert_eq!(reply.payload, in_kv);
+    assert!(reply.headers.is_none_or(|h| h.get(async_nats::service::NATS_SERVICE_ERROR).is_none()));
+
+    // list: everything, newest first, in one default page.
+    let page = list(&client, &ListQuery::default()).await;
+    assert_eq!(page.tasks, all.iter().rev().cloned().collect::<Vec<_>>());
+    assert_eq!(page.next_cursor, None);
+    // An empty body means the defaults too.
+    let reply = request(&client, ARCHIVE_LIST, Vec::new()).await;
+    assert_eq!(serde_json::from_slice::<ListPage>(&reply.payload).unwrap(), page);
+
+    // Filters.
+    let q = |session: Option<&str>, status: Option<Status>, kind: Option<&str>| ListQuery {
+        session: session.map(|s| Session::parse(s).unwrap()),
+        status,
+        kind: kind.map(str::to_owned),
+        ..ListQuery::default()
+    };
+    let ids = |page: ListPage| page.tasks.into_iter().map(|t| t.id).collect::<Vec<_>>();
+    assert_eq!(
+        ids(list(&client, &q(Some("alice"), None, None)).await),
+        newest_first(&|r| r.session.as_str() == "alice")
+    );
+    assert_eq!(
+        ids(list(&client, &q(None, Some(Status::Failed), None)).await),
+        newest_first(&|r| r.status == Status::Failed)
+    );
+    assert_eq!(
+        ids(list(&client, &q(None, None, Some("exec"))).await),
+        newest_first(&|r| r.kind == "exec")
+    );
+    assert_eq!(
+        ids(list(&client, &q(Some("bob"), Some(Status::Cancelled), Some("sleep"))).await),
+        newest_first(&|r| r.status == Status::Cancelled)
+    );
+    assert!(list(&client, &q(Some("carol"), None, None)).await.tasks.is_empty());
+
+    // Paging: 12 of alice's by 5 is 5 + 5 + 2, no overlap, no gap, order kept.
+    let query = ListQuery { limit: Some(5), ..q(Some("alice"), None, None) };
+    let pages = list_all(&client, query).await;
+    assert_eq!(pages.iter().map(Vec::len).collect::<Vec<_>>(), [5, 5, 2]);
+    assert_eq!(pages.concat(), newest_first(&|r| r.session.as_str() == "alice"));
+    // And across all 20 by 7.
+    let pages = list_all(&client, ListQuery { limit: Some(7), ..ListQuery::default() }).await;
+    assert_eq!(pages.concat(), newest_first(&|_| true));
+
+    // Errors: the shared shape, and the micro-service status header.
+    let unknown = serde_json::to_vec(&GetRequest { id: TaskId::generate() }).unwrap();
+    let (body, status) = error(&client, ARCHIVE_GET, &unknown).await;
+    assert_eq!((body.error.code.as_str(), status.as_str()), ("not_found", "404"));
+
+    let (body, status) = error(&client, ARCHIVE_LIST, br#"{"limit": 501}"#).await;
+    assert_eq!(body.error.code, "invalid_request");
+    assert_eq!(body.error.field.as_deref(), Some("limit"));
+    assert_eq!(status, "400");
+
+    for (subject, bad) in [
+        (ARCHIVE_LIST, &br#"{"limit": 0}"#[..]),
+        (ARCHIVE_LIST, b"{not json"),
+        (ARCHIVE_LIST, br#"{"status": "exploded"}"#),
+        (ARCHIVE_LIST, br#"{"cursor": "not-a-cursor"}"#),
+        (ARCHIVE_LIST, br#"{"unknown": 1}"#),
+        (ARCHIVE_GET, br#"{"id": "a.b"}"#),
+        (ARCHIVE_GET, b""),
+        (ARCHIVE_GET, b"[1, 2]"),
+    ] {
+        let (body, status) = error(&client, subject, bad).await;
+        let what = format!("{subject} {}", String::from_utf8_lossy(bad));
+        assert_eq!(body.error.code, "invalid_request", "{what}");
+        assert_eq!(status, "400", "{what}");
+    }
+
+    // Still serving after all that bad input.
+    assert_eq!(list(&client, &ListQuery::default()).await.tasks.len(), 20);
+    archiver.stop().await;
+}
