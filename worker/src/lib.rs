@@ -1,1 +1,132 @@
-//! stub
+//! The worker: pulls tasks from the JetStream lanes and runs them, short ones as async tasks in
+//! this process, long ones in child processes.
+//!
+//! Reading order: [`config`] (the TOML file), [`pool`] (a class's slots and the pull loop that
+//! fills them from its lanes), `attempt` (one delivery: record, run, outcome, ack),
+//! [`outcome`] (outcome → decision → ack, pure), `record` (CAS reads and writes of the
+//! `tasks` bucket), [`events`] (progress subject), [`dlq`] (dead letters), [`handler`] (the
+//! `Handler` trait and its context), [`kinds`] (`sleep`, `exec`), [`process`] and [`protocol`]
+//! (running a child and reading its JSON lines), [`child`] (the `__run-task` side), `error`.
+//!
+//! [`run`] is what `claw-worker` and `claw up` call; a team's own worker binary calls
+//! [`run_with`] with its own [`Registry`].
+
+mod attempt;
+pub mod child;
+pub mod config;
+pub mod dlq;
+mod error;
+pub mod events;
+pub mod handler;
+pub mod kinds;
+pub mod outcome;
+pub mod pool;
+pub mod process;
+pub mod protocol;
+mod record;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use claw_proto::Class;
+use claw_proto::topology::{Lane, Topology};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use config::Config;
+pub use error::Error;
+pub use handler::{Context, Handler, Registry};
+
+use crate::attempt::Worker;
+use crate::pool::Pool;
+
+/// Runs a worker with the built-in kinds until `shutdown`, then drains (see [`run_with`]).
+pub async fn run(
+    topology: Topology,
+    config: Config,
+    shutdown: CancellationToken,
+) -> Result<(), Error> {
+    let registry = kinds::builtin(&config);
+    run_with(topology, config, registry, shutdown).await
+}
+
+/// Runs a worker with `registry`'s kinds until `shutdown`. Then it stops pulling, lets running
+/// attempts finish for `drain_s`, and hands back (NAK, no delay) those still running so another
+/// worker takes them at once. Anything not acked is redelivered by the server anyway, which is
+/// what makes stopping, even abruptly, safe.
+pub async fn run_with(
+    topology: Topology,
+    config: Config,
+    registry: Registry,
+    shutdown: CancellationToken,
+) -> Result<(), Error> {
+    let client = topology.js.client();
+    let runner =
+        config.runner().map_err(|e| Error::Config(format!("cannot find the runner: {e}")))?;
+    let ack_deadline = effective_ack_deadline(&topology, &config).await?;
+    let worker = Arc::new(Worker {
+        client: client.clone(),
+        js: topology.js.clone(),
+        kv: topology.tasks_kv.clone(),
+        catalog: registry.catalog(),
+        limits: config.admission_limits(),
+        registry,
+        runner,
+        ack_deadline,
+        hand_back: CancellationToken::new(),
+        config,
+    });
+    let tracker = TaskTracker::new();
+    let mut pools = Vec::new();
+    for class in Class::ALL {
+        let slots = worker.config.slots(class);
+        if slots == 0 {
+            continue;
+        }
+        let pool = Pool::new(worker.clone(), &topology, class, slots).await?;
+        pools.push(tokio::spawn(pool.run(tracker.clone(), shutdown.clone())));
+    }
+    tracing::info!(worker = %worker.config.name, "worker running");
+
+    shutdown.cancelled().await;
+    for pool in pools {
+        let _ = pool.await;
+    }
+    tracker.close();
+    let drain = worker.config.drain();
+    if tokio::time::timeout(drain, tracker.wait()).await.is_err() {
+        tracing::warn!(?drain, running = tracker.len(), "drain deadline passed; handing back");
+        worker.hand_back.cancel();
+        tracker.wait().await;
+    }
+    // Acks, NAKs and events are buffered by the client: make sure they left before returning.
+    if let Err(e) = client.flush().await {
+        tracing::warn!(error = %e, "could not flush the NATS connection");
+    }
+    tracing::info!("worker stopped");
+    Ok(())
+}
+
+/// The ack deadline heartbeats and the lease are timed by: the configured one, or the lane
+/// consumers' if that is shorter (someone else ensured the topology with other settings).
+async fn effective_ack_deadline(topology: &Topology, config: &Config) -> Result<Duration, Error> {
+    let mut deadline = config.ack_deadline();
+    for lane in Lane::ALL {
+        if config.slots(lane.class) == 0 {
+            continue;
+        }
+        let mut consumer = topology.lane_consumer(lane).await?;
+        let info = consumer.info().await.map_err(|e| Error::nats(lane.consumer(), e))?;
+        let actual = info.config.ack_wait;
+        if actual != deadline {
+            tracing::warn!(
+                lane = %lane.consumer(), ?actual, configured = ?deadline,
+                "lane ack deadline differs from the worker's ack_deadline_s"
+            );
+        }
+        if !actual.is_zero() {
+            deadline = deadline.min(actual);
+        }
+    }
+    Ok(deadline)
+}

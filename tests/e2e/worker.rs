@@ -1,0 +1,498 @@
+//! The worker against a real nats-server: tasks are published straight to the lanes (as the
+//! gateway or a NATS-native publisher would) and the worker's effects are read back from the
+//! `tasks` bucket and the `PROGRESS`, `DLQ` and `TASKS` streams.
+//!
+//! Tests that spawn `claw-worker` (as a process, or as the `__run-task` runner of long tasks)
+//! need `cargo build -p claw-worker --bins` first.
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use async_nats::HeaderMap;
+use async_nats::jetstream::{self, message::StreamMessage};
+use claw_proto::event::{Event, EventBody};
+use claw_proto::kinds::Catalog;
+use claw_proto::spec::{Limits, TaskSpec};
+use claw_proto::topology::{self, Topology, headers};
+use claw_proto::{Cause, Status, TaskId, TaskRecord};
+use claw_tests::{Nats, bin, test_settings, wait_for};
+use serde_json::{Value, json};
+use time::OffsetDateTime;
+use tokio_util::sync::CancellationToken;
+
+/// Generous bound for any single wait; tests normally finish far sooner.
+const WAIT: Duration = Duration::from_secs(20);
+
+/// A worker run in-process through `claw_worker::run`; stopped when dropped.
+struct Worker {
+    token: CancellationToken,
+    handle: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Worker {
+    fn start(topology: &Topology, toml: &str) -> Worker {
+        let config = claw_worker::Config::from_toml_str(toml).expect("worker config");
+        let token = CancellationToken::new();
+        let (topology, run_token) = (topology.clone(), token.clone());
+        let handle = tokio::spawn(async move {
+            claw_worker::run(topology, config, run_token).await.expect("worker run");
+        });
+        Worker { token, handle: Some(handle) }
+    }
+
+    async fn stop(mut self) {
+        self.token.cancel();
+        if let Some(handle) = self.handle.take() {
+            tokio::time::timeout(WAIT, handle).await.expect("worker stops").expect("no panic");
+        }
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        self.token.cancel();
+    }
+}
+
+/// A `claw-worker` process; SIGKILLed when dropped.
+struct Process(Child);
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Mimics the gateway: admits `spec` into a `queued` record, creates it, then publishes the spec
+/// to its lane and waits for the JetStream ack. Returns the id.
+async fn submit(topology: &Topology, spec: Value) -> TaskId {
+    let spec: TaskSpec = serde_json::from_value(spec).expect("spec");
+    let id = spec.id.clone().unwrap_or_else(TaskId::generate);
+    let record = spec
+        .admit(id.clone(), OffsetDateTime::now_utc(), None, &Catalog::builtin(), &Limits::STANDARD)
+        .expect("admit");
+    let bytes = serde_json::to_vec(&record).unwrap();
+    topology.tasks_kv.create(id.as_str(), bytes.into()).await.expect("create record");
+    let lane = topology::Lane::new(record.class, record.priority);
+    let body = serde_json::to_vec(&TaskSpec::of_record(&record)).unwrap();
+    topology.js.publish(lane.subject(), body.into()).await.unwrap().await.expect("publish ack");
+    id
+}
+
+/// Publishes raw bytes to a lane subject like a NATS-native client, optionally with a
+/// `Nats-Msg-Id`.
+async fn publish_raw(js: &jetstream::Context, subject: &str, msg_id: Option<&str>, body: Vec<u8>) {
+    let mut h = HeaderMap::new();
+    if let Some(id) = msg_id {
+        h.insert(headers::MSG_ID, id);
+    }
+    js.publish_with_headers(subject.to_owned(), h, body.into()).await.unwrap().await.unwrap();
+}
+
+async fn record(topology: &Topology, id: &str) -> Option<TaskRecord> {
+    let bytes = topology.tasks_kv.get(id).await.ok()??;
+    Some(serde_json::from_slice(&bytes).expect("record JSON"))
+}
+
+async fn wait_status(topology: &Topology, id: &str, status: Status) -> TaskRecord {
+    wait_for(&format!("task {id} {status}"), WAIT, || async {
+        record(topology, id).await.filter(|r| r.status == status)
+    })
+    .await
+}
+
+/// Every message currently stored in `stream`.
+async fn stream_messages(js: &jetstream::Context, stream: &str) -> Vec<StreamMessage> {
+    let mut s = js.get_stream(stream).await.expect("stream");
+    let info = s.info().await.expect("stream info");
+    let (first, last) = (info.state.first_sequence, info.state.last_sequence);
+    let mut out = Vec::new();
+    for seq in first..=last {
+        if let Ok(m) = s.get_raw_message(seq).await {
+            out.push(m);
+        }
+    }
+    out
+}
+
+async fn stream_count(js: &jetstream::Context, stream: &str) -> u64 {
+    js.get_stream(stream).await.unwrap().info().await.unwrap().state.messages
+}
+
+/// The events of task `id` in `PROGRESS`, in stream order.
+async fn events_of(js: &jetstream::Context, id: &str) -> Vec<Event> {
+    stream_messages(js, topology::PROGRESS_STREAM)
+        .await
+        .iter()
+        .map(|m| serde_json::from_slice::<Event>(&m.payload).expect("event JSON"))
+        .filter(|e| e.task_id.as_str() == id)
+        .collect()
+}
+
+fn statuses(events: &[Event]) -> Vec<(Status, u32)> {
+    events
+        .iter()
+        .filter_map(|e| match e.body {
+            EventBody::Status { status, attempt, .. } => Some((status, attempt)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// When each task's (last) attempt started, once it succeeded.
+async fn started_at(topology: &Topology, ids: &[TaskId]) -> Vec<OffsetDateTime> {
+    let mut out = Vec::new();
+    for id in ids {
+        let r = wait_status(topology, id.as_str(), Status::Succeeded).await;
+        out.push(r.started_at.expect("started_at"));
+    }
+    out
+}
+
+fn header<'a>(m: &'a StreamMessage, name: &str) -> Option<&'a str> {
+    m.headers.get(name).map(|v| v.as_str())
+}
+
+fn write_script(dir: &Path, name: &str, body: &str) -> std::path::PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let path = dir.join(name);
+    std::fs::write(&path, body).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    path
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exec_and_long_sleep_report_progress_and_succeed() {
+    let nats = Nats::start();
+    let topology = nats.topology(&test_settings()).await;
+    let script = write_script(
+        nats.dir.path(),
+        "report.sh",
+        r#"#!/bin/sh
+echo '{"progress": 0.25, "message": "quarter"}'
+sleep 0.3
+echo '{"progress": 0.75, "message": "three quarters"}'
+sleep 0.3
+echo "plain text"
+read line
+echo "{\"result\": {\"stdin\": \"$line\", \"arg\": \"$1\", \"env\": \"$GREETING\"}}"
+"#,
+    );
+    let toml = format!(
+        "name = \"w-exec\"\nack_deadline_s = 2.0\nrunner = {:?}\n\
+         [programs.report]\npath = {:?}\nenv = {{ GREETING = \"hi\" }}\n",
+        bin("claw-worker"),
+        script
+    );
+    let worker = Worker::start(&topology, &toml);
+
+    let exec = submit(
+        &topology,
+        json!({"kind": "exec", "input": {"program": "report", "args": ["A"], "stdin": "hello\n"}}),
+    )
+    .await;
+    // A long-class `sleep` runs in a `claw-worker __run-task` child.
+    let sleep = submit(
+        &topology,
+        json!({"kind": "sleep", "class": "long", "input": {"seconds": 0.6, "steps": 3, "echo": 7}}),
+    )
+    .await;
+
+    let r = wait_status(&topology, exec.as_str(), Status::Succeeded).await;
+    assert_eq!(r.result, Some(json!({"stdin": "hello", "arg": "A", "env": "hi"})));
+    assert_eq!((r.attempt, r.worker.as_deref()), (1, Some("w-exec")));
+    let r = wait_status(&topology, sleep.as_str(), Status::Succeeded).await;
+    assert_eq!(r.result, Some(json!({"slept_s": 0.6, "echo": 7})));
+
+    let js = &topology.js;
+    let events = wait_for("exec events", WAIT, || async {
+        let e = events_of(js, exec.as_str()).await;
+        statuses(&e).contains(&(Status::Succeeded, 1)).then_some(e)
+    })
+    .await;
+    let fractions: Vec<f64> = events
+        .iter()
+        .filter_map(|e| match &e.body {
+            EventBody::Progress(p) => Some(p.fraction),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(fractions, [0.25, 0.75], "{events:?}");
+    assert!(events.iter().any(|e| e.body == EventBody::Output { text: "plain text\n".into() }));
+    // Progress and output precede the result, which precedes the terminal status.
+    let pos = |f: &dyn Fn(&EventBody) -> bool| events.iter().position(|e| f(&e.body)).unwrap();
+    let result_at = pos(&|b| matches!(b, EventBody::Result(_)));
+    assert!(pos(&|b| matches!(b, EventBody::Output { .. })) < result_at);
+    assert!(result_at < pos(&|b| matches!(b, EventBody::Status { status: Status::Succeeded, .. })));
+    assert_eq!(statuses(&events), [(Status::Running, 1), (Status::Succeeded, 1)]);
+
+    let events = events_of(js, sleep.as_str()).await;
+    let progress = events.iter().filter(|e| matches!(e.body, EventBody::Progress(_))).count();
+    assert!(progress >= 2, "step progress from the child: {events:?}");
+    worker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn high_priority_overtakes_queued_low() {
+    let nats = Nats::start();
+    let topology = nats.topology(&test_settings()).await;
+    let worker = Worker::start(
+        &topology,
+        "name = \"w-prio\"\nshort_slots = 1\nlong_slots = 0\nack_deadline_s = 2.0",
+    );
+    let busy = submit(&topology, json!({"kind": "sleep", "input": {"seconds": 1.5}})).await;
+    wait_status(&topology, busy.as_str(), Status::Running).await;
+
+    let mut low = Vec::new();
+    for i in 0..20 {
+        let spec = json!({"kind": "sleep", "priority": "low", "input": {"echo": i}});
+        low.push(submit(&topology, spec).await);
+    }
+    let mut high = Vec::new();
+    for i in 0..5 {
+        let spec = json!({"kind": "sleep", "priority": "high", "input": {"echo": i}});
+        high.push(submit(&topology, spec).await);
+    }
+    // Still busy: the whole queue was in place before the slot freed.
+    assert_eq!(record(&topology, busy.as_str()).await.unwrap().status, Status::Running);
+
+    let high_started = started_at(&topology, &high).await;
+    let low_started = started_at(&topology, &low).await;
+    let last_high = high_started.iter().max().unwrap();
+    let first_low = low_started.iter().min().unwrap();
+    assert!(last_high < first_low, "high {high_started:?} vs low {low_started:?}");
+    worker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_back_off_then_succeed_or_dead_letter() {
+    let nats = Nats::start();
+    let topology = nats.topology(&test_settings()).await;
+    let worker = Worker::start(
+        &topology,
+        "name = \"w-retry\"\nack_deadline_s = 2.0\n[retry]\ninitial_ms = 200\njitter = 0.0",
+    );
+    let flaky = submit(
+        &topology,
+        json!({"kind": "sleep", "max_attempts": 5, "input": {"fail_attempts": 2, "echo": "ok"}}),
+    )
+    .await;
+    let doomed = submit(
+        &topology,
+        json!({"kind": "sleep", "max_attempts": 3, "input": {"fail_attempts": 99}}),
+    )
+    .await;
+
+    let r = wait_status(&topology, flaky.as_str(), Status::Succeeded).await;
+    assert_eq!((r.attempt, r.result.clone()), (3, Some(json!({"slept_s": 0.0, "echo": "ok"}))));
+    let js = &topology.js;
+    let events = wait_for("flaky's events", WAIT, || async {
+        let e = events_of(js, flaky.as_str()).await;
+        statuses(&e).contains(&(Status::Succeeded, 3)).then_some(e)
+    })
+    .await;
+    let running_at: Vec<OffsetDateTime> = events
+        .iter()
+        .filter(|e| matches!(e.body, EventBody::Status { status: Status::Running, .. }))
+        .map(|e| e.at)
+        .collect();
+    assert_eq!(running_at.len(), 3, "{events:?}");
+    // Backoff: 200 ms after attempt 1, 400 ms after attempt 2 (multiplier 2, no jitter).
+    let gap = |i: usize| running_at[i + 1] - running_at[i];
+    assert!(gap(0) >= time::Duration::milliseconds(200), "gap {}", gap(0));
+    assert!(gap(1) >= time::Duration::milliseconds(400), "gap {}", gap(1));
+    assert_eq!(
+        statuses(&events),
+        [
+            (Status::Running, 1),
+            (Status::Retrying, 1),
+            (Status::Running, 2),
+            (Status::Retrying, 2),
+            (Status::Running, 3),
+            (Status::Succeeded, 3)
+        ]
+    );
+
+    let r = wait_status(&topology, doomed.as_str(), Status::Failed).await;
+    assert_eq!(r.attempt, 3);
+    assert_eq!(r.error.as_ref().map(|e| e.code.as_str()), Some("planned_failure"));
+    wait_for("TASKS empty", WAIT, || async {
+        (stream_count(js, topology::TASKS_STREAM).await == 0).then_some(())
+    })
+    .await;
+    let dlq = stream_messages(js, topology::DLQ_STREAM).await;
+    assert_eq!(dlq.len(), 1, "exactly one dead letter");
+    assert_eq!(header(&dlq[0], headers::DLQ_REASON), Some("max_attempts"));
+    assert_eq!(header(&dlq[0], headers::TASK_ID), Some(doomed.as_str()));
+    assert_eq!(header(&dlq[0], headers::DLQ_DELIVERIES), Some("3"));
+    assert_eq!(dlq[0].subject.as_str(), "dlq.short.normal");
+    worker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_worker_process_task_is_taken_over_once() {
+    let nats = Nats::start();
+    let topology = nats.topology(&test_settings()).await;
+    let config = nats.dir.path().join("victim.toml");
+    std::fs::write(&config, "name = \"victim\"\nlong_slots = 0\nack_deadline_s = 2.0\n").unwrap();
+    let mut victim = Process(
+        Command::new(bin("claw-worker"))
+            .arg("--config")
+            .arg(&config)
+            .arg("--nats-url")
+            .arg(nats.url())
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("spawn claw-worker"),
+    );
+    let id = submit(&topology, json!({"kind": "sleep", "input": {"seconds": 3, "steps": 3}})).await;
+    let r = wait_status(&topology, id.as_str(), Status::Running).await;
+    assert_eq!(r.worker.as_deref(), Some("victim"));
+    victim.0.kill().expect("SIGKILL the worker");
+    victim.0.wait().unwrap();
+
+    let rescuer =
+        Worker::start(&topology, "name = \"rescuer\"\nlong_slots = 0\nack_deadline_s = 2.0");
+    let r = wait_status(&topology, id.as_str(), Status::Succeeded).await;
+    assert_eq!((r.worker.as_deref(), r.attempt), (Some("rescuer"), 2));
+    let js = &topology.js;
+    let events = wait_for("the succeeded event", WAIT, || async {
+        let e = events_of(js, id.as_str()).await;
+        statuses(&e).contains(&(Status::Succeeded, 2)).then_some(e)
+    })
+    .await;
+    let succeeded = statuses(&events).iter().filter(|(s, _)| *s == Status::Succeeded).count();
+    assert_eq!(succeeded, 1, "{events:?}");
+    let takeover = events.iter().find_map(|e| match e.body {
+        EventBody::Status { status: Status::Running, attempt: 2, cause } => Some(cause),
+        _ => None,
+    });
+    assert_eq!(takeover, Some(Some(Cause::WorkerLost)));
+    rescuer.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_native_tasks_run_and_garbage_is_dead_lettered_once() {
+    let nats = Nats::start();
+    let topology = nats.topology(&test_settings()).await;
+    let js = &topology.js;
+    let client = nats.client().await;
+    let mut announced = client.subscribe("progress.default.*").await.unwrap();
+    client.flush().await.unwrap();
+    let worker = Worker::start(&topology, "name = \"w-native\"\nack_deadline_s = 2.0");
+    let lane = "tasks.short.normal";
+
+    // An id from the Nats-Msg-Id header, no record beforehand.
+    let spec = json!({"kind": "sleep", "input": {"echo": "by-header"}});
+    publish_raw(js, lane, Some("native-1"), spec.to_string().into_bytes()).await;
+    let r = wait_status(&topology, "native-1", Status::Succeeded).await;
+    assert_eq!(r.result, Some(json!({"slept_s": 0.0, "echo": "by-header"})));
+
+    // No id at all: the worker derives one and announces it on the progress subject.
+    let spec = json!({"kind": "sleep", "input": {"echo": "anonymous"}});
+    publish_raw(js, lane, None, spec.to_string().into_bytes()).await;
+    let derived = tokio::time::timeout(WAIT, async {
+        use futures::StreamExt;
+        loop {
+            let msg = announced.next().await.expect("progress subscription");
+            let Ok(event) = serde_json::from_slice::<Event>(&msg.payload) else { continue };
+            let queued = matches!(event.body, EventBody::Status { status: Status::Queued, .. });
+            if queued && event.task_id.as_str() != "native-1" {
+                break event.task_id;
+            }
+        }
+    })
+    .await
+    .expect("the derived id is announced");
+    let r = wait_status(&topology, derived.as_str(), Status::Succeeded).await;
+    assert_eq!(r.result, Some(json!({"slept_s": 0.0, "echo": "anonymous"})));
+
+    // Garbage, and a well-formed message of an unknown kind with an id: both dead-lettered on
+    // their first delivery; the latter also gets a failed record saying why.
+    publish_raw(js, lane, None, b"\x00not json{".to_vec()).await;
+    publish_raw(js, lane, Some("native-bad"), br#"{"kind": "nope"}"#.to_vec()).await;
+    let r = wait_status(&topology, "native-bad", Status::Failed).await;
+    assert_eq!(r.cause, Some(Cause::DeadLetter));
+    assert_eq!(r.error.as_ref().map(|e| e.code.as_str()), Some("invalid_task"));
+    wait_for("TASKS empty", WAIT, || async {
+        (stream_count(js, topology::TASKS_STREAM).await == 0).then_some(())
+    })
+    .await;
+    let dlq = wait_for("two dead letters", WAIT, || async {
+        let m = stream_messages(js, topology::DLQ_STREAM).await;
+        (m.len() >= 2).then_some(m)
+    })
+    .await;
+    assert_eq!(dlq.len(), 2, "each invalid message exactly once");
+    let garbage = dlq.iter().find(|m| m.payload.as_ref() == b"\x00not json{").expect("garbage");
+    assert_eq!(header(garbage, headers::DLQ_REASON), Some("invalid_task"));
+    assert_eq!(header(garbage, headers::DLQ_SUBJECT), Some(lane));
+    assert_eq!(header(garbage, headers::DLQ_DELIVERIES), Some("1"));
+    let bad = dlq.iter().find(|m| header(m, headers::TASK_ID) == Some("native-bad"));
+    assert_eq!(bad.map(|m| header(m, headers::DLQ_REASON)), Some(Some("invalid_task")));
+    worker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_timed_out_attempt_is_killed_and_fails() {
+    let nats = Nats::start();
+    let topology = nats.topology(&test_settings()).await;
+    // The script ignores TERM and leaves a grandchild: only KILL of the group ends both.
+    let pid_file = nats.dir.path().join("grandchild.pid");
+    let body = format!("#!/bin/sh\ntrap '' TERM\nsleep 60 &\necho $! > {pid_file:?}\nwait\n");
+    let script = write_script(nats.dir.path(), "hang.sh", &body);
+    let toml = format!(
+        "name = \"w-timeout\"\nack_deadline_s = 2.0\nkill_grace_s = 0.2\n\
+         [programs.hang]\npath = {script:?}\n"
+    );
+    let worker = Worker::start(&topology, &toml);
+    let spec =
+        json!({"kind": "exec", "timeout_s": 1, "max_attempts": 1, "input": {"program": "hang"}});
+    let id = submit(&topology, spec).await;
+    let r = wait_status(&topology, id.as_str(), Status::Failed).await;
+    assert_eq!(r.cause, Some(Cause::Timeout));
+    assert_eq!(r.error.as_ref().map(|e| e.code.as_str()), Some("timeout"));
+    let dlq = stream_messages(&topology.js, topology::DLQ_STREAM).await;
+    assert_eq!(dlq.len(), 1);
+    assert_eq!(header(&dlq[0], headers::DLQ_REASON), Some("max_attempts"));
+    let pid = std::fs::read_to_string(&pid_file).expect("pid file");
+    let stat = format!("/proc/{}/stat", pid.trim());
+    wait_for("the grandchild to be killed", WAIT, || async {
+        // Gone, or a zombie waiting for a reaper that is not ours.
+        let state = std::fs::read_to_string(&stat).unwrap_or_default();
+        let state = state.rsplit(')').next().unwrap_or("").trim_start().chars().next();
+        matches!(state, None | Some('Z')).then_some(())
+    })
+    .await;
+    worker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_hands_running_tasks_back_at_once() {
+    let nats = Nats::start();
+    let topology = nats.topology(&test_settings()).await;
+    let first = Worker::start(&topology, "name = \"leaving\"\nack_deadline_s = 2.0\ndrain_s = 0.3");
+    let spec = json!({"kind": "sleep", "input": {"seconds": 30, "steps": 30}});
+    let id = submit(&topology, spec).await;
+    wait_status(&topology, id.as_str(), Status::Running).await;
+    let stopping = std::time::Instant::now();
+    first.stop().await;
+    assert!(stopping.elapsed() < Duration::from_secs(3), "drain took {:?}", stopping.elapsed());
+
+    // NAKed without delay: the next worker gets it well before the 2 s ack deadline.
+    let next = Worker::start(&topology, "name = \"staying\"\nack_deadline_s = 2.0\ndrain_s = 0.3");
+    let r = wait_for("the hand-over", WAIT, || async {
+        record(&topology, id.as_str()).await.filter(|r| r.worker.as_deref() == Some("staying"))
+    })
+    .await;
+    assert!(
+        stopping.elapsed() < Duration::from_millis(1900),
+        "taken after {:?}",
+        stopping.elapsed()
+    );
+    assert_eq!((r.status, r.attempt), (Status::Running, 2));
+    next.stop().await;
+}

@@ -1,0 +1,573 @@
+//! One delivery of a task message, from "what is this?" to its ack, inside one tracing span
+//! with `task_id` and `attempt`.
+//!
+//! The steps: parse the spec (invalid → DLQ at once); find or create the record; decide whether
+//! an attempt may start (finished → drop the duplicate, past the deadline or out of attempts →
+//! DLQ) and CAS it to `running`; run the handler while heartbeating the message, coalescing
+//! events, saving progress and watching the timeout, the lease and the drain deadline; then map
+//! the outcome to a record transition, events and one ack ([`crate::outcome`]).
+//!
+//! The attempt number is the message's delivery count, so a task whose worker dies on every
+//! attempt still ends, dead-lettered, after `max_attempts` deliveries.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, AckKind, kv};
+use async_nats::{Client, connection::State};
+use claw_proto::event::EventBody;
+use claw_proto::kinds::Catalog;
+use claw_proto::spec::{Invalid, Limits, TaskSpec};
+use claw_proto::topology::{Lane, headers};
+use claw_proto::{Cause, Class, Progress, Status, TaskError, TaskId, TaskRecord};
+use time::OffsetDateTime;
+use tokio::sync::OwnedSemaphorePermit;
+use tokio::time::{Instant, MissedTickBehavior};
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::child;
+use crate::config::Config;
+use crate::dlq::{self, reason};
+use crate::events::{self, FLUSH_INTERVAL};
+use crate::handler::{Context, Registry};
+use crate::outcome::{Decision, Outcome, Stop, ack_of, decide};
+use crate::record::{self, KvError};
+
+/// Rounds of read → decide → compare-and-set before giving up on a record that keeps changing.
+/// A conflict means someone else wrote (the gateway's create or a control verb); a few rounds
+/// settle any ordinary race, more means something is wrong and redelivery is the better retry.
+const CAS_ROUNDS: usize = 8;
+/// A KV read or write failed: let the message come back soon rather than after the deadline.
+const NATS_RETRY: Duration = Duration::from_secs(1);
+/// How long a paused task's message waits before it is looked at again.
+const PAUSED_RECHECK: Duration = Duration::from_secs(5);
+/// How often the connection state is checked for the lease.
+const LEASE_CHECK: Duration = Duration::from_millis(250);
+/// Progress is saved in the record at most this often (events carry every flush).
+const PROGRESS_SAVE: Duration = Duration::from_secs(1);
+/// After a stop, the handler gets the kill grace plus this before its task is aborted.
+const ABORT_SLACK: Duration = Duration::from_secs(1);
+/// Tries of a DLQ publish before the message is terminated anyway (the record says why).
+const DLQ_TRIES: usize = 3;
+
+/// What every attempt of a worker shares.
+#[derive(Debug)]
+pub(crate) struct Worker {
+    pub client: Client,
+    pub js: jetstream::Context,
+    pub kv: kv::Store,
+    pub config: Config,
+    pub registry: Registry,
+    pub catalog: Catalog,
+    pub limits: Limits,
+    pub runner: PathBuf,
+    /// The shorter of the configured and the consumers' actual ack deadline.
+    pub ack_deadline: Duration,
+    /// Fired when the drain deadline passes: running attempts stop and hand their message back.
+    pub hand_back: CancellationToken,
+}
+
+/// Handles one delivery; `_permit` is the pool slot it occupies until it returns.
+pub(crate) async fn handle(
+    worker: Arc<Worker>,
+    lane: Lane,
+    msg: jetstream::Message,
+    _permit: OwnedSemaphorePermit,
+) {
+    let (attempt, stream_seq, published) = match msg.info() {
+        Ok(i) => {
+            (u32::try_from(i.delivered).unwrap_or(u32::MAX).max(1), i.stream_sequence, i.published)
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, subject = %msg.subject, "not a JetStream message; ignored");
+            return;
+        }
+    };
+    let spec = TaskSpec::from_slice(&msg.payload);
+    let header_id = msg
+        .headers
+        .as_ref()
+        .and_then(|h| h.get(headers::MSG_ID))
+        .and_then(|v| TaskId::parse(v.as_str()).ok());
+    let given_id = spec.as_ref().ok().and_then(|s| s.id.clone()).or(header_id);
+    // Stable across redeliveries: the stream sequence and publish time do not change.
+    let id = given_id.clone().unwrap_or_else(|| {
+        let name = format!("{stream_seq}:{}", published.unix_timestamp_nanos());
+        TaskId::derived("nats-msg", &name)
+    });
+    let span = tracing::info_span!("task", task_id = %id, attempt, lane = %lane.consumer());
+    let delivery = Delivery { worker, lane, msg, attempt, id, published };
+    delivery.run(spec, given_id.is_some()).instrument(span).await
+}
+
+struct Delivery {
+    worker: Arc<Worker>,
+    lane: Lane,
+    msg: jetstream::Message,
+    attempt: u32,
+    id: TaskId,
+    published: OffsetDateTime,
+}
+
+/// The record as this attempt last wrote or read it, and that revision: the CAS fence.
+struct Held {
+    record: TaskRecord,
+    revision: u64,
+}
+
+enum Load {
+    Invalid(String),
+    Nats(String),
+}
+
+fn describe(invalid: Invalid) -> String {
+    match invalid.field {
+        Some(field) => format!("{field}: {}", invalid.message),
+        None => invalid.message,
+    }
+}
+
+fn now() -> OffsetDateTime {
+    OffsetDateTime::now_utc()
+}
+
+impl Delivery {
+    async fn run(self, spec: Result<TaskSpec, Invalid>, id_was_given: bool) {
+        let spec = match spec {
+            Ok(spec) => spec,
+            Err(invalid) => return self.invalid(None, id_was_given, &describe(invalid)).await,
+        };
+        let (record, revision) = match self.load_or_admit(&spec).await {
+            Ok(found) => found,
+            Err(Load::Invalid(problem)) => return self.invalid(Some(&spec), true, &problem).await,
+            Err(Load::Nats(e)) => {
+                tracing::warn!(error = %e, "cannot read or create the record; retrying soon");
+                return self.ack(AckKind::Nak(Some(NATS_RETRY))).await;
+            }
+        };
+        let Some(mut held) = self.start(record, revision).await else { return };
+        events::status(&self.worker.client, &held.record).await;
+        tracing::debug!("attempt started");
+        let outcome = self.supervise(&mut held).await;
+        self.finish(held, outcome).await;
+    }
+
+    /// Dead-letters a message that is not a valid task, with a `failed` record when the
+    /// publisher can find it (an id it gave, or a spec that parsed).
+    async fn invalid(&self, spec: Option<&TaskSpec>, write_record: bool, problem: &str) {
+        tracing::warn!(problem, "invalid task message; dead-lettering it");
+        if write_record {
+            self.write_invalid_record(spec, problem).await;
+        }
+        let id = write_record.then_some(&self.id);
+        self.dead_letter(reason::INVALID_TASK, problem, id).await;
+        self.ack(AckKind::Term).await;
+    }
+
+    async fn write_invalid_record(&self, spec: Option<&TaskSpec>, problem: &str) {
+        let w = &self.worker;
+        let error = TaskError::new(reason::INVALID_TASK, problem, false);
+        // There is no admitted record to start from, so the `queued` shape admission would have
+        // made is built here and immediately failed through the state machine.
+        let mut record = TaskRecord {
+            id: self.id.clone(),
+            session: spec.and_then(|s| s.session.clone()).unwrap_or_default(),
+            kind: spec.map(|s| s.kind.clone()).unwrap_or_default(),
+            input: spec.map(|s| s.input.clone()).unwrap_or_default(),
+            class: self.lane.class,
+            priority: self.lane.priority,
+            status: Status::Queued,
+            attempt: 0,
+            max_attempts: w.limits.default_max_attempts,
+            timeout_s: w.limits.timeout_cap_s(self.lane.class),
+            progress: None,
+            result: None,
+            error: None,
+            cause: Some(Cause::User),
+            created_at: self.published,
+            started_at: None,
+            finished_at: None,
+            deadline: self.published,
+            worker: Some(w.config.name.clone()),
+        };
+        if record.fail(error.clone(), Cause::DeadLetter, now()).is_err() {
+            return;
+        }
+        let written = match record::create(&w.kv, &record).await {
+            Ok(_) => Some(record),
+            // A record exists (the gateway made it, or an earlier delivery): fail that one.
+            Err(KvError::Conflict) => match record::read(&w.kv, &self.id).await {
+                Ok(Some((mut existing, revision))) => {
+                    let failed = existing.fail(error.clone(), Cause::DeadLetter, now()).is_ok();
+                    let saved = failed && record::update(&w.kv, &existing, revision).await.is_ok();
+                    saved.then_some(existing)
+                }
+                _ => None,
+            },
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot write the failed record of an invalid task");
+                None
+            }
+        };
+        if let Some(record) = written {
+            events::publish(&w.client, &record, EventBody::Error(error)).await;
+            events::status(&w.client, &record).await;
+        }
+    }
+
+    /// The record of this task, created from the spec (and announced) when there is none yet:
+    /// the task was published straight to NATS, or the gateway's create is still in flight.
+    async fn load_or_admit(&self, spec: &TaskSpec) -> Result<(TaskRecord, u64), Load> {
+        let w = &self.worker;
+        for _ in 0..CAS_ROUNDS {
+            match record::read(&w.kv, &self.id).await {
+                Ok(Some(found)) => return Ok(found),
+                Ok(None) => {}
+                Err(KvError::Corrupt(e)) => return Err(Load::Invalid(format!("record: {e}"))),
+                Err(e) => return Err(Load::Nats(e.to_string())),
+            }
+            let lane = Some((self.lane.class, self.lane.priority));
+            let record = spec
+                .admit(self.id.clone(), self.published, lane, &w.catalog, &w.limits)
+                .map_err(|e| Load::Invalid(describe(e)))?;
+            match record::create(&w.kv, &record).await {
+                Ok(revision) => {
+                    events::status(&w.client, &record).await;
+                    return Ok((record, revision));
+                }
+                Err(KvError::Conflict) => continue,
+                Err(e) => return Err(Load::Nats(e.to_string())),
+            }
+        }
+        Err(Load::Nats("the record kept changing".into()))
+    }
+
+    /// Moves the record to `running` for this attempt, or settles the message when no attempt
+    /// may start. `None`: the message has been dealt with.
+    async fn start(&self, mut record: TaskRecord, mut revision: u64) -> Option<Held> {
+        let w = &self.worker;
+        for _ in 0..CAS_ROUNDS {
+            if record.status.is_terminal() {
+                tracing::info!(status = %record.status, "task already finished; dropping duplicate");
+                self.ack(AckKind::Ack).await;
+                return None;
+            }
+            if record.status == Status::Paused {
+                self.ack(AckKind::Nak(Some(PAUSED_RECHECK))).await;
+                return None;
+            }
+            let now = now();
+            let refusal = if now > record.deadline {
+                let error = TaskError::new(
+                    "deadline_exceeded",
+                    format!(
+                        "the task's deadline {} passed before attempt {}",
+                        record.deadline, self.attempt
+                    ),
+                    false,
+                );
+                Some((error, Cause::Timeout, reason::DEADLINE))
+            } else if self.attempt > record.max_attempts {
+                let error = TaskError::new(
+                    "max_attempts",
+                    format!(
+                        "delivered {} times; at most {} attempts",
+                        self.attempt, record.max_attempts
+                    ),
+                    false,
+                );
+                Some((error, Cause::DeadLetter, reason::MAX_ATTEMPTS))
+            } else {
+                None
+            };
+            let mut next = record.clone();
+            let moved = match &refusal {
+                Some((error, cause, _)) => next.fail(error.clone(), *cause, now),
+                None => next.start(self.attempt, &w.config.name, now),
+            };
+            if let Err(illegal) = moved {
+                // Only a state added to the machine after this code was written gets here.
+                tracing::warn!(%illegal, "cannot start the task; looking again later");
+                self.ack(AckKind::Nak(Some(PAUSED_RECHECK))).await;
+                return None;
+            }
+            match record::update(&w.kv, &next, revision).await {
+                Ok(revision) => {
+                    let Some((error, _, reason)) = refusal else {
+                        return Some(Held { record: next, revision });
+                    };
+                    tracing::warn!(reason, %error, "task cannot run; dead-lettering it");
+                    events::publish(&w.client, &next, EventBody::Error(error.clone())).await;
+                    events::status(&w.client, &next).await;
+                    self.dead_letter(reason, &error.message, Some(&self.id)).await;
+                    self.ack(AckKind::Term).await;
+                    return None;
+                }
+                Err(KvError::Conflict) => match record::read(&w.kv, &self.id).await {
+                    Ok(Some(fresh)) => (record, revision) = fresh,
+                    _ => break,
+                },
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot start the task; retrying soon");
+                    break;
+                }
+            }
+        }
+        self.ack(AckKind::Nak(Some(NATS_RETRY))).await;
+        None
+    }
+
+    /// Runs the handler (in-process, or in a child for the long class) until it returns or the
+    /// attempt is stopped, keeping the message and the record alive meanwhile.
+    async fn supervise(&self, held: &mut Held) -> Outcome {
+        let w = &self.worker;
+        let task = held.record.clone();
+        let Some(handler) = w.registry.get(&task.kind) else {
+            let message = format!("this worker has no handler for kind {:?}", task.kind);
+            return Outcome::Failed(TaskError::new("unknown_kind", message, false));
+        };
+        let ctx = Context::new(CancellationToken::new());
+        let in_child = task.class == Class::Long && !handler.spawns_process();
+        let mut join = {
+            let (ctx, runner, grace) = (ctx.clone(), w.runner.clone(), w.config.kill_grace());
+            tokio::spawn(async move {
+                if in_child {
+                    child::run_in_child(&runner, &task, &ctx, grace).await
+                } else {
+                    handler.run(&task, &ctx).await
+                }
+            })
+        };
+
+        let start = Instant::now();
+        let timeout = tokio::time::sleep(Duration::from_secs(held.record.timeout_s));
+        // Three beats per deadline: one lost or late heartbeat does not cost the message.
+        let beat = w.ack_deadline / 3;
+        let mut heartbeat = tokio::time::interval_at(start + beat, beat);
+        let mut flush = tokio::time::interval_at(start + FLUSH_INTERVAL, FLUSH_INTERVAL);
+        let mut lease = tokio::time::interval_at(start + LEASE_CHECK, LEASE_CHECK);
+        for timer in [&mut heartbeat, &mut flush, &mut lease] {
+            timer.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        }
+        // Stop well before the server's deadline so the attempt is dead before the redelivered
+        // copy can start: two thirds leaves a third for the kill and the reconnect.
+        let lease_limit = w.ack_deadline * 2 / 3;
+        let mut down_since: Option<Instant> = None;
+        let mut stop: Option<Stop> = None;
+        let abort = tokio::time::sleep(Duration::from_secs(86_400 * 365));
+        let mut aborted = false;
+        let mut unsaved: Option<Progress> = None;
+        let mut last_save: Option<Instant> = None;
+        tokio::pin!(timeout, abort);
+
+        let joined = loop {
+            tokio::select! {
+                joined = &mut join => break joined,
+                () = &mut timeout, if stop.is_none() => {
+                    tracing::warn!(timeout_s = held.record.timeout_s, "attempt timed out");
+                    stop = Some(Stop::Timeout);
+                }
+                () = w.hand_back.cancelled(), if stop.is_none() => {
+                    tracing::info!("drain deadline passed; handing the task back");
+                    stop = Some(Stop::Shutdown);
+                }
+                _ = lease.tick() => {
+                    if w.client.connection_state() == State::Connected {
+                        down_since = None;
+                    } else {
+                        let since = *down_since.get_or_insert_with(Instant::now);
+                        if since.elapsed() > lease_limit && stop.is_none() {
+                            tracing::warn!("NATS unreachable too long to heartbeat; lease lost");
+                            stop = Some(Stop::LeaseLost);
+                        }
+                    }
+                }
+                _ = heartbeat.tick() => {
+                    if let Err(e) = self.msg.ack_with(AckKind::Progress).await {
+                        tracing::debug!(error = %e, "heartbeat failed");
+                    }
+                }
+                _ = flush.tick() => {
+                    let pending = ctx.take();
+                    if pending.progress.is_some() {
+                        unsaved.clone_from(&pending.progress);
+                    }
+                    events::flush(&w.client, &held.record, pending).await;
+                    let due = last_save.is_none_or(|t| t.elapsed() >= PROGRESS_SAVE);
+                    if let (Some(progress), true, None) = (&unsaved, due, stop) {
+                        last_save = Some(Instant::now());
+                        if !self.save_progress(held, progress.clone()).await {
+                            tracing::warn!("another attempt took the task over; stopping");
+                            stop = Some(Stop::Superseded);
+                        }
+                        unsaved = None;
+                    }
+                }
+                () = &mut abort, if !aborted => {
+                    tracing::warn!("handler did not stop within the kill grace; aborting it");
+                    join.abort();
+                    aborted = true;
+                }
+            }
+            if stop.is_some() && !ctx.is_cancelled() {
+                ctx.cancel();
+                abort.as_mut().reset(Instant::now() + w.config.kill_grace() + ABORT_SLACK);
+            }
+        };
+        // Everything reported goes out before the terminal events, so order holds.
+        events::flush(&w.client, &held.record, ctx.take()).await;
+        if let Some(stop) = stop {
+            return Outcome::Stopped(stop);
+        }
+        match joined {
+            Ok(Ok(value)) => Outcome::Done(value),
+            Ok(Err(error)) => Outcome::Failed(error),
+            Err(e) => Outcome::Failed(TaskError::new("panic", format!("handler: {e}"), true)),
+        }
+    }
+
+    /// Saves progress in the record. Returns false when another attempt owns the task now.
+    async fn save_progress(&self, held: &mut Held, progress: Progress) -> bool {
+        let w = &self.worker;
+        for _ in 0..2 {
+            let mut next = held.record.clone();
+            if next.report_progress(progress.clone()).is_err() {
+                return true; // paused or otherwise not running: nothing to save
+            }
+            match record::update(&w.kv, &next, held.revision).await {
+                Ok(revision) => {
+                    *held = Held { record: next, revision };
+                    return true;
+                }
+                Err(KvError::Conflict) => match record::read(&w.kv, &self.id).await {
+                    Ok(Some((fresh, revision))) => {
+                        if !same_attempt(&fresh, &held.record) {
+                            return false;
+                        }
+                        *held = Held { record: fresh, revision };
+                    }
+                    _ => return true,
+                },
+                Err(e) => {
+                    tracing::debug!(error = %e, "could not save progress");
+                    return true;
+                }
+            }
+        }
+        true
+    }
+
+    /// Applies the decision: record, events, DLQ, and the one ack that goes with it.
+    async fn finish(&self, held: Held, outcome: Outcome) {
+        let w = &self.worker;
+        let decision =
+            decide(outcome, held.record.attempt, held.record.max_attempts, &w.config.retry);
+        match &decision {
+            Decision::Release => {
+                tracing::warn!("attempt released without a write; the redelivery owns the task");
+                return;
+            }
+            Decision::HandBack => {}
+            _ => {
+                let Some(record) = self.write_final(held, &decision).await else { return };
+                match &decision {
+                    Decision::Succeed(value) => {
+                        tracing::info!("attempt succeeded");
+                        events::publish(&w.client, &record, EventBody::Result(value.clone())).await;
+                    }
+                    Decision::Retry { error, delay, .. } => {
+                        tracing::info!(%error, ?delay, "attempt failed; will retry");
+                        events::publish(&w.client, &record, EventBody::Error(error.clone())).await;
+                    }
+                    Decision::GiveUp { error, reason, .. } => {
+                        tracing::warn!(%error, reason, "task failed; dead-lettering it");
+                        events::publish(&w.client, &record, EventBody::Error(error.clone())).await;
+                        self.dead_letter(reason, &error.to_string(), Some(&self.id)).await;
+                    }
+                    Decision::Release | Decision::HandBack => {}
+                }
+                events::status(&w.client, &record).await;
+            }
+        }
+        if let Some(kind) = ack_of(&decision) {
+            self.ack(kind).await;
+        }
+    }
+
+    /// CAS-writes the decision's transition on the revision this attempt holds. `None`: the
+    /// record could not be written, and the message has been dealt with or left to redelivery.
+    async fn write_final(&self, held: Held, decision: &Decision) -> Option<TaskRecord> {
+        let w = &self.worker;
+        let Held { mut record, mut revision } = held;
+        let ours = record.clone();
+        for _ in 0..CAS_ROUNDS {
+            let mut next = record.clone();
+            let now = now();
+            let moved = match decision {
+                Decision::Succeed(value) => next.succeed(value.clone(), now),
+                Decision::Retry { error, cause, .. } => next.retry_later(error.clone(), *cause),
+                Decision::GiveUp { error, cause, .. } => next.fail(error.clone(), *cause, now),
+                Decision::Release | Decision::HandBack => return None,
+            };
+            if let Err(illegal) = moved {
+                // Moved by someone else while it ran (a user's cancel or pause).
+                tracing::info!(%illegal, "the record moved on while the attempt ran");
+                let ack = if record.status.is_terminal() {
+                    AckKind::Ack
+                } else {
+                    AckKind::Nak(Some(PAUSED_RECHECK))
+                };
+                self.ack(ack).await;
+                return None;
+            }
+            match record::update(&w.kv, &next, revision).await {
+                Ok(_) => return Some(next),
+                Err(KvError::Conflict) => match record::read(&w.kv, &self.id).await {
+                    Ok(Some((fresh, rev))) if same_attempt(&fresh, &ours) => {
+                        (record, revision) = (fresh, rev);
+                    }
+                    Ok(Some(_)) => {
+                        tracing::info!("another attempt took the task over; dropping this outcome");
+                        return None;
+                    }
+                    _ => break,
+                },
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot record the outcome; retrying");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+        }
+        tracing::warn!("could not record the outcome; leaving the task to redelivery");
+        None
+    }
+
+    async fn dead_letter(&self, reason: &str, message: &str, id: Option<&TaskId>) {
+        let w = &self.worker;
+        for try_no in 1..=DLQ_TRIES {
+            match dlq::publish(&w.js, &self.msg, Some(self.lane), reason, message, id).await {
+                Ok(()) => return,
+                Err(e) if try_no == DLQ_TRIES => {
+                    tracing::error!(error = %e, "dead letter lost; the record keeps the reason");
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "DLQ publish failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            }
+        }
+    }
+
+    async fn ack(&self, kind: AckKind) {
+        if let Err(e) = self.msg.ack_with(kind).await {
+            tracing::warn!(error = %e, "ack failed; the message will be redelivered");
+        }
+    }
+}
+
+/// Whether `a` and `b` are the same attempt of the task (the CAS fence's identity check).
+fn same_attempt(a: &TaskRecord, b: &TaskRecord) -> bool {
+    a.attempt == b.attempt && a.worker == b.worker
+}

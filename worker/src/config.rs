@@ -1,0 +1,325 @@
+//! The worker's configuration, read once from a TOML file (`claw-worker --config FILE`) and
+//! passed explicitly to [`crate::run`].
+//!
+//! Every key has a default, so an empty file is a working worker; unknown keys are refused so a
+//! typo is an error, not a silent default. There is deliberately no `Default` impl: the defaults
+//! live in the serde attributes, next to the keys they belong to.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use backoff::ExponentialBackoff;
+use claw_proto::Class;
+use claw_proto::spec::Limits;
+use serde::Deserialize;
+
+use crate::Error;
+
+/// A worker's configuration (see the module doc for the file format).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Shows in task records (`worker`) and logs. Default `<hostname>-<pid>`.
+    #[serde(default = "default_name")]
+    pub name: String,
+    /// Concurrent short tasks (in-process). 0 disables the class on this worker.
+    #[serde(default = "default_short_slots")]
+    pub short_slots: usize,
+    /// Concurrent long tasks (child processes). 0 disables the class on this worker.
+    #[serde(default = "default_long_slots")]
+    pub long_slots: usize,
+    /// The lane consumers' ack deadline: a dead worker's task comes back after this long.
+    /// A float so tests can use a second or two.
+    #[serde(default = "default_ack_deadline_s")]
+    pub ack_deadline_s: f64,
+    #[serde(default = "RetryConfig::standard")]
+    pub retry: RetryConfig,
+    /// Seconds between SIGTERM and SIGKILL of a task's process group.
+    #[serde(default = "default_kill_grace_s")]
+    pub kill_grace_s: f64,
+    /// Seconds in-flight tasks get to finish on shutdown before they are handed back.
+    #[serde(default = "default_drain_s")]
+    pub drain_s: f64,
+    /// The programs the `exec` kind may run, by the name a task gives. Nothing else can run.
+    #[serde(default)]
+    pub programs: BTreeMap<String, Program>,
+    /// The executable that runs in-process kinds of the long class in a child
+    /// (`<runner> __run-task`). Default: this executable.
+    #[serde(default)]
+    pub runner: Option<PathBuf>,
+    /// Caps applied to tasks that arrive straight over NATS without a record.
+    #[serde(default = "LimitsConfig::standard")]
+    pub limits: LimitsConfig,
+}
+
+/// Retry backoff of retryable failures: attempt k waits the k-th step of an exponential backoff.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetryConfig {
+    #[serde(default = "default_initial_ms")]
+    pub initial_ms: u64,
+    #[serde(default = "default_max_ms")]
+    pub max_ms: u64,
+    #[serde(default = "default_multiplier")]
+    pub multiplier: f64,
+    /// Randomization factor: each delay is drawn from `d * (1 ± jitter)`, capped at `max_ms`.
+    #[serde(default = "default_jitter")]
+    pub jitter: f64,
+}
+
+/// `[programs.NAME]`: what `{"kind": "exec", "input": {"program": "NAME", ...}}` runs.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Program {
+    pub path: PathBuf,
+    /// Put before the task's own `args`.
+    #[serde(default)]
+    pub args: Vec<String>,
+    /// Added to the otherwise empty environment (only `PATH` is inherited).
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+}
+
+/// `[limits]`: the admission caps of [`claw_proto::spec::Limits`], by default its `STANDARD`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    #[serde(default = "default_short_cap")]
+    pub short_timeout_cap_s: u64,
+    #[serde(default = "default_long_cap")]
+    pub long_timeout_cap_s: u64,
+    #[serde(default = "default_max_deadline")]
+    pub max_deadline_s: u64,
+    #[serde(default = "default_max_attempts")]
+    pub default_max_attempts: u32,
+    #[serde(default = "default_max_attempts_cap")]
+    pub max_attempts_cap: u32,
+}
+
+impl Config {
+    pub fn from_toml_str(text: &str) -> Result<Config, Error> {
+        let config: Config = toml::from_str(text).map_err(|e| Error::Config(e.to_string()))?;
+        config.check()?;
+        Ok(config)
+    }
+
+    pub fn load(path: &Path) -> Result<Config, Error> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| Error::ConfigRead { path: path.to_owned(), source })?;
+        Config::from_toml_str(&text)
+    }
+
+    fn check(&self) -> Result<(), Error> {
+        let positive = |v: f64| v.is_finite() && v > 0.0;
+        if !positive(self.ack_deadline_s) {
+            return Err(Error::Config("ack_deadline_s must be a positive number".into()));
+        }
+        if !(self.kill_grace_s.is_finite() && self.kill_grace_s >= 0.0) {
+            return Err(Error::Config("kill_grace_s must be 0 or more".into()));
+        }
+        if !(self.drain_s.is_finite() && self.drain_s >= 0.0) {
+            return Err(Error::Config("drain_s must be 0 or more".into()));
+        }
+        let r = &self.retry;
+        if r.initial_ms == 0 || r.max_ms < r.initial_ms || r.multiplier < 1.0 {
+            return Err(Error::Config(
+                "retry needs initial_ms > 0, max_ms >= initial_ms and multiplier >= 1".into(),
+            ));
+        }
+        if !(0.0..1.0).contains(&r.jitter) {
+            return Err(Error::Config("retry.jitter must be in [0, 1)".into()));
+        }
+        Ok(())
+    }
+
+    pub fn ack_deadline(&self) -> Duration {
+        Duration::from_secs_f64(self.ack_deadline_s)
+    }
+
+    pub fn kill_grace(&self) -> Duration {
+        Duration::from_secs_f64(self.kill_grace_s)
+    }
+
+    pub fn drain(&self) -> Duration {
+        Duration::from_secs_f64(self.drain_s)
+    }
+
+    pub fn slots(&self, class: Class) -> usize {
+        match class {
+            Class::Short => self.short_slots,
+            Class::Long => self.long_slots,
+        }
+    }
+
+    pub fn admission_limits(&self) -> Limits {
+        let l = &self.limits;
+        Limits {
+            short_timeout_cap_s: l.short_timeout_cap_s,
+            long_timeout_cap_s: l.long_timeout_cap_s,
+            max_deadline_s: l.max_deadline_s,
+            default_max_attempts: l.default_max_attempts,
+            max_attempts_cap: l.max_attempts_cap,
+        }
+    }
+
+    /// The executable for `__run-task` children.
+    pub fn runner(&self) -> std::io::Result<PathBuf> {
+        match &self.runner {
+            Some(path) => Ok(path.clone()),
+            None => std::env::current_exe(),
+        }
+    }
+}
+
+impl RetryConfig {
+    pub fn standard() -> RetryConfig {
+        RetryConfig {
+            initial_ms: default_initial_ms(),
+            max_ms: default_max_ms(),
+            multiplier: default_multiplier(),
+            jitter: default_jitter(),
+        }
+    }
+
+    /// A fresh exponential backoff with these settings and no overall time limit (attempts
+    /// are limited by `max_attempts` and the task's deadline instead).
+    pub fn backoff(&self) -> ExponentialBackoff {
+        backoff::ExponentialBackoffBuilder::new()
+            .with_initial_interval(Duration::from_millis(self.initial_ms))
+            .with_max_interval(Duration::from_millis(self.max_ms))
+            .with_multiplier(self.multiplier)
+            .with_randomization_factor(self.jitter)
+            .with_max_elapsed_time(None)
+            .build()
+    }
+}
+
+impl LimitsConfig {
+    pub fn standard() -> LimitsConfig {
+        LimitsConfig {
+            short_timeout_cap_s: default_short_cap(),
+            long_timeout_cap_s: default_long_cap(),
+            max_deadline_s: default_max_deadline(),
+            default_max_attempts: default_max_attempts(),
+            max_attempts_cap: default_max_attempts_cap(),
+        }
+    }
+}
+
+fn default_name() -> String {
+    // /proc is Linux-only, which is where workers run; elsewhere the pid alone still identifies
+    // the process on its host.
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "worker".to_owned());
+    format!("{host}-{}", std::process::id())
+}
+
+fn default_short_slots() -> usize {
+    // The plan's "at most 50 concurrent tasks per worker".
+    50
+}
+
+fn default_long_slots() -> usize {
+    // Each long task is a process; a handful keeps a small host responsive.
+    4
+}
+
+fn default_ack_deadline_s() -> f64 {
+    30.0
+}
+
+fn default_kill_grace_s() -> f64 {
+    5.0
+}
+
+fn default_drain_s() -> f64 {
+    30.0
+}
+
+fn default_initial_ms() -> u64 {
+    1_000
+}
+
+fn default_max_ms() -> u64 {
+    300_000
+}
+
+fn default_multiplier() -> f64 {
+    2.0
+}
+
+fn default_jitter() -> f64 {
+    0.2
+}
+
+fn default_short_cap() -> u64 {
+    Limits::STANDARD.short_timeout_cap_s
+}
+
+fn default_long_cap() -> u64 {
+    Limits::STANDARD.long_timeout_cap_s
+}
+
+fn default_max_deadline() -> u64 {
+    Limits::STANDARD.max_deadline_s
+}
+
+fn default_max_attempts() -> u32 {
+    Limits::STANDARD.default_max_attempts
+}
+
+fn default_max_attempts_cap() -> u32 {
+    Limits::STANDARD.max_attempts_cap
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_empty_file_is_a_working_config() {
+        let c = Config::from_toml_str("").unwrap();
+        assert_eq!((c.short_slots, c.long_slots), (50, 4));
+        assert_eq!(c.ack_deadline(), Duration::from_secs(30));
+        assert_eq!(c.retry.initial_ms, 1000);
+        assert_eq!(c.admission_limits().short_timeout_cap_s, 300);
+        assert!(c.programs.is_empty());
+        assert!(c.name.ends_with(&std::process::id().to_string()));
+    }
+
+    #[test]
+    fn programs_and_overrides() {
+        let c = Config::from_toml_str(
+            r#"
+            name = "w1"
+            short_slots = 1
+            long_slots = 0
+            ack_deadline_s = 1.5
+            [retry]
+            initial_ms = 200
+            jitter = 0.0
+            [programs.hello]
+            path = "/bin/echo"
+            args = ["hi"]
+            env = { GREETING = "yo" }
+            "#,
+        )
+        .unwrap();
+        assert_eq!((c.name.as_str(), c.short_slots, c.long_slots), ("w1", 1, 0));
+        assert_eq!(c.ack_deadline(), Duration::from_millis(1500));
+        assert_eq!((c.retry.initial_ms, c.retry.max_ms), (200, 300_000));
+        let p = &c.programs["hello"];
+        assert_eq!((p.args.as_slice(), p.env["GREETING"].as_str()), (&["hi".to_owned()][..], "yo"));
+    }
+
+    #[test]
+    fn typos_and_nonsense_are_refused() {
+        assert!(Config::from_toml_str("short_slot = 3").is_err());
+        assert!(Config::from_toml_str("ack_deadline_s = 0").is_err());
+        assert!(Config::from_toml_str("[retry]\njitter = 1.5").is_err());
+    }
+}

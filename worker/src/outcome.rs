@@ -1,0 +1,153 @@
+//! From an attempt's outcome to what happens next: the [`Decision`] (record transition, events,
+//! DLQ) and its one-to-one ack ([`ack_of`]). Pure functions, so the mapping is tested without a
+//! server.
+
+use std::time::Duration;
+
+use async_nats::jetstream::AckKind;
+use backoff::backoff::Backoff;
+use claw_proto::{Cause, TaskError};
+use serde_json::Value;
+
+use crate::config::RetryConfig;
+use crate::dlq::reason;
+
+/// Why the worker stopped an attempt before its handler finished.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stop {
+    /// The attempt ran past the task's `timeout_s`.
+    Timeout,
+    /// The NATS connection was down too long to keep heartbeating: the message will be
+    /// redelivered, and the redelivered copy owns the task.
+    LeaseLost,
+    /// Another attempt wrote the record: this one is stale.
+    Superseded,
+    /// The worker is shutting down and the drain deadline passed.
+    Shutdown,
+}
+
+/// How an attempt ended.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Outcome {
+    Done(Value),
+    Failed(TaskError),
+    Stopped(Stop),
+}
+
+/// What the worker does about it.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Decision {
+    /// `succeed` the record, publish the result.
+    Succeed(Value),
+    /// `retry_later`; the message comes back after `delay`.
+    Retry { error: TaskError, cause: Cause, delay: Duration },
+    /// `fail` the record and dead-letter the message with `reason`.
+    GiveUp { error: TaskError, cause: Cause, reason: &'static str },
+    /// Touch nothing: the task belongs to whoever gets the redelivered message.
+    Release,
+    /// Put the message back at once, without a record write (the next worker's `start` moves
+    /// the record on, with cause `worker_lost`).
+    HandBack,
+}
+
+/// Decides what follows `outcome` of attempt `attempt` out of `max_attempts`.
+pub fn decide(outcome: Outcome, attempt: u32, max_attempts: u32, retry: &RetryConfig) -> Decision {
+    let (error, cause) = match outcome {
+        Outcome::Done(value) => return Decision::Succeed(value),
+        Outcome::Stopped(Stop::LeaseLost | Stop::Superseded) => return Decision::Release,
+        Outcome::Stopped(Stop::Shutdown) => return Decision::HandBack,
+        Outcome::Stopped(Stop::Timeout) => {
+            let error = TaskError::new("timeout", "the attempt ran past its timeout", true);
+            (error, Cause::Timeout)
+        }
+        Outcome::Failed(error) => (error, Cause::Error),
+    };
+    if !error.retryable {
+        return Decision::GiveUp { error, cause, reason: reason::NON_RETRYABLE };
+    }
+    if attempt >= max_attempts {
+        return Decision::GiveUp { error, cause, reason: reason::MAX_ATTEMPTS };
+    }
+    Decision::Retry { error, cause, delay: retry_delay(retry, attempt) }
+}
+
+/// The ack that goes with a decision (STYLE 10: done → Ack, retry after d → Nak(d), give up →
+/// Term, hand back → Nak now). `None`: send nothing and let the ack deadline pass.
+pub fn ack_of(decision: &Decision) -> Option<AckKind> {
+    match decision {
+        Decision::Succeed(_) => Some(AckKind::Ack),
+        Decision::Retry { delay, .. } => Some(AckKind::Nak(Some(*delay))),
+        Decision::GiveUp { .. } => Some(AckKind::Term),
+        Decision::Release => None,
+        Decision::HandBack => Some(AckKind::Nak(None)),
+    }
+}
+
+/// The delay after failed attempt `attempt` (1-based): the `attempt`-th step of the configured
+/// exponential backoff, never above `max_ms` (jitter included).
+pub fn retry_delay(retry: &RetryConfig, attempt: u32) -> Duration {
+    let mut backoff = retry.backoff();
+    let max = Duration::from_millis(retry.max_ms);
+    let mut delay = max;
+    for _ in 0..attempt.max(1) {
+        delay = backoff.next_backoff().unwrap_or(max);
+    }
+    delay.min(max)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn retry(jitter: f64) -> RetryConfig {
+        RetryConfig { initial_ms: 1000, max_ms: 10_000, multiplier: 2.0, jitter }
+    }
+
+    fn err(retryable: bool) -> Outcome {
+        Outcome::Failed(TaskError::new("e", "m", retryable))
+    }
+
+    #[test]
+    fn each_outcome_maps_to_one_ack() {
+        let r = retry(0.0);
+        let ack = |o, attempt| ack_of(&decide(o, attempt, 3, &r));
+        assert!(matches!(ack(Outcome::Done(Value::Null), 1), Some(AckKind::Ack)));
+        assert!(
+            matches!(ack(err(true), 1), Some(AckKind::Nak(Some(d))) if d == Duration::from_secs(1))
+        );
+        assert!(matches!(ack(err(true), 3), Some(AckKind::Term)));
+        assert!(matches!(ack(err(false), 1), Some(AckKind::Term)));
+        assert!(matches!(ack(Outcome::Stopped(Stop::Timeout), 1), Some(AckKind::Nak(Some(_)))));
+        assert!(ack(Outcome::Stopped(Stop::LeaseLost), 1).is_none());
+        assert!(ack(Outcome::Stopped(Stop::Superseded), 1).is_none());
+        assert!(matches!(ack(Outcome::Stopped(Stop::Shutdown), 1), Some(AckKind::Nak(None))));
+    }
+
+    #[test]
+    fn giving_up_says_why() {
+        let r = retry(0.0);
+        let reason_of = |o, attempt| match decide(o, attempt, 3, &r) {
+            Decision::GiveUp { reason, cause, .. } => (reason, cause),
+            d => panic!("{d:?}"),
+        };
+        assert_eq!(reason_of(err(false), 1), (reason::NON_RETRYABLE, Cause::Error));
+        assert_eq!(reason_of(err(true), 3), (reason::MAX_ATTEMPTS, Cause::Error));
+        assert_eq!(
+            reason_of(Outcome::Stopped(Stop::Timeout), 3),
+            (reason::MAX_ATTEMPTS, Cause::Timeout)
+        );
+    }
+
+    #[test]
+    fn backoff_grows_then_caps() {
+        let r = retry(0.0);
+        let delays: Vec<u64> = (1..=6).map(|k| retry_delay(&r, k).as_millis() as u64).collect();
+        assert_eq!(delays, [1000, 2000, 4000, 8000, 10_000, 10_000]);
+        let r = retry(0.5);
+        for k in 1..=8 {
+            let d = retry_delay(&r, k);
+            assert!(d <= Duration::from_secs(10), "{k}: {d:?}");
+            assert!(d >= Duration::from_millis(500), "{k}: {d:?}");
+        }
+    }
+}

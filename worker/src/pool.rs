@@ -1,0 +1,252 @@
+//! A class's pool: a named semaphore of slots and the pull loop that fills them from the class's
+//! three lanes.
+//!
+//! The loop never holds more messages than free slots: it waits for a free slot, counts the free
+//! slots n, and sweeps the lanes high → normal → low with no-wait fetches of at most the slots
+//! still free (a prefetched message would age toward its ack deadline while it waits, and starve
+//! other workers). When a sweep finds nothing, the loop sleeps until a publish to the class
+//! rings the doorbell (a core subscription to `tasks.<class>.*`), or [`IDLE_RESWEEP`] passes,
+//! which catches what a publish does not announce: NAK-delayed retries and redeliveries.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::consumer::PullConsumer;
+use claw_proto::Class;
+use claw_proto::topology::{self, Lane, Topology};
+use futures::StreamExt;
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::{AbortOnDropHandle, TaskTracker};
+
+use crate::Error;
+use crate::attempt::{self, Worker};
+
+/// A lower lane that was passed over this many sweeps in a row, while higher lanes took every
+/// free slot, goes first in the next sweep. 16 keeps strict priority for any burst that clears
+/// within a few seconds, yet bounds a low task's wait under a sustained high load to about one
+/// slot's worth of work in every 17.
+pub const STARVATION_SWEEPS: u32 = 16;
+
+/// Re-sweep after this long without a doorbell: the latency bound for retries and redeliveries
+/// on an idle worker, at the cost of three empty fetches per second per class.
+pub const IDLE_RESWEEP: Duration = Duration::from_secs(1);
+
+/// One class's pull loop.
+pub(crate) struct Pool {
+    class: Class,
+    worker: Arc<Worker>,
+    /// The class's slots (`short_slots` / `long_slots`): one permit per running attempt.
+    slots: Arc<Semaphore>,
+    lanes: [(Lane, PullConsumer); 3],
+    doorbell: Arc<Notify>,
+    /// The task draining the doorbell subscription; ends (unsubscribing) with the pool.
+    _ringer: AbortOnDropHandle<()>,
+    /// Consecutive sweeps each lane (high, normal, low) was passed over while it may have had
+    /// messages.
+    skipped: [u32; 3],
+    /// Whether each lane may hold messages: its last fetch was full, or it was never fetched.
+    maybe_pending: [bool; 3],
+}
+
+impl Pool {
+    pub(crate) async fn new(
+        worker: Arc<Worker>,
+        topology: &Topology,
+        class: Class,
+        slots: usize,
+    ) -> Result<Pool, Error> {
+        let mut lanes = Vec::with_capacity(3);
+        for lane in Lane::of_class(class) {
+            lanes.push((lane, topology.lane_consumer(lane).await?));
+        }
+        let lanes: [(Lane, PullConsumer); 3] = lanes.try_into().map_err(|_| {
+            Error::Config("a class has exactly three lanes".into()) // unreachable by construction
+        })?;
+        let doorbell = Arc::new(Notify::new());
+        let subject = topology::class_subjects(class);
+        let mut sub = worker
+            .client
+            .subscribe(subject.clone())
+            .await
+            .map_err(|e| Error::nats(format!("subscribe {subject}"), e))?;
+        let ring = doorbell.clone();
+        // Drained continuously so the subscription never backs up; `notify_one` stores one
+        // wake-up when nobody waits, so a publish during a sweep is not lost.
+        let ringer = AbortOnDropHandle::new(tokio::spawn(async move {
+            while sub.next().await.is_some() {
+                ring.notify_one();
+            }
+        }));
+        Ok(Pool {
+            class,
+            worker,
+            slots: Arc::new(Semaphore::new(slots)),
+            lanes,
+            doorbell,
+            _ringer: ringer,
+            skipped: [0; 3],
+            maybe_pending: [true; 3],
+        })
+    }
+
+    /// Pulls until `shutdown`; attempts are spawned on `tracker` and outlive the loop.
+    pub(crate) async fn run(mut self, tracker: TaskTracker, shutdown: CancellationToken) {
+        tracing::info!(class = %self.class, slots = self.slots.available_permits(), "pool started");
+        loop {
+            let first = tokio::select! {
+                () = shutdown.cancelled() => break,
+                permit = self.slots.clone().acquire_owned() => match permit {
+                    Ok(permit) => permit,
+                    Err(_) => break, // never closed
+                },
+            };
+            let mut permits = vec![first];
+            while let Ok(permit) = self.slots.clone().try_acquire_owned() {
+                permits.push(permit);
+            }
+            let started = self.sweep(&mut permits, &tracker).await;
+            drop(permits);
+            if started == 0 {
+                tokio::select! {
+                    () = shutdown.cancelled() => break,
+                    () = self.doorbell.notified() => {}
+                    () = tokio::time::sleep(IDLE_RESWEEP) => {}
+                }
+            }
+        }
+        tracing::info!(class = %self.class, "pool stopped pulling");
+    }
+
+    /// One sweep over the lanes with `permits.len()` free slots; returns the attempts started.
+    async fn sweep(
+        &mut self,
+        permits: &mut Vec<OwnedSemaphorePermit>,
+        tracker: &TaskTracker,
+    ) -> usize {
+        let mut reached = [false; 3];
+        let mut started = 0;
+        for i in sweep_order(&self.skipped) {
+            if permits.is_empty() {
+                break;
+            }
+            reached[i] = true;
+            let (lane, consumer) = &self.lanes[i];
+            let wanted = permits.len();
+            let mut batch = match consumer.fetch().max_messages(wanted).messages().await {
+                Ok(batch) => batch,
+                Err(e) => {
+                    tracing::warn!(lane = %lane.consumer(), error = %e, "fetch failed");
+                    continue;
+                }
+            };
+            let mut got = 0;
+            while let Some(msg) = batch.next().await {
+                let msg = match msg {
+                    Ok(msg) => msg,
+                    Err(e) => {
+                        tracing::warn!(lane = %lane.consumer(), error = %e, "fetch ended early");
+                        break;
+                    }
+                };
+                let Some(permit) = permits.pop() else {
+                    // The server never sends more than asked; if it did, the message simply
+                    // waits for its ack deadline.
+                    break;
+                };
+                got += 1;
+                tracker.spawn(attempt::handle(self.worker.clone(), *lane, msg, permit));
+            }
+            self.maybe_pending[i] = got == wanted;
+            started += got;
+        }
+        self.skipped = next_skips(self.skipped, reached, self.maybe_pending);
+        started
+    }
+}
+
+/// The order of the next sweep: high, normal, low — except that a lane passed over
+/// [`STARVATION_SWEEPS`] times goes first (the most starved one; ties favour higher priority).
+pub fn sweep_order(skipped: &[u32; 3]) -> [usize; 3] {
+    let starving = (0..3)
+        .filter(|&i| skipped[i] >= STARVATION_SWEEPS)
+        .max_by_key(|&i| (skipped[i], std::cmp::Reverse(i)));
+    match starving {
+        Some(0) | None => [0, 1, 2],
+        Some(1) => [1, 0, 2],
+        Some(_) => [2, 0, 1],
+    }
+}
+
+/// The skip counts after a sweep: a lane that was fetched from starts over; one the sweep did
+/// not reach counts up if it may hold messages.
+pub fn next_skips(skipped: [u32; 3], reached: [bool; 3], maybe_pending: [bool; 3]) -> [u32; 3] {
+    std::array::from_fn(|i| match (reached[i], maybe_pending[i]) {
+        (true, _) | (false, false) => 0,
+        (false, true) => skipped[i].saturating_add(1),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Simulates sweeps with `slots` free slots over lanes holding `queued` messages; returns
+    /// the lane index of every message taken, in order.
+    fn simulate(mut queued: [usize; 3], slots: usize, sweeps: usize) -> Vec<usize> {
+        let (mut skipped, mut maybe) = ([0; 3], [true; 3]);
+        let mut taken = Vec::new();
+        for _ in 0..sweeps {
+            let mut free = slots;
+            let mut reached = [false; 3];
+            for i in sweep_order(&skipped) {
+                if free == 0 {
+                    break;
+                }
+                reached[i] = true;
+                let wanted = free;
+                let got = queued[i].min(wanted);
+                queued[i] -= got;
+                free -= got;
+                maybe[i] = got == wanted;
+                taken.extend(std::iter::repeat_n(i, got));
+            }
+            skipped = next_skips(skipped, reached, maybe);
+        }
+        taken
+    }
+
+    #[test]
+    fn high_goes_before_low() {
+        // One slot, 20 low then 5 high queued: the 5 high run first.
+        let taken = simulate([5, 0, 20], 1, 25);
+        assert_eq!(&taken[..5], &[0; 5]);
+        assert_eq!(taken.len(), 25);
+    }
+
+    #[test]
+    fn low_is_not_starved_forever() {
+        let taken = simulate([1000, 0, 1000], 1, 100);
+        let first_low = taken.iter().position(|&l| l == 2).expect("low ran");
+        // The never-fetched normal lane gets its one look first, then low.
+        assert!(first_low <= STARVATION_SWEEPS as usize + 2, "first low at {first_low}");
+        let lows = taken.iter().filter(|&&l| l == 2).count();
+        assert!((4..=7).contains(&lows), "{lows} low of 100");
+    }
+
+    #[test]
+    fn starving_lane_goes_first_once() {
+        assert_eq!(sweep_order(&[0, 0, 0]), [0, 1, 2]);
+        assert_eq!(sweep_order(&[0, 3, 15]), [0, 1, 2]);
+        assert_eq!(sweep_order(&[0, 3, 16]), [2, 0, 1]);
+        assert_eq!(sweep_order(&[0, 16, 16]), [1, 0, 2]);
+        let after = next_skips([0, 0, 16], [false, false, true], [true, true, true]);
+        assert_eq!(after, [1, 1, 0]);
+        assert_eq!(sweep_order(&after), [0, 1, 2]);
+    }
+
+    #[test]
+    fn empty_lanes_do_not_count_as_starved() {
+        assert_eq!(next_skips([5, 5, 5], [true, false, false], [true, false, true]), [0, 0, 6]);
+    }
+}

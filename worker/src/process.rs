@@ -1,0 +1,294 @@
+//! Running one attempt as a child process: its own process group, a clean environment and a
+//! fresh working directory, stdout read as JSON lines ([`crate::protocol`]), the stderr tail
+//! kept for the error, and TERM → grace → KILL of the whole group when the attempt is stopped.
+//!
+//! Both `exec` programs and `__run-task` children (long-class in-process kinds) go through
+//! [`run`], so limits and pause (SIGSTOP of the group) can later be added in this one place.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::{ExitStatus, Stdio};
+use std::time::Duration;
+
+use claw_proto::TaskError;
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
+use serde_json::Value;
+use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::process::Command;
+
+use crate::handler::Context;
+use crate::protocol::{self, Line};
+
+/// How much of stderr is kept for the error message: enough for a stack trace's last frames.
+pub const STDERR_TAIL: usize = 4 * 1024;
+
+/// After the group is killed, how long the pipe readers may take to see end-of-file. Only a
+/// process that escaped the group (setsid) can hold a pipe open longer; it is not waited for.
+const READER_GRACE: Duration = Duration::from_secs(2);
+
+/// PATH for children when the worker has none.
+const DEFAULT_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
+
+/// What to start.
+#[derive(Clone, Debug)]
+pub struct Spawn {
+    pub program: PathBuf,
+    pub args: Vec<String>,
+    /// Added to an empty environment that only inherits `PATH`.
+    pub env: BTreeMap<String, String>,
+    pub stdin: Option<Vec<u8>>,
+}
+
+/// Kills the whole group when dropped, so an attempt that is aborted leaves nothing behind.
+struct GroupGuard(Pid);
+
+impl Drop for GroupGuard {
+    fn drop(&mut self) {
+        // ESRCH (nothing left in the group) is the normal case.
+        let _ = killpg(self.0, Signal::SIGKILL);
+    }
+}
+
+/// Runs `spawn` to completion, or until `ctx` is cancelled (then TERM, `kill_grace`, KILL).
+/// Progress and output lines go to `ctx`; the result is the `result` line (or null) on exit 0.
+pub async fn run(spawn: Spawn, ctx: &Context, kill_grace: Duration) -> Result<Value, TaskError> {
+    let workdir = tempfile::Builder::new()
+        .prefix("claw-task-")
+        .tempdir()
+        .map_err(|e| TaskError::new("workdir", format!("cannot create a work dir: {e}"), true))?;
+    let path = std::env::var("PATH").unwrap_or_else(|_| DEFAULT_PATH.to_owned());
+    let mut cmd = Command::new(&spawn.program);
+    cmd.args(&spawn.args)
+        .env_clear()
+        .env("PATH", path)
+        .envs(&spawn.env)
+        .current_dir(workdir.path())
+        // Its own group, so TERM/KILL (and later STOP/CONT) reach every process it starts.
+        .process_group(0)
+        .stdin(if spawn.stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let mut child = cmd.spawn().map_err(|e| {
+        let message = format!("cannot start {}: {e}", spawn.program.display());
+        TaskError::new("spawn_failed", message, false)
+    })?;
+    let pgid = Pid::from_raw(child.id().map(|id| id as i32).unwrap_or_default());
+    let _guard = GroupGuard(pgid);
+
+    if let (Some(mut stdin), Some(bytes)) = (child.stdin.take(), spawn.stdin) {
+        // A program that never reads its stdin must not block the attempt: write on the side.
+        tokio::spawn(async move {
+            let _ = stdin.write_all(&bytes).await;
+        });
+    }
+    let stdout = child.stdout.take().expect("stdout is piped");
+    let stderr = child.stderr.take().expect("stderr is piped");
+    let reader_ctx = ctx.clone();
+    let mut stdout_task =
+        tokio::spawn(async move { read_protocol(BufReader::new(stdout), &reader_ctx).await });
+    let mut stderr_task = tokio::spawn(read_tail(stderr));
+
+    let status = tokio::select! {
+        status = child.wait() => status,
+        () = ctx.cancelled() => {
+            stop_group(pgid, &mut child, kill_grace).await;
+            return Err(TaskError::new("stopped", "the attempt was stopped", true));
+        }
+    };
+    // Whatever the leader left running in its group goes with it.
+    let _ = killpg(pgid, Signal::SIGKILL);
+    let (result, error) = match tokio::time::timeout(READER_GRACE, &mut stdout_task).await {
+        Ok(Ok(lines)) => lines,
+        _ => {
+            stdout_task.abort();
+            (None, None)
+        }
+    };
+    let tail = match tokio::time::timeout(READER_GRACE, &mut stderr_task).await {
+        Ok(Ok(tail)) => tail,
+        _ => {
+            stderr_task.abort();
+            String::new()
+        }
+    };
+    let status = status.map_err(|e| TaskError::new("wait_failed", e.to_string(), true))?;
+    outcome(status, result, error, &tail)
+}
+
+/// TERM the group, give it `grace`, then KILL it, and reap the leader.
+async fn stop_group(pgid: Pid, child: &mut tokio::process::Child, grace: Duration) {
+    let _ = killpg(pgid, Signal::SIGTERM);
+    if tokio::time::timeout(grace, child.wait()).await.is_err() {
+        tracing::info!(pgid = pgid.as_raw(), "task process ignored SIGTERM; killing it");
+    }
+    let _ = killpg(pgid, Signal::SIGKILL);
+    let _ = child.wait().await;
+}
+
+/// The attempt's outcome from how the process ended and what it said.
+fn outcome(
+    status: ExitStatus,
+    result: Option<Value>,
+    error: Option<TaskError>,
+    stderr_tail: &str,
+) -> Result<Value, TaskError> {
+    if let Some(error) = error {
+        return Err(error);
+    }
+    if status.success() {
+        return Ok(result.unwrap_or(Value::Null));
+    }
+    use std::os::unix::process::ExitStatusExt;
+    let how = match (status.code(), status.signal()) {
+        (Some(code), _) => format!("exited with status {code}"),
+        (None, Some(sig)) => format!("killed by signal {sig}"),
+        _ => "ended abnormally".to_owned(),
+    };
+    let message =
+        if stderr_tail.is_empty() { how } else { format!("{how}; stderr: {stderr_tail}") };
+    Err(TaskError::new("exit_status", message, true))
+}
+
+/// Reads stdout lines into `ctx`, returning the last `result` and `error` lines.
+async fn read_protocol<R: AsyncBufRead + Unpin>(
+    mut reader: R,
+    ctx: &Context,
+) -> (Option<Value>, Option<TaskError>) {
+    let (mut result, mut error) = (None, None);
+    let mut line = Vec::new();
+    while read_bounded_line(&mut reader, &mut line).await {
+        match protocol::parse_line(&String::from_utf8_lossy(&line)) {
+            Line::Progress(p) => ctx.progress(p.fraction, p.message),
+            Line::Output(text) => ctx.output(&text),
+            Line::Result(v) => result = Some(v),
+            Line::Error(e) => error = Some(e),
+        }
+    }
+    (result, error)
+}
+
+/// Reads one line (without the newline) into `line`, keeping at most [`protocol::MAX_LINE`]
+/// bytes of it. Returns false at end of input with nothing read.
+async fn read_bounded_line<R: AsyncBufRead + Unpin>(reader: &mut R, line: &mut Vec<u8>) -> bool {
+    line.clear();
+    let mut any = false;
+    loop {
+        let buf = match reader.fill_buf().await {
+            Ok(buf) => buf,
+            Err(_) => return any,
+        };
+        if buf.is_empty() {
+            return any;
+        }
+        any = true;
+        let (chunk, used, done) = match buf.iter().position(|&b| b == b'\n') {
+            Some(i) => (&buf[..i], i + 1, true),
+            None => (buf, buf.len(), false),
+        };
+        let room = protocol::MAX_LINE.saturating_sub(line.len());
+        line.extend_from_slice(&chunk[..chunk.len().min(room)]);
+        reader.consume(used);
+        if done {
+            return true;
+        }
+    }
+}
+
+/// Reads to the end, keeping the last [`STDERR_TAIL`] bytes.
+async fn read_tail<R: AsyncRead + Unpin>(mut reader: R) -> String {
+    let mut tail = Vec::with_capacity(STDERR_TAIL * 2);
+    let mut buf = [0u8; 4096];
+    loop {
+        match reader.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                tail.extend_from_slice(&buf[..n]);
+                if tail.len() > STDERR_TAIL {
+                    tail.drain(..tail.len() - STDERR_TAIL);
+                }
+            }
+        }
+    }
+    String::from_utf8_lossy(&tail).trim_end().to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio_util::sync::CancellationToken;
+
+    #[tokio::test]
+    async fn long_lines_are_cut_and_reading_continues() {
+        let long = "x".repeat(protocol::MAX_LINE + 10);
+        let input = format!("{long}\n{{\"result\": 1}}\nlast");
+        let mut reader = BufReader::new(input.as_bytes());
+        let mut line = Vec::new();
+        assert!(read_bounded_line(&mut reader, &mut line).await);
+        assert_eq!(line.len(), protocol::MAX_LINE);
+        assert!(read_bounded_line(&mut reader, &mut line).await);
+        assert_eq!(line, br#"{"result": 1}"#);
+        assert!(read_bounded_line(&mut reader, &mut line).await);
+        assert_eq!(line, b"last");
+        assert!(!read_bounded_line(&mut reader, &mut line).await);
+    }
+
+    #[tokio::test]
+    async fn stderr_tail_keeps_the_end() {
+        let input = format!("{}END", "a".repeat(10_000));
+        let tail = read_tail(input.as_bytes()).await;
+        assert_eq!(tail.len(), STDERR_TAIL);
+        assert!(tail.ends_with("END"));
+    }
+
+    fn sh(script: &str) -> Spawn {
+        Spawn {
+            program: "/bin/sh".into(),
+            args: vec!["-c".into(), script.into()],
+            env: BTreeMap::new(),
+            stdin: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_script_reports_and_returns_its_result() {
+        let ctx = Context::new(CancellationToken::new());
+        let script = r#"echo '{"progress": 0.5}'; echo hi; echo '{"result": {"ok": true}}'"#;
+        let v = run(sh(script), &ctx, Duration::from_secs(1)).await.unwrap();
+        assert_eq!(v, serde_json::json!({"ok": true}));
+        let pending = ctx.take();
+        assert_eq!(pending.progress.unwrap().fraction, 0.5);
+        assert_eq!(pending.output, "hi\n");
+    }
+
+    #[tokio::test]
+    async fn failure_carries_the_stderr_tail() {
+        let ctx = Context::new(CancellationToken::new());
+        let e = run(sh("echo oops >&2; exit 3"), &ctx, Duration::from_secs(1)).await.unwrap_err();
+        assert_eq!((e.code.as_str(), e.retryable), ("exit_status", true));
+        assert!(e.message.contains("status 3") && e.message.contains("oops"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn cancel_kills_the_whole_group() {
+        let cancel = CancellationToken::new();
+        let ctx = Context::new(cancel.clone());
+        // The shell ignores TERM and has a grandchild, so only KILL of the group ends both.
+        let script = "trap '' TERM; sleep 30 & echo ready; wait";
+        let started = std::time::Instant::now();
+        let probe = ctx.clone();
+        let run =
+            tokio::spawn(async move { run(sh(script), &ctx, Duration::from_millis(200)).await });
+        let mut seen = String::new();
+        while !seen.contains("ready") {
+            assert!(started.elapsed() < Duration::from_secs(5), "script did not start");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            seen.push_str(&probe.take().output);
+        }
+        cancel.cancel();
+        let e = run.await.unwrap().unwrap_err();
+        assert_eq!(e.code, "stopped");
+        assert!(started.elapsed() < Duration::from_secs(5));
+    }
+}
