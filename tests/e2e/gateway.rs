@@ -26,7 +26,9 @@ async fn bad_input_gets_the_right_4xx_and_stores_nothing() {
     let topo = nats.topology(&test_settings()).await;
     let gw = Gateway::start(&topo, &["--body-limit", "4096"]).await;
 
-    let cases: Vec<(&str, Vec<u8>, StatusCode, &str, Option<&str>)> = vec![
+    // (what, body, expected status, expected code, expected field)
+    type Case = (&'static str, Vec<u8>, StatusCode, &'static str, Option<&'static str>);
+    let cases: Vec<Case> = vec![
         ("malformed", b"{\"kind\": ".to_vec(), StatusCode::BAD_REQUEST, "malformed_json", None),
         ("empty", Vec::new(), StatusCode::BAD_REQUEST, "malformed_json", None),
         (

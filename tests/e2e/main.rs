@@ -1,6 +1,8 @@
 //! End-to-end tests, one binary (matklad's "Delete Cargo Integration Tests"): every module is a
 //! behaviour that crosses a process boundary, against a real nats-server.
 
-mod topology;
-mod gateway;
 mod archiver;
+mod gateway;
+mod pipeline;
+mod topology;
+mod worker;

