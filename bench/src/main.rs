@@ -139,7 +139,9 @@ async fn flood(system: &System, n: usize, connections: usize) -> anyhow::Result<
     let workers = (0..connections).map(|_| {
         let (client, url, left) = (client.clone(), system.url.clone(), left.clone());
         tokio::spawn(async move {
-            while left.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |l| l.checked_sub(1)).is_ok()
+            while left
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |l| l.checked_sub(1))
+                .is_ok()
             {
                 submit(&client, &url).await?;
             }

@@ -72,3 +72,65 @@ async fn sleep_task_over_http_succeeds_into_kv_sqlite_and_history() {
     let body: Value = missing.json().await.unwrap();
     assert_eq!(body["error"]["code"], "not_found");
 }
+
+/// The archiver is down while 500 tasks run through gateway and worker; started afterwards it
+/// archives every one of them exactly once, and a restart adds nothing.
+#[tokio::test]
+async fn archiver_down_while_500_tasks_complete_catches_up_exactly_once() {
+    const N: usize = 500;
+    let nats = Nats::start();
+    let topo = nats.topology(&test_settings()).await;
+    let db = nats.dir.path().join("archive.sqlite");
+    let _worker = start_worker(&topo, "ack_deadline_s = 2.0\n");
+    let gw = Gateway::start(&topo, &[]).await;
+    let http = reqwest::Client::new();
+
+    let mut ids = Vec::with_capacity(N);
+    for chunk in 0..N / 50 {
+        let submits = (0..50).map(|i| {
+            let body = json!({"kind": "sleep", "session": "batch",
+                "input": {"echo": chunk * 50 + i}});
+            http.post(gw.url("/v1/tasks")).body(body.to_string()).send()
+        });
+        for response in futures::future::join_all(submits).await {
+            let record: Value = response.unwrap().json().await.unwrap();
+            ids.push(record["id"].as_str().unwrap().to_owned());
+        }
+    }
+    wait_for("all 500 tasks to succeed", Duration::from_secs(60), || async {
+        for id in &ids {
+            if record(&topo, id).await.is_none_or(|r| r.status != Status::Succeeded) {
+                return None;
+            }
+        }
+        Some(())
+    })
+    .await;
+    assert_eq!(archived_rows(&db).await, 0, "the archiver has not run yet");
+
+    let archiver = start_archiver(&topo, &db);
+    wait_for("500 rows", Duration::from_secs(30), || async {
+        (archived_rows(&db).await == N as i64).then_some(())
+    })
+    .await;
+    archiver.stop().await;
+
+    // Started again, it has nothing to add: the consumer resumed where it stopped.
+    let _archiver = start_archiver(&topo, &db);
+    let page: Value = wait_for("the restarted archiver to answer", Duration::from_secs(10), || {
+        let http = http.clone();
+        let url = gw.url("/v1/tasks?session=batch&limit=500");
+        async move {
+            let response = http.get(url).send().await.ok()?;
+            response.status().is_success().then_some(response.json().await.ok()?)
+        }
+    })
+    .await;
+    let listed = page["tasks"].as_array().unwrap();
+    assert_eq!(listed.len(), N);
+    let mut unique: Vec<&str> = listed.iter().map(|t| t["id"].as_str().unwrap()).collect();
+    unique.sort_unstable();
+    unique.dedup();
+    assert_eq!(unique.len(), N, "no duplicates");
+    assert_eq!(archived_rows(&db).await, N as i64);
+}

@@ -49,8 +49,9 @@ const LEASE_CHECK: Duration = Duration::from_millis(250);
 const PROGRESS_SAVE: Duration = Duration::from_secs(1);
 /// After a stop, the handler gets the kill grace plus this before its task is aborted.
 const ABORT_SLACK: Duration = Duration::from_secs(1);
-/// Tries of a DLQ publish before the message is terminated anyway (the record says why).
-const DLQ_TRIES: usize = 3;
+/// Longest wait between tries of a DLQ publish. The message is only terminated once its copy is
+/// stored, so the worker keeps trying (and keeps the lease) for as long as JetStream refuses.
+const DLQ_RETRY_MAX: Duration = Duration::from_secs(10);
 
 /// What every attempt of a worker shares.
 #[derive(Debug)]
@@ -162,8 +163,9 @@ impl Delivery {
             self.write_invalid_record(spec, problem).await;
         }
         let id = write_record.then_some(&self.id);
-        self.dead_letter(reason::INVALID_TASK, problem, id).await;
-        self.ack(AckKind::Term).await;
+        if self.dead_letter(reason::INVALID_TASK, problem, id).await {
+            self.ack(AckKind::Term).await;
+        }
     }
 
     async fn write_invalid_record(&self, spec: Option<&TaskSpec>, problem: &str) {
@@ -301,8 +303,9 @@ impl Delivery {
                     tracing::warn!(reason, %error, "task cannot run; dead-lettering it");
                     events::publish(&w.client, &next, EventBody::Error(error.clone())).await;
                     events::status(&w.client, &next).await;
-                    self.dead_letter(reason, &error.message, Some(&self.id)).await;
-                    self.ack(AckKind::Term).await;
+                    if self.dead_letter(reason, &error.message, Some(&self.id)).await {
+                        self.ack(AckKind::Term).await;
+                    }
                     return None;
                 }
                 Err(KvError::Conflict) => match record::read(&w.kv, &self.id).await {
@@ -416,8 +419,13 @@ impl Delivery {
                 abort.as_mut().reset(Instant::now() + w.config.kill_grace() + ABORT_SLACK);
             }
         };
-        // Everything reported goes out before the terminal events, so order holds.
-        events::flush(&w.client, &held.record, ctx.take()).await;
+        // Everything reported goes out before the terminal events, so order holds; the latest
+        // progress rides along with the terminal write, which starts from this record.
+        let last = ctx.take();
+        if let Some(progress) = last.progress.clone().or(unsaved) {
+            held.record.progress = Some(progress);
+        }
+        events::flush(&w.client, &held.record, last).await;
         if let Some(stop) = stop {
             return Outcome::Stopped(stop);
         }
@@ -484,11 +492,15 @@ impl Delivery {
                     Decision::GiveUp { error, reason, .. } => {
                         tracing::warn!(%error, reason, "task failed; dead-lettering it");
                         events::publish(&w.client, &record, EventBody::Error(error.clone())).await;
-                        self.dead_letter(reason, &error.to_string(), Some(&self.id)).await;
                     }
                     Decision::Release | Decision::HandBack => {}
                 }
                 events::status(&w.client, &record).await;
+                if let Decision::GiveUp { error, reason, .. } = &decision
+                    && !self.dead_letter(reason, &error.to_string(), Some(&self.id)).await
+                {
+                    return; // handed back unterminated at the drain deadline; see dead_letter
+                }
             }
         }
         if let Some(kind) = ack_of(&decision) {
@@ -544,19 +556,29 @@ impl Delivery {
         None
     }
 
-    async fn dead_letter(&self, reason: &str, message: &str, id: Option<&TaskId>) {
+    /// Stores the message in DLQ, trying until JetStream takes it: the caller terminates the
+    /// original afterwards, and a TERM before the copy is stored would lose the task. The lease
+    /// is kept with in-progress acks meanwhile. Only the drain deadline stops the tries; the
+    /// message is then handed back unterminated and `false` returned: the caller must not TERM.
+    #[must_use]
+    async fn dead_letter(&self, reason: &str, message: &str, id: Option<&TaskId>) -> bool {
         let w = &self.worker;
-        for try_no in 1..=DLQ_TRIES {
+        let mut wait = Duration::from_millis(250);
+        loop {
             match dlq::publish(&w.js, &self.msg, Some(self.lane), reason, message, id).await {
-                Ok(()) => return,
-                Err(e) if try_no == DLQ_TRIES => {
-                    tracing::error!(error = %e, "dead letter lost; the record keeps the reason");
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "DLQ publish failed; retrying");
-                    tokio::time::sleep(Duration::from_millis(500)).await;
+                Ok(()) => return true,
+                Err(e) => tracing::warn!(error = %e, ?wait, "DLQ publish failed; retrying"),
+            }
+            self.ack(AckKind::Progress).await;
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = w.hand_back.cancelled() => {
+                    tracing::error!("draining with the dead letter not stored; handing it back");
+                    self.ack(AckKind::Nak(None)).await;
+                    return false;
                 }
             }
+            wait = (wait * 2).min(DLQ_RETRY_MAX);
         }
     }
 
