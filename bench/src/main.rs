@@ -6,7 +6,10 @@
 //! 2. submit throughput: `--connections` clients submitting at once; accepted submits per second;
 //! 3. end to end: `--e2e` no-op tasks (`sleep` 0 s) submitted as fast as the clients can, timed
 //!    until every one of them is a row in the archive's SQLite file (which happens only after its
-//!    record reached `succeeded` in the `tasks` bucket).
+//!    record reached `succeeded` in the `tasks` bucket);
+//! 4. the same from a NATS-native publisher: tasks published straight to `tasks.short.normal`
+//!    with pipelined JetStream acks, no HTTP, timed the same way. This is the capacity of worker
+//!    and archiver without the cost of HTTP clients on the same cores.
 //!
 //! Client and server share this machine's cores, so the figures are for the whole system on one
 //! box. Run: `cargo build --release --bins && target/release/claw-bench`.
@@ -41,6 +44,7 @@ struct Args {
 struct System {
     child: Child,
     url: String,
+    nats_url: String,
     db: PathBuf,
     _dir: tempfile::TempDir,
 }
@@ -64,18 +68,21 @@ async fn start_system() -> anyhow::Result<System> {
     }
     let dir = tempfile::Builder::new().prefix("claw-bench-").tempdir()?;
     let port = free_port()?;
+    let nats_port = free_port()?;
     let child = Command::new(&claw)
         .arg("up")
         .arg("--data")
         .arg(dir.path())
         .arg("--http")
         .arg(format!("127.0.0.1:{port}"))
-        .args(["--nats-port", "0", "--queue-max", "1000000"])
+        .args(["--nats-port", &nats_port.to_string(), "--queue-max", "1000000"])
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .spawn()?;
     let url = format!("http://127.0.0.1:{port}");
-    let system = System { child, url, db: dir.path().join("archive.sqlite"), _dir: dir };
+    let nats_url = format!("nats://127.0.0.1:{nats_port}");
+    let db = dir.path().join("archive.sqlite");
+    let system = System { child, url, nats_url, db, _dir: dir };
     let client = reqwest::Client::new();
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
@@ -175,23 +182,57 @@ async fn end_to_end(system: &System, n: usize, connections: usize) -> anyhow::Re
     let before = archived(&system.db).await.unwrap_or(0);
     let started = Instant::now();
     let submitted = flood(system, n, connections).await?;
-    let deadline = Instant::now() + Duration::from_secs(600);
-    loop {
-        let rows = archived(&system.db).await.unwrap_or(0);
-        if rows >= before + n as i64 {
-            break;
-        }
-        if Instant::now() > deadline {
-            bail!("only {} of {n} tasks archived after 600 s", rows - before);
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_archived(&system.db, before + n as i64, n).await?;
     let elapsed = started.elapsed();
     println!(
         "| no-op tasks end to end (submit → succeeded → SQLite), {connections} clients | {n} | {:.0} tasks/s | {:.2} s total (submits done at {:.2} s) | |",
         n as f64 / elapsed.as_secs_f64(),
         elapsed.as_secs_f64(),
         submitted.as_secs_f64()
+    );
+    Ok(())
+}
+
+async fn wait_archived(db: &Path, target: i64, n: usize) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(600);
+    loop {
+        let rows = archived(db).await.unwrap_or(0);
+        if rows >= target {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("only {} of {n} tasks archived after 600 s", n as i64 - (target - rows));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Publishes `n` tasks straight to a lane, keeping up to 4096 acks in flight.
+async fn end_to_end_nats(system: &System, n: usize) -> anyhow::Result<()> {
+    let client = async_nats::connect(&system.nats_url).await?;
+    let js = async_nats::jetstream::new(client);
+    let before = archived(&system.db).await.unwrap_or(0);
+    let started = Instant::now();
+    let mut acks = futures::stream::FuturesUnordered::new();
+    for _ in 0..n {
+        if acks.len() >= 4096 {
+            futures::StreamExt::next(&mut acks).await.context("ack stream")??;
+        }
+        let ack =
+            js.publish("tasks.short.normal", bytes::Bytes::from_static(NOOP.as_bytes())).await?;
+        acks.push(std::future::IntoFuture::into_future(ack));
+    }
+    while let Some(ack) = futures::StreamExt::next(&mut acks).await {
+        ack?;
+    }
+    let published = started.elapsed();
+    wait_archived(&system.db, before + n as i64, n).await?;
+    let elapsed = started.elapsed();
+    println!(
+        "| no-op tasks end to end, published straight to NATS (pipelined acks) | {n} | {:.0} tasks/s | {:.2} s total (published at {:.2} s) | |",
+        n as f64 / elapsed.as_secs_f64(),
+        elapsed.as_secs_f64(),
+        published.as_secs_f64()
     );
     Ok(())
 }
@@ -208,5 +249,8 @@ async fn main() -> anyhow::Result<()> {
     // A fresh system, so the end-to-end run does not also drain the throughput run's backlog.
     let system = start_system().await?;
     end_to_end(&system, args.e2e, args.connections).await?;
+    drop(system);
+    let system = start_system().await?;
+    end_to_end_nats(&system, args.e2e).await?;
     Ok(())
 }
