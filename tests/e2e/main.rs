@@ -5,4 +5,5 @@ mod archiver;
 mod gateway;
 mod pipeline;
 mod topology;
+mod up;
 mod worker;

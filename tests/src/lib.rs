@@ -233,3 +233,12 @@ pub async fn record(topology: &Topology, id: &str) -> Option<claw_proto::TaskRec
     let bytes = topology.tasks_kv.get(id).await.ok()??;
     serde_json::from_slice(&bytes).ok()
 }
+
+/// Sends `sig` to process `pid`.
+#[allow(unsafe_code)]
+pub fn signal(pid: u32, sig: libc::c_int) {
+    // SAFETY: kill(2) has no memory effects; a stale pid at worst signals nothing.
+    unsafe {
+        libc::kill(pid as libc::pid_t, sig);
+    }
+}
