@@ -38,7 +38,12 @@ impl Failure {
     fn invalid(field: Option<String>, message: impl Into<String>) -> Failure {
         Failure {
             status: 400,
-            error: ApiError { code: "invalid_request".into(), message: message.into(), field },
+            error: ApiError {
+                code: "invalid_request".into(),
+                message: message.into(),
+                field,
+                status: None,
+            },
         }
     }
 
@@ -49,6 +54,7 @@ impl Failure {
                 code: "not_found".into(),
                 message: format!("no archived task {id}"),
                 field: None,
+                status: None,
             },
         }
     }
@@ -62,6 +68,7 @@ impl Failure {
                 code: "internal".into(),
                 message: "the archive could not answer".into(),
                 field: None,
+                status: None,
             },
         }
     }

@@ -289,7 +289,7 @@ mod tests {
         let failed = terminal("s1", "sleep", Status::Failed, 0);
         // The same id retried explicitly and succeeded at a later revision.
         let mut succeeded = failed.clone();
-        succeeded.requeue().unwrap();
+        succeeded.requeue(succeeded.created_at).unwrap();
         succeeded.start(1, "w2", succeeded.created_at).unwrap();
         succeeded.succeed(json!(42), succeeded.created_at).unwrap();
 

@@ -81,7 +81,14 @@ impl Error {
             Error::Invalid(i) => i.field.clone(),
             _ => None,
         };
-        ErrorBody { error: ApiError { code: self.code().into(), message: self.to_string(), field } }
+        ErrorBody {
+            error: ApiError {
+                code: self.code().into(),
+                message: self.to_string(),
+                field,
+                status: None,
+            },
+        }
     }
 }
 

@@ -14,6 +14,67 @@ pub struct ApiError {
     pub message: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub field: Option<String>,
+    /// With `conflict` (409): the task's current status, which did not allow the verb.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<Status>,
+}
+
+/// A control verb on one task.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Verb {
+    Cancel,
+    Pause,
+    Resume,
+    Retry,
+}
+
+impl Verb {
+    pub const ALL: [Verb; 4] = [Verb::Cancel, Verb::Pause, Verb::Resume, Verb::Retry];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Verb::Cancel => "cancel",
+            Verb::Pause => "pause",
+            Verb::Resume => "resume",
+            Verb::Retry => "retry",
+        }
+    }
+}
+
+/// The message on `claw.control.<task_id>` after the gateway changed the record of a task a
+/// worker may hold. The record is the truth; this only wakes the worker up to look at it now
+/// instead of at its next periodic check.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Control {
+    pub id: TaskId,
+    pub verb: Verb,
+}
+
+/// A lane as `GET /v1/lanes` and `claw.api.lanes` show it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LaneInfo {
+    pub class: crate::task::Class,
+    pub priority: crate::task::Priority,
+    pub subject: String,
+    pub consumer: String,
+    /// Messages waiting in the lane (not yet delivered).
+    pub depth: u64,
+    /// Delivered and not yet acknowledged: running, or waiting out a retry delay.
+    pub in_flight: u64,
+    pub paused: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Lanes {
+    pub lanes: Vec<LaneInfo>,
+}
+
+/// `claw.api.lanes.pause` / `resume` request.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LaneRequest {
+    pub class: crate::task::Class,
+    pub priority: crate::task::Priority,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

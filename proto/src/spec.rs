@@ -212,6 +212,7 @@ impl TaskSpec {
             finished_at: None,
             deadline: created_at + time::Duration::seconds(deadline_s as i64),
             worker: None,
+            paused_from: None,
         })
     }
 

@@ -312,6 +312,11 @@ pub struct TaskRecord {
     /// The worker running the task, or the last one that did.
     #[serde(default)]
     pub worker: Option<String>,
+    /// While `paused`: the state it was paused from. `running` means a worker still holds the
+    /// task (its process is frozen, its lease kept); anything else means the task left the queue
+    /// and `resume` puts it back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub paused_from: Option<Status>,
 }
 
 /// A move the state machine does not allow, with the state it was refused in.
@@ -411,35 +416,61 @@ impl TaskRecord {
         Ok(())
     }
 
+    /// Whether a worker may be running this task right now (so a control message must reach it).
+    pub fn maybe_held(&self) -> bool {
+        self.status == Status::Running || self.paused_while_running()
+    }
+
     pub fn pause(&mut self) -> Result<(), IllegalTransition> {
         if !matches!(self.status, Status::Queued | Status::Running | Status::Retrying) {
             return Err(self.refuse("pause"));
         }
+        self.paused_from = Some(self.status);
         self.status = Status::Paused;
         self.cause = Some(Cause::User);
         Ok(())
     }
 
+    /// Whether a worker holds this paused task (it was paused while running).
+    pub fn paused_while_running(&self) -> bool {
+        self.status == Status::Paused && self.paused_from == Some(Status::Running)
+    }
+
+    /// The worker that held a paused-while-running task is gone: the task is no longer held by
+    /// anyone, so `resume` must queue it again.
+    pub fn release_pause(&mut self) -> Result<(), IllegalTransition> {
+        if !self.paused_while_running() {
+            return Err(self.refuse("release the hold of"));
+        }
+        self.paused_from = Some(Status::Queued);
+        self.cause = Some(Cause::WorkerLost);
+        Ok(())
+    }
+
     /// Resume a paused task: back to `running` if a worker still holds it, else `queued`.
-    pub fn resume(&mut self, still_held: bool) -> Result<(), IllegalTransition> {
+    pub fn resume(&mut self) -> Result<(), IllegalTransition> {
         if self.status != Status::Paused {
             return Err(self.refuse("resume"));
         }
-        self.status = if still_held { Status::Running } else { Status::Queued };
+        self.status = if self.paused_while_running() { Status::Running } else { Status::Queued };
+        self.paused_from = None;
         self.cause = Some(Cause::User);
         Ok(())
     }
 
-    /// An explicit retry of a finished task: a new round of attempts of the same id.
-    pub fn requeue(&mut self) -> Result<(), IllegalTransition> {
+    /// An explicit retry of a finished task: a new round of attempts of the same id. The
+    /// absolute deadline starts again from now, as long as the first one was.
+    pub fn requeue(&mut self, now: OffsetDateTime) -> Result<(), IllegalTransition> {
         if !matches!(self.status, Status::Failed | Status::Cancelled) {
             return Err(self.refuse("retry"));
         }
+        self.deadline = now + (self.deadline - self.created_at);
         self.status = Status::Queued;
         self.cause = Some(Cause::User);
         self.result = None;
         self.finished_at = None;
         self.progress = None;
+        self.paused_from = None;
         Ok(())
     }
 
@@ -475,6 +506,7 @@ mod tests {
             finished_at: None,
             deadline: now + time::Duration::days(7),
             worker: None,
+            paused_from: None,
         }
     }
 
@@ -502,7 +534,7 @@ mod tests {
             assert!(r.fail(TaskError::new("x", "y", false), Cause::Error, now).is_err());
             assert!(r.cancel(Cause::User, now).is_err());
             assert!(r.pause().is_err());
-            assert_eq!(r.requeue().is_ok(), s != Status::Succeeded);
+            assert_eq!(r.requeue(now).is_ok(), s != Status::Succeeded);
         }
     }
 
@@ -515,9 +547,41 @@ mod tests {
     }
 
     #[test]
+    fn pause_remembers_where_it_came_from() {
+        let now = OffsetDateTime::now_utc();
+        let mut r = record(Status::Queued);
+        r.pause().unwrap();
+        assert!(!r.maybe_held());
+        r.resume().unwrap();
+        assert_eq!((r.status, r.paused_from), (Status::Queued, None));
+
+        r.start(1, "w", now).unwrap();
+        r.pause().unwrap();
+        assert!(r.paused_while_running() && r.maybe_held());
+        r.resume().unwrap();
+        assert_eq!(r.status, Status::Running);
+
+        r.pause().unwrap();
+        r.release_pause().unwrap();
+        assert!(!r.maybe_held());
+        r.resume().unwrap();
+        assert_eq!(r.status, Status::Queued);
+    }
+
+    #[test]
+    fn retry_gives_a_fresh_deadline() {
+        let now = OffsetDateTime::now_utc();
+        let mut r = record(Status::Failed);
+        let span = r.deadline - r.created_at;
+        let later = now + time::Duration::days(30);
+        r.requeue(later).unwrap();
+        assert_eq!((r.status, r.deadline), (Status::Queued, later + span));
+    }
+
+    #[test]
     fn illegal_moves_name_the_state() {
         let mut r = record(Status::Queued);
-        let e = r.resume(false).unwrap_err();
+        let e = r.resume().unwrap_err();
         assert_eq!(e.to_string(), "cannot resume a task that is queued");
     }
 

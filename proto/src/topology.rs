@@ -30,6 +30,13 @@ pub const DLQ_ALL: &str = "dlq.>";
 /// Where a message goes when it is not a task at all and has no lane of its own.
 pub const DLQ_INVALID: &str = "dlq.invalid";
 
+/// Control wake-ups to workers: `claw.control.<task_id>` (see `api::Control`).
+pub const CONTROL_ALL: &str = "claw.control.*";
+
+pub fn control_subject(id: &TaskId) -> String {
+    format!("claw.control.{id}")
+}
+
 /// Request/reply services.
 pub const API_SERVICE: &str = "claw-api";
 pub const API_GROUP: &str = "claw.api";

@@ -217,7 +217,7 @@ async fn a_record_finishing_while_the_archiver_runs_lands_once_with_its_final_re
     assert_eq!(rows, [(record.id.to_string(), failed_revision as i64, "failed".into())]);
 
     // An explicit retry runs the same id again; its new terminal revision replaces the row.
-    record.requeue().unwrap();
+    record.requeue(OffsetDateTime::now_utc()).unwrap();
     let revision = update(&kv, &record, failed_revision).await;
     record.start(1, "test-worker", OffsetDateTime::now_utc()).unwrap();
     let revision = update(&kv, &record, revision).await;

@@ -193,6 +193,7 @@ impl Delivery {
             finished_at: None,
             deadline: self.published,
             worker: Some(w.config.name.clone()),
+            paused_from: None,
         };
         if record.fail(error.clone(), Cause::DeadLetter, now()).is_err() {
             return;
