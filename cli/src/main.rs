@@ -1,7 +1,10 @@
-//! `claw`: the OpenClaw command. `claw up` runs the whole system; more verbs follow.
+//! `claw`: the OpenClaw command. `claw up` runs the whole system; the other verbs submit,
+//! inspect, watch and steer tasks through a running gateway (or straight over NATS).
 //!
 //! When a worker runs a long task in a child process it starts this same executable with the
 //! hidden first argument `__run-task`; that is handled before anything else.
+
+use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
@@ -10,7 +13,18 @@ use tokio_util::sync::CancellationToken;
 #[command(
     name = "claw",
     version,
-    about = "OpenClaw: an asynchronous task gateway on NATS JetStream"
+    about = "OpenClaw: an asynchronous task gateway on NATS JetStream",
+    after_help = "\
+Client verbs talk to the gateway at --url (env CLAW_URL), or straight to NATS with --nats-url
+(env NATS_URL); --json prints the raw JSON replies.
+
+Exit codes:
+  0  success; for watch and submit --watch: the task succeeded
+  1  the request was refused (not found, invalid, conflict), or the watched task failed or
+     was cancelled
+  2  usage error
+  3  the gateway or NATS cannot be reached or is unavailable
+  130  watch interrupted by Ctrl-C (the task goes on)"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -21,28 +35,43 @@ struct Cli {
 enum Command {
     /// Run everything on this machine: nats-server, gateway, worker, archiver, web UI.
     Up(claw_cli::up::UpArgs),
+    #[command(flatten)]
+    Client(claw_cli::commands::Command),
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<ExitCode> {
     if std::env::args().nth(1).as_deref() == Some("__run-task") {
         std::process::exit(claw_worker::child::run_task_main());
     }
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .init();
-    let runtime = tokio::runtime::Runtime::new()?;
-    runtime.block_on(async {
-        match cli.command {
-            Command::Up(args) => {
+    match cli.command {
+        Command::Up(args) => {
+            tracing_subscriber::fmt()
+                .with_env_filter(
+                    tracing_subscriber::EnvFilter::try_from_default_env()
+                        .unwrap_or_else(|_| "info".into()),
+                )
+                .init();
+            let runtime = tokio::runtime::Runtime::new()?;
+            runtime.block_on(async {
                 let shutdown = CancellationToken::new();
                 tokio::spawn(cancel_on_signal(shutdown.clone()));
                 claw_cli::up::run(args, shutdown).await
-            }
+            })?;
+            Ok(ExitCode::SUCCESS)
         }
-    })
+        Command::Client(command) => {
+            // A client's stderr is for its one-line error; logs only when asked for.
+            if let Ok(filter) = tracing_subscriber::EnvFilter::try_from_env("RUST_LOG") {
+                tracing_subscriber::fmt()
+                    .with_env_filter(filter)
+                    .with_writer(std::io::stderr)
+                    .init();
+            }
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            Ok(ExitCode::from(runtime.block_on(claw_cli::commands::run(command))))
+        }
+    }
 }
 
 async fn cancel_on_signal(token: CancellationToken) {

@@ -16,8 +16,12 @@ pub enum Error {
     /// JSON of the wrong shape, or a value out of range.
     #[error("{}", .0.message)]
     Invalid(Invalid),
-    #[error("no task {0}")]
+    /// The sentence names what was not found ("no task abc", "no lane huge/low").
+    #[error("{0}")]
     NotFound(String),
+    /// The verb does not apply to the task's current state (409, with that state).
+    #[error("{message}")]
+    Conflict { message: String, status: claw_proto::Status },
     #[error("request body exceeds {0} bytes")]
     TooLarge(usize),
     #[error("the task queue is full; retry later")]
@@ -51,6 +55,7 @@ impl Error {
             Error::MalformedJson(_) => StatusCode::BAD_REQUEST,
             Error::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
             Error::NotFound(_) => StatusCode::NOT_FOUND,
+            Error::Conflict { .. } => StatusCode::CONFLICT,
             Error::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Error::QueueFull { .. } => StatusCode::TOO_MANY_REQUESTS,
             Error::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -63,6 +68,7 @@ impl Error {
             Error::MalformedJson(_) => "malformed_json",
             Error::Invalid(_) => "invalid_request",
             Error::NotFound(_) => "not_found",
+            Error::Conflict { .. } => "conflict",
             Error::TooLarge(_) => "payload_too_large",
             Error::QueueFull { .. } => "queue_full",
             Error::Unavailable(_) => "unavailable",
@@ -81,13 +87,12 @@ impl Error {
             Error::Invalid(i) => i.field.clone(),
             _ => None,
         };
+        let status = match self {
+            Error::Conflict { status, .. } => Some(*status),
+            _ => None,
+        };
         ErrorBody {
-            error: ApiError {
-                code: self.code().into(),
-                message: self.to_string(),
-                field,
-                status: None,
-            },
+            error: ApiError { code: self.code().into(), message: self.to_string(), field, status },
         }
     }
 }

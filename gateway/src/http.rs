@@ -28,6 +28,9 @@ pub fn router(app: App) -> Router {
     Router::new()
         .route("/v1/tasks", post(submit).get(list))
         .route("/v1/tasks/{id}", get(get_task))
+        .route("/v1/tasks/{id}/{verb}", post(control))
+        .route("/v1/lanes", get(lanes))
+        .route("/v1/lanes/{class}/{priority}/{action}", post(lane_control))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
@@ -54,6 +57,36 @@ async fn submit(
     let submitted = tasks::submit(&app, &body, key).await?;
     let status = if submitted.created { StatusCode::ACCEPTED } else { StatusCode::OK };
     Ok((status, Json(submitted.record)).into_response())
+}
+
+/// `POST /v1/tasks/{id}/cancel|pause|resume|retry` → the record afterwards, or 409 with its
+/// current status.
+async fn control(
+    State(app): State<App>,
+    Path((id, verb)): Path<(String, String)>,
+) -> Result<Response, Error> {
+    let verb = api::Verb::ALL
+        .into_iter()
+        .find(|v| v.as_str() == verb)
+        .ok_or_else(|| Error::NotFound(format!("no verb {verb:?}")))?;
+    Ok(Json(crate::control::apply(&app, &id, verb).await?).into_response())
+}
+
+async fn lanes(State(app): State<App>) -> Result<Response, Error> {
+    Ok(Json(api::Lanes { lanes: crate::lanes::list(&app).await? }).into_response())
+}
+
+async fn lane_control(
+    State(app): State<App>,
+    Path((class, priority, action)): Path<(String, String, String)>,
+) -> Result<Response, Error> {
+    let lane = crate::lanes::parse(&class, &priority)?;
+    let paused = match action.as_str() {
+        "pause" => true,
+        "resume" => false,
+        other => return Err(Error::NotFound(format!("no lane action {other:?}"))),
+    };
+    Ok(Json(crate::lanes::set_paused(&app, lane, paused).await?).into_response())
 }
 
 async fn get_task(State(app): State<App>, Path(id): Path<String>) -> Result<Response, Error> {

@@ -3,13 +3,15 @@
 //! waits for the work itself.
 //!
 //! Reading order: [`config`], [`app`] (shared state), [`tasks`] (the operations, the submit hot
-//! path), [`http`] (axum routes), [`nats_api`] (the same operations as a NATS service),
+//! path), [`control`] (cancel, pause, resume, retry), [`lanes`] (lane depth and pause), [`http`] (axum routes), [`nats_api`] (the same operations as a NATS service),
 //! [`error`] (one error type, one mapping to responses), [`metrics`].
 
 pub mod app;
 pub mod config;
+pub mod control;
 pub mod error;
 pub mod http;
+pub mod lanes;
 pub mod metrics;
 pub mod nats_api;
 pub mod tasks;

@@ -1,20 +1,32 @@
-//! The NATS face of the API: a NATS micro service `claw-api` with endpoints
-//! `claw.api.submit` and `claw.api.get`, calling the same [`crate::tasks`] functions as HTTP.
+//! The NATS face of the API: a NATS micro service `claw-api` with endpoints `claw.api.submit`,
+//! `claw.api.get`, `claw.api.{cancel,pause,resume,retry}`, `claw.api.lanes` and
+//! `claw.api.lanes.{pause,resume}`, calling the same functions as HTTP.
 //!
 //! Replies carry the record JSON, or our error body with the micro error headers
 //! (`Nats-Service-Error`, `Nats-Service-Error-Code` = the HTTP status) so `nats req` shows them.
 
 use async_nats::HeaderMap;
 use async_nats::service::{Request, ServiceExt};
-use claw_proto::api::GetRequest;
-use claw_proto::topology;
+use claw_proto::api::{GetRequest, LaneRequest, Lanes, Verb};
+use claw_proto::spec::Invalid;
+use claw_proto::topology::{self, Lane};
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::app::App;
 use crate::error::Error;
-use crate::tasks;
+use crate::{control, lanes, tasks};
+
+/// What an endpoint does.
+#[derive(Clone, Copy, Debug)]
+enum Op {
+    Submit,
+    Get,
+    Control(Verb),
+    Lanes,
+    LanePause(bool),
+}
 
 /// Serves the endpoints until `shutdown`; requests in flight are answered before it returns.
 pub async fn serve(app: App, shutdown: CancellationToken) -> Result<(), Error> {
@@ -25,29 +37,32 @@ pub async fn serve(app: App, shutdown: CancellationToken) -> Result<(), Error> {
         .start(topology::API_SERVICE, env!("CARGO_PKG_VERSION"))
         .await
         .map_err(|e| Error::Unavailable(format!("starting {}: {e}", topology::API_SERVICE)))?;
-    let group = service.group(topology::API_GROUP);
-    let endpoint = |name: &'static str| {
-        let group = &group;
-        async move {
-            group
-                .endpoint(name)
-                .await
-                .map_err(|e| Error::Unavailable(format!("endpoint {name}: {e}")))
-        }
-    };
-    let mut submit = endpoint("submit").await?;
-    let mut get = endpoint("get").await?;
+    let api = service.group(topology::API_GROUP);
+    let lanes = api.group("lanes");
+    let mut endpoints = vec![
+        (&api, "submit", Op::Submit),
+        (&api, "get", Op::Get),
+        (&api, "lanes", Op::Lanes),
+        (&lanes, "pause", Op::LanePause(true)),
+        (&lanes, "resume", Op::LanePause(false)),
+    ];
+    endpoints.extend(Verb::ALL.map(|verb| (&api, verb.as_str(), Op::Control(verb))));
+    let mut requests = Vec::new();
+    for (group, name, op) in endpoints {
+        let endpoint = group
+            .endpoint(name)
+            .await
+            .map_err(|e| Error::Unavailable(format!("endpoint {name}: {e}")))?;
+        requests.push(endpoint.map(move |request| (op, request)).boxed());
+    }
+    let mut requests = futures::stream::select_all(requests);
     let tracker = TaskTracker::new();
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
-            Some(request) = submit.next() => {
+            Some((op, request)) = requests.next() => {
                 let app = app.clone();
-                tracker.spawn(async move { answer(&request, on_submit(&app, &request).await).await });
-            }
-            Some(request) = get.next() => {
-                let app = app.clone();
-                tracker.spawn(async move { answer(&request, on_get(&app, &request).await).await });
+                tracker.spawn(async move { answer(&request, handle(&app, op, &request).await).await });
             }
             else => break,
         }
@@ -58,6 +73,39 @@ pub async fn serve(app: App, shutdown: CancellationToken) -> Result<(), Error> {
     Ok(())
 }
 
+async fn handle(app: &App, op: Op, request: &Request) -> Result<Vec<u8>, Error> {
+    match op {
+        Op::Submit => on_submit(app, request).await,
+        Op::Get => json(&tasks::get(app, &id_of(request)).await?),
+        Op::Control(verb) => json(&control::apply(app, &id_of(request), verb).await?),
+        Op::Lanes => json(&Lanes { lanes: lanes::list(app).await? }),
+        Op::LanePause(paused) => {
+            let LaneRequest { class, priority } = serde_json::from_slice(&request.message.payload)
+                .map_err(|e| {
+                    Error::Invalid(Invalid {
+                        field: None,
+                        message: format!("expected {{\"class\", \"priority\"}}: {e}"),
+                    })
+                })?;
+            json(&lanes::set_paused(app, Lane::new(class, priority), paused).await?)
+        }
+    }
+}
+
+fn json<T: serde::Serialize>(value: &T) -> Result<Vec<u8>, Error> {
+    serde_json::to_vec(value).map_err(|e| Error::Internal(e.to_string()))
+}
+
+/// The task id of a request: `{"id": "..."}` or the bare id, so `nats req claw.api.get <id>`
+/// works.
+fn id_of(request: &Request) -> String {
+    let payload = &request.message.payload;
+    match serde_json::from_slice::<GetRequest>(payload) {
+        Ok(r) => r.id.to_string(),
+        Err(_) => String::from_utf8_lossy(payload).trim().to_owned(),
+    }
+}
+
 async fn on_submit(app: &App, request: &Request) -> Result<Vec<u8>, Error> {
     let key = request
         .message
@@ -66,18 +114,7 @@ async fn on_submit(app: &App, request: &Request) -> Result<Vec<u8>, Error> {
         .and_then(|h| h.get("Idempotency-Key"))
         .map(|v| v.as_str().to_owned());
     let submitted = tasks::submit(app, &request.message.payload, key.as_deref()).await?;
-    serde_json::to_vec(&submitted.record).map_err(|e| Error::Internal(e.to_string()))
-}
-
-/// Accepts `{"id": "..."}` or the bare id, so `nats req claw.api.get <id>` works.
-async fn on_get(app: &App, request: &Request) -> Result<Vec<u8>, Error> {
-    let payload = &request.message.payload;
-    let id = match serde_json::from_slice::<GetRequest>(payload) {
-        Ok(r) => r.id.to_string(),
-        Err(_) => String::from_utf8_lossy(payload).trim().to_owned(),
-    };
-    let record = tasks::get(app, &id).await?;
-    serde_json::to_vec(&record).map_err(|e| Error::Internal(e.to_string()))
+    json(&submitted.record)
 }
 
 async fn answer(request: &Request, result: Result<Vec<u8>, Error>) {

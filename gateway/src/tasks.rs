@@ -186,7 +186,7 @@ async fn announce(app: &App, record: &TaskRecord) {
 
 /// The record: live from the bucket, else from the archive.
 pub async fn get(app: &App, id: &str) -> Result<TaskRecord, Error> {
-    let id = TaskId::parse(id).map_err(|_| Error::NotFound(id.to_owned()))?;
+    let id = TaskId::parse(id).map_err(|_| Error::NotFound(format!("no task {id}")))?;
     app.ensure_connected()?;
     match app.kv.get(id.as_str()).await {
         Ok(Some(bytes)) => serde_json::from_slice(&bytes)

@@ -1,0 +1,365 @@
+//! The control verbs (cancel, pause, resume, retry) behind `POST /v1/tasks/{id}/<verb>` and
+//! `claw.api.<verb>`.
+//!
+//! The record in the `tasks` bucket is the truth. A verb is a compare-and-set of the record from
+//! the state it was read in ([`plan`] decides the new record and the side effects, without I/O),
+//! followed by the effects: take the task's message out of its lane (queued tasks leave the
+//! queue), wake the worker that may hold it (`claw.control.<id>`), or publish the task again
+//! (resume of a task that left the queue, retry). Because both the gateway and a worker claiming
+//! the task write with compare-and-set, a cancel racing a pickup has exactly one winner: either
+//! the worker's claim fails and it drops the message, or the cancel sees `running` and goes
+//! through the worker. A worker that misses the wake-up still reads the record at its next
+//! heartbeat, so no control is lost.
+
+use async_nats::HeaderMap;
+use async_nats::jetstream::kv::{Operation, UpdateErrorKind};
+use async_nats::jetstream::stream::LastRawMessageErrorKind;
+use claw_proto::api::{Control, Verb};
+use claw_proto::event::Event;
+use claw_proto::spec::TaskSpec;
+use claw_proto::task::{Cause, Status, TaskId, TaskRecord};
+use claw_proto::topology::{self, Lane, headers};
+use time::OffsetDateTime;
+
+use crate::app::App;
+use crate::error::Error;
+use crate::tasks;
+
+/// What a verb does besides writing the record.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Effect {
+    /// Remove the task's message from its lane: it must not run (cancel) or must wait (pause).
+    Dequeue,
+    /// Tell the worker that may hold the task to look at its record now.
+    Wake,
+    /// Publish the task to its lane again (resume of a task that left the queue, retry).
+    Enqueue,
+}
+
+/// The outcome of [`plan`].
+#[derive(Debug, PartialEq)]
+pub enum Plan {
+    /// The task is already where the verb would put it: a repeat, harmless.
+    Unchanged,
+    /// The verb does not apply to this state (409).
+    Refused,
+    Move(Box<TaskRecord>, Vec<Effect>),
+}
+
+/// Decides a verb on a record: the new record and its effects. Pure, so the table of verbs ×
+/// states is tested without a server.
+pub fn plan(verb: Verb, record: &TaskRecord, now: OffsetDateTime) -> Plan {
+    use Status::*;
+    let mut next = record.clone();
+    let held = record.maybe_held();
+    let queued = matches!(record.status, Queued | Retrying)
+        || (record.status == Paused && !record.paused_while_running());
+    let effects = match (verb, record.status) {
+        (Verb::Cancel, Cancelled) | (Verb::Pause, Paused) => return Plan::Unchanged,
+        (Verb::Resume, Queued | Running | Retrying) => return Plan::Unchanged,
+        (Verb::Retry, Queued | Running | Retrying) => return Plan::Unchanged,
+        (Verb::Cancel, _) => {
+            if next.cancel(Cause::User, now).is_err() {
+                return Plan::Refused;
+            }
+            // A paused-while-queued task's message is already gone; dequeuing again is a no-op.
+            match (held, queued) {
+                (true, _) => vec![Effect::Wake],
+                (false, true) => vec![Effect::Dequeue],
+                (false, false) => vec![],
+            }
+        }
+        (Verb::Pause, _) => {
+            if next.pause().is_err() {
+                return Plan::Refused;
+            }
+            if held { vec![Effect::Wake] } else { vec![Effect::Dequeue] }
+        }
+        (Verb::Resume, _) => {
+            if next.resume().is_err() {
+                return Plan::Refused;
+            }
+            if held { vec![Effect::Wake] } else { vec![Effect::Enqueue] }
+        }
+        (Verb::Retry, _) => {
+            if next.requeue(now).is_err() {
+                return Plan::Refused;
+            }
+            vec![Effect::Enqueue]
+        }
+    };
+    Plan::Move(Box::new(next), effects)
+}
+
+/// Compare-and-set rounds before giving up: more than a handful means the record is changing
+/// faster than a person can click, and the caller is better served by an error to retry.
+const CAS_ROUNDS: usize = 8;
+
+/// Applies `verb` to task `id` and returns the record as it is afterwards.
+pub async fn apply(app: &App, id: &str, verb: Verb) -> Result<TaskRecord, Error> {
+    let id = TaskId::parse(id).map_err(|_| Error::NotFound(format!("no task {id}")))?;
+    app.ensure_connected()?;
+    for _ in 0..CAS_ROUNDS {
+        let entry = app
+            .kv
+            .entry(id.as_str())
+            .await
+            .map_err(|e| Error::Unavailable(format!("reading record {id}: {e}")))?
+            .filter(|e| e.operation == Operation::Put);
+        let Some(entry) = entry else {
+            return not_live(app, &id, verb).await;
+        };
+        let record: TaskRecord = serde_json::from_slice(&entry.value)
+            .map_err(|e| Error::Internal(format!("record {id} does not parse: {e}")))?;
+        let (next, effects) = match plan(verb, &record, OffsetDateTime::now_utc()) {
+            Plan::Unchanged => return Ok(record),
+            Plan::Refused => return Err(refused(verb, &record)),
+            Plan::Move(next, effects) => (*next, effects),
+        };
+        let value = serde_json::to_vec(&next).map_err(|e| Error::Internal(e.to_string()))?;
+        match app.kv.update(id.as_str(), value.into(), entry.revision).await {
+            Ok(revision) => {
+                tracing::info!(task_id = %id, verb = verb.as_str(), from = %record.status,
+                    to = %next.status, "control");
+                metrics::counter!("claw_gateway_control_total", "verb" => verb.as_str())
+                    .increment(1);
+                for effect in effects {
+                    run_effect(app, &next, revision, verb, effect).await?;
+                }
+                let event = Event::status(&next);
+                let _ = app.client.publish(next.progress_subject(), event.to_json()).await;
+                return Ok(next);
+            }
+            Err(e) if e.kind() == UpdateErrorKind::WrongLastRevision => continue,
+            Err(e) => return Err(Error::Unavailable(format!("writing record {id}: {e}"))),
+        }
+    }
+    Err(Error::Unavailable(format!("task {id} kept changing; try again")))
+}
+
+/// The record has left the bucket (expired after its TTL): it may still be in the archive,
+/// finished. Retry brings such a task back; the other verbs have nothing to act on.
+async fn not_live(app: &App, id: &TaskId, verb: Verb) -> Result<TaskRecord, Error> {
+    let archived = tasks::get(app, id.as_str()).await?;
+    if verb != Verb::Retry {
+        return match plan(verb, &archived, OffsetDateTime::now_utc()) {
+            Plan::Unchanged => Ok(archived),
+            _ => Err(refused(verb, &archived)),
+        };
+    }
+    let Plan::Move(next, _) = plan(verb, &archived, OffsetDateTime::now_utc()) else {
+        return Err(refused(verb, &archived));
+    };
+    let value = serde_json::to_vec(&*next).map_err(|e| Error::Internal(e.to_string()))?;
+    let revision = app
+        .kv
+        .create(id.as_str(), value.into())
+        .await
+        .map_err(|e| Error::Unavailable(format!("re-creating record {id}: {e}")))?;
+    run_effect(app, &next, revision, verb, Effect::Enqueue).await?;
+    Ok(*next)
+}
+
+fn refused(verb: Verb, record: &TaskRecord) -> Error {
+    Error::Conflict {
+        message: format!("cannot {} a task that is {}", verb.as_str(), record.status),
+        status: record.status,
+    }
+}
+
+async fn run_effect(
+    app: &App,
+    record: &TaskRecord,
+    revision: u64,
+    verb: Verb,
+    effect: Effect,
+) -> Result<(), Error> {
+    match effect {
+        Effect::Dequeue => {
+            let removed = dequeue(app, record).await;
+            tracing::debug!(task_id = %record.id, removed, "dequeued");
+            Ok(())
+        }
+        Effect::Wake => {
+            let control = Control { id: record.id.clone(), verb };
+            let payload =
+                serde_json::to_vec(&control).map_err(|e| Error::Internal(e.to_string()))?;
+            app.client
+                .publish(topology::control_subject(&record.id), payload.into())
+                .await
+                .map_err(|e| Error::Unavailable(format!("waking the worker: {e}")))
+        }
+        Effect::Enqueue => enqueue(app, record, revision).await,
+    }
+}
+
+/// Publishes the task to its lane again. The message id carries the record's revision: the
+/// task id alone would be dropped by JetStream's de-duplication when the first message was
+/// published less than its window ago.
+async fn enqueue(app: &App, record: &TaskRecord, revision: u64) -> Result<(), Error> {
+    let message = serde_json::to_vec(&TaskSpec::of_record(record))
+        .map_err(|e| Error::Internal(e.to_string()))?;
+    let mut headers = HeaderMap::new();
+    headers.insert(headers::MSG_ID, format!("{}:{revision}", record.id).as_str());
+    let lane = Lane::new(record.class, record.priority);
+    let ack = app
+        .js
+        .publish_with_headers(lane.subject(), headers, message.into())
+        .await
+        .map_err(|e| Error::Unavailable(format!("publishing the task: {e}")))?;
+    ack.await.map_err(|e| Error::Unavailable(format!("JetStream did not store the task: {e}")))?;
+    Ok(())
+}
+
+/// Removes every message of this task from its lane; returns how many. The lane is scanned
+/// message by message on the server's subject index (`next_by_subject`), which costs one round
+/// trip per queued message of that lane: fine for a person's click on a queue of thousands, and
+/// it needs no per-task subject or side index on the submit hot path.
+async fn dequeue(app: &App, record: &TaskRecord) -> usize {
+    let lane = Lane::new(record.class, record.priority);
+    let stream = match app.js.get_stream_no_info(topology::TASKS_STREAM).await {
+        Ok(stream) => stream,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot open the task stream to dequeue");
+            return 0;
+        }
+    };
+    let mut removed = 0;
+    let mut sequence = 1;
+    loop {
+        let message = stream
+            .raw_message_builder()
+            .sequence(sequence)
+            .next_by_subject(lane.subject())
+            .send()
+            .await;
+        let message = match message {
+            Ok(m) => m,
+            Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => break,
+            Err(e) => {
+                tracing::warn!(error = %e, "scanning the lane to dequeue");
+                break;
+            }
+        };
+        sequence = message.sequence + 1;
+        if is_task(&message.headers, &message.payload, &record.id) {
+            match stream.delete_message(message.sequence).await {
+                Ok(_) => removed += 1,
+                // Already acked by a worker that lost the claim race, or deleted by another
+                // gateway: either way it is gone.
+                Err(e) => tracing::debug!(error = %e, "message already gone"),
+            }
+        }
+    }
+    removed
+}
+
+/// Whether a lane message is task `id`: by its message id (`<id>` or `<id>:<revision>`), else
+/// by the `id` in its payload (NATS-native publishers may set only that).
+fn is_task(headers: &HeaderMap, payload: &[u8], id: &TaskId) -> bool {
+    if let Some(msg_id) = headers.get(headers::MSG_ID) {
+        let msg_id = msg_id.as_str();
+        if msg_id == id.as_str() || msg_id.split_once(':').is_some_and(|(i, _)| i == id.as_str()) {
+            return true;
+        }
+    }
+    #[derive(serde::Deserialize)]
+    struct IdOnly {
+        id: Option<String>,
+    }
+    serde_json::from_slice::<IdOnly>(payload).is_ok_and(|m| m.id.as_deref() == Some(id.as_str()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use claw_proto::kinds::Catalog;
+    use claw_proto::spec::Limits;
+
+    fn record(status: Status) -> TaskRecord {
+        let now = OffsetDateTime::now_utc();
+        let spec = TaskSpec::from_slice(br#"{"kind":"sleep"}"#).unwrap();
+        let mut r = spec
+            .admit(TaskId::generate(), now, None, &Catalog::builtin(), &Limits::STANDARD)
+            .unwrap();
+        match status {
+            Status::Queued => {}
+            Status::Running => r.start(1, "w", now).unwrap(),
+            Status::Retrying => {
+                r.start(1, "w", now).unwrap();
+                r.retry_later(claw_proto::TaskError::new("x", "y", true), Cause::Error).unwrap();
+            }
+            Status::Paused => r.pause().unwrap(),
+            Status::Succeeded => {
+                r.start(1, "w", now).unwrap();
+                r.succeed(serde_json::Value::Null, now).unwrap();
+            }
+            Status::Failed => {
+                r.fail(claw_proto::TaskError::new("x", "y", false), Cause::Error, now).unwrap()
+            }
+            Status::Cancelled => r.cancel(Cause::User, now).unwrap(),
+        }
+        r
+    }
+
+    fn effects(verb: Verb, status: Status) -> Result<Vec<Effect>, &'static str> {
+        match plan(verb, &record(status), OffsetDateTime::now_utc()) {
+            Plan::Move(_, effects) => Ok(effects),
+            Plan::Unchanged => Err("unchanged"),
+            Plan::Refused => Err("refused"),
+        }
+    }
+
+    #[test]
+    fn cancel() {
+        assert_eq!(effects(Verb::Cancel, Status::Queued), Ok(vec![Effect::Dequeue]));
+        assert_eq!(effects(Verb::Cancel, Status::Retrying), Ok(vec![Effect::Dequeue]));
+        assert_eq!(effects(Verb::Cancel, Status::Running), Ok(vec![Effect::Wake]));
+        assert_eq!(effects(Verb::Cancel, Status::Paused), Ok(vec![Effect::Dequeue]));
+        assert_eq!(effects(Verb::Cancel, Status::Cancelled), Err("unchanged"));
+        assert_eq!(effects(Verb::Cancel, Status::Succeeded), Err("refused"));
+        assert_eq!(effects(Verb::Cancel, Status::Failed), Err("refused"));
+    }
+
+    #[test]
+    fn pause_and_resume() {
+        assert_eq!(effects(Verb::Pause, Status::Queued), Ok(vec![Effect::Dequeue]));
+        assert_eq!(effects(Verb::Pause, Status::Running), Ok(vec![Effect::Wake]));
+        assert_eq!(effects(Verb::Pause, Status::Paused), Err("unchanged"));
+        assert_eq!(effects(Verb::Pause, Status::Succeeded), Err("refused"));
+        assert_eq!(effects(Verb::Resume, Status::Paused), Ok(vec![Effect::Enqueue]));
+        assert_eq!(effects(Verb::Resume, Status::Running), Err("unchanged"));
+        assert_eq!(effects(Verb::Resume, Status::Failed), Err("refused"));
+
+        let now = OffsetDateTime::now_utc();
+        let mut held = record(Status::Running);
+        held.pause().unwrap();
+        let Plan::Move(resumed, effects) = plan(Verb::Resume, &held, now) else { panic!() };
+        assert_eq!((resumed.status, effects), (Status::Running, vec![Effect::Wake]));
+        let Plan::Move(_, effects) = plan(Verb::Cancel, &held, now) else { panic!() };
+        assert_eq!(effects, vec![Effect::Wake]);
+    }
+
+    #[test]
+    fn retry() {
+        assert_eq!(effects(Verb::Retry, Status::Failed), Ok(vec![Effect::Enqueue]));
+        assert_eq!(effects(Verb::Retry, Status::Cancelled), Ok(vec![Effect::Enqueue]));
+        assert_eq!(effects(Verb::Retry, Status::Queued), Err("unchanged"));
+        assert_eq!(effects(Verb::Retry, Status::Succeeded), Err("refused"));
+        assert_eq!(effects(Verb::Retry, Status::Paused), Err("refused"));
+    }
+
+    #[test]
+    fn messages_are_matched_by_id() {
+        let id = TaskId::parse("t-1").unwrap();
+        let mut h = HeaderMap::new();
+        h.insert(headers::MSG_ID, "t-1");
+        assert!(is_task(&h, b"", &id));
+        h.insert(headers::MSG_ID, "t-1:42");
+        assert!(is_task(&h, b"", &id));
+        h.insert(headers::MSG_ID, "t-10");
+        assert!(!is_task(&h, b"", &id));
+        assert!(is_task(&HeaderMap::new(), br#"{"id":"t-1","kind":"x"}"#, &id));
+        assert!(!is_task(&HeaderMap::new(), b"garbage", &id));
+    }
+}
