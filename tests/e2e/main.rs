@@ -3,6 +3,8 @@
 
 mod archiver;
 mod cli;
+mod control;
+mod control_worker;
 mod gateway;
 mod pipeline;
 mod topology;

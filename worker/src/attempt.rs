@@ -2,15 +2,24 @@
 //! with `task_id` and `attempt`.
 //!
 //! The steps: parse the spec (invalid → DLQ at once); find or create the record; decide whether
-//! an attempt may start (finished → drop the duplicate, past the deadline or out of attempts →
-//! DLQ) and CAS it to `running`; run the handler while heartbeating the message, coalescing
-//! events, saving progress and watching the timeout, the lease and the drain deadline; then map
-//! the outcome to a record transition, events and one ack ([`crate::outcome`]).
+//! an attempt may start (finished → drop the duplicate, paused → drop the message until resume,
+//! past the deadline or out of attempts → DLQ) and CAS it to `running`; run the handler while
+//! heartbeating the message, coalescing events, saving progress, watching the timeout, the
+//! deadline, the lease and the drain deadline, and reconciling with the record; then map the
+//! outcome to a record transition, events and one ack ([`crate::outcome`]).
+//!
+//! Control (cancel, pause, resume) reaches a running attempt through its record: the gateway
+//! CAS-writes the record, then wakes the worker up ([`crate::control`]). The attempt re-reads
+//! its record on a wake-up, on every heartbeat (so a lost wake-up costs one heartbeat), and
+//! when one of its own CAS writes meets a newer revision; see [`Delivery::look`]. Only a record
+//! naming another attempt means this one is superseded; a newer revision of its own is simply
+//! the gateway's word to follow.
 //!
 //! The attempt number is the message's delivery count, so a task whose worker dies on every
 //! attempt still ends, dead-lettered, after `max_attempts` deliveries.
 
 use std::path::PathBuf;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -23,12 +32,13 @@ use claw_proto::topology::{Lane, headers};
 use claw_proto::{Cause, Class, Progress, Status, TaskError, TaskId, TaskRecord};
 use time::OffsetDateTime;
 use tokio::sync::OwnedSemaphorePermit;
-use tokio::time::{Instant, MissedTickBehavior};
+use tokio::time::{Instant, MissedTickBehavior, Sleep};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::child;
 use crate::config::Config;
+use crate::control::{Controls, Registration};
 use crate::dlq::{self, reason};
 use crate::events::{self, FLUSH_INTERVAL};
 use crate::handler::{Context, Registry};
@@ -41,8 +51,9 @@ use crate::record::{self, KvError};
 const CAS_ROUNDS: usize = 8;
 /// A KV read or write failed: let the message come back soon rather than after the deadline.
 const NATS_RETRY: Duration = Duration::from_secs(1);
-/// How long a paused task's message waits before it is looked at again.
-const PAUSED_RECHECK: Duration = Duration::from_secs(5);
+/// How long a message waits before it is looked at again when its record is in a state this
+/// code does not know (one added to the state machine later).
+const UNKNOWN_RECHECK: Duration = Duration::from_secs(5);
 /// How often the connection state is checked for the lease.
 const LEASE_CHECK: Duration = Duration::from_millis(250);
 /// Progress is saved in the record at most this often (events carry every flush).
@@ -68,6 +79,8 @@ pub(crate) struct Worker {
     pub ack_deadline: Duration,
     /// Fired when the drain deadline passes: running attempts stop and hand their message back.
     pub hand_back: CancellationToken,
+    /// The attempts running here, for control wake-ups.
+    pub controls: Arc<Controls>,
 }
 
 /// Handles one delivery; `_permit` is the pool slot it occupies until it returns.
@@ -148,11 +161,14 @@ impl Delivery {
                 return self.ack(AckKind::Nak(Some(NATS_RETRY))).await;
             }
         };
+        // Registered before the claim: the gateway only wakes a worker for a record that is
+        // running, so every wake-up for this attempt comes after registration and is kept.
+        let control = self.worker.controls.register(&self.id);
         let Some(mut held) = self.start(record, revision).await else { return };
         events::status(&self.worker.client, &held.record).await;
         tracing::debug!("attempt started");
-        let outcome = self.supervise(&mut held).await;
-        self.finish(held, outcome).await;
+        let outcome = self.supervise(&mut held, &control).await;
+        self.finish(held, outcome, &control).await;
     }
 
     /// Dead-letters a message that is not a valid task, with a `failed` record when the
@@ -257,8 +273,38 @@ impl Delivery {
                 self.ack(AckKind::Ack).await;
                 return None;
             }
+            if record.paused_while_running() {
+                // A paused task is held by the worker that runs it, and that worker keeps the
+                // message with heartbeats. Its message is here, so that worker is gone: release
+                // the hold so `resume` queues the task again, and drop this copy.
+                let mut next = record.clone();
+                if next.release_pause().is_ok() {
+                    match record::update(&w.kv, &next, revision).await {
+                        Ok(_) => {
+                            tracing::info!("paused task's holder is gone; released, dropping it");
+                            events::status(&w.client, &next).await;
+                            self.ack(AckKind::Term).await;
+                            return None;
+                        }
+                        Err(KvError::Conflict) => match record::read(&w.kv, &self.id).await {
+                            Ok(Some(fresh)) => {
+                                (record, revision) = fresh;
+                                continue;
+                            }
+                            _ => break,
+                        },
+                        Err(e) => {
+                            tracing::warn!(error = %e, "cannot release a paused task; retrying");
+                            break;
+                        }
+                    }
+                }
+            }
             if record.status == Status::Paused {
-                self.ack(AckKind::Nak(Some(PAUSED_RECHECK))).await;
+                // Paused while queued or retrying: the task leaves the queue; the gateway
+                // publishes it again on resume.
+                tracing::info!("task is paused; dropping its message until it is resumed");
+                self.ack(AckKind::Term).await;
                 return None;
             }
             let now = now();
@@ -293,7 +339,7 @@ impl Delivery {
             if let Err(illegal) = moved {
                 // Only a state added to the machine after this code was written gets here.
                 tracing::warn!(%illegal, "cannot start the task; looking again later");
-                self.ack(AckKind::Nak(Some(PAUSED_RECHECK))).await;
+                self.ack(AckKind::Nak(Some(UNKNOWN_RECHECK))).await;
                 return None;
             }
             match record::update(&w.kv, &next, revision).await {
@@ -324,8 +370,9 @@ impl Delivery {
     }
 
     /// Runs the handler (in-process, or in a child for the long class) until it returns or the
-    /// attempt is stopped, keeping the message and the record alive meanwhile.
-    async fn supervise(&self, held: &mut Held) -> Outcome {
+    /// attempt is stopped, keeping the message and the record alive meanwhile, and following
+    /// the record's control states (cancel, pause, resume).
+    async fn supervise(&self, held: &mut Held, control: &Registration) -> Outcome {
         let w = &self.worker;
         let task = held.record.clone();
         let Some(handler) = w.registry.get(&task.kind) else {
@@ -346,7 +393,11 @@ impl Delivery {
         };
 
         let start = Instant::now();
-        let timeout = tokio::time::sleep(Duration::from_secs(held.record.timeout_s));
+        // The effective limit is min(timeout_s, deadline - now), kept as two timers so the stop
+        // says which ran out: only the attempt's own timeout is worth a retry.
+        let mut clock = AttemptClock::new(Duration::from_secs(held.record.timeout_s));
+        let to_deadline = Duration::try_from(held.record.deadline - now()).unwrap_or_default();
+        let deadline = tokio::time::sleep(to_deadline);
         // Three beats per deadline: one lost or late heartbeat does not cost the message.
         let beat = w.ack_deadline / 3;
         let mut heartbeat = tokio::time::interval_at(start + beat, beat);
@@ -364,19 +415,33 @@ impl Delivery {
         let mut aborted = false;
         let mut unsaved: Option<Progress> = None;
         let mut last_save: Option<Instant> = None;
-        tokio::pin!(timeout, abort);
+        // Set by whatever suggests the record changed; the look happens once, after the select.
+        let mut look_now = false;
+        tokio::pin!(deadline, abort);
 
         let joined = loop {
             tokio::select! {
                 joined = &mut join => break joined,
-                () = &mut timeout, if stop.is_none() => {
-                    tracing::warn!(timeout_s = held.record.timeout_s, "attempt timed out");
-                    stop = Some(Stop::Timeout);
+                () = clock.expired(), if stop.is_none() && clock.is_running() => {
+                    // Both limits at once: the deadline is what counts, a retry could not start.
+                    if now() >= held.record.deadline {
+                        tracing::warn!(deadline = %held.record.deadline, "task ran past its deadline");
+                        stop = Some(Stop::Deadline);
+                    } else {
+                        tracing::warn!(timeout_s = held.record.timeout_s, "attempt timed out");
+                        stop = Some(Stop::Timeout);
+                    }
+                }
+                () = &mut deadline, if stop.is_none() => {
+                    // The deadline runs on while paused: it is absolute, queueing included.
+                    tracing::warn!(deadline = %held.record.deadline, "task ran past its deadline");
+                    stop = Some(Stop::Deadline);
                 }
                 () = w.hand_back.cancelled(), if stop.is_none() => {
                     tracing::info!("drain deadline passed; handing the task back");
                     stop = Some(Stop::Shutdown);
                 }
+                () = control.woken() => look_now = true,
                 _ = lease.tick() => {
                     if w.client.connection_state() == State::Connected {
                         down_since = None;
@@ -389,9 +454,12 @@ impl Delivery {
                     }
                 }
                 _ = heartbeat.tick() => {
+                    // Paused or not: a paused task keeps its lease, so it is not redelivered
+                    // however long it stays paused.
                     if let Err(e) = self.msg.ack_with(AckKind::Progress).await {
                         tracing::debug!(error = %e, "heartbeat failed");
                     }
+                    look_now = true;
                 }
                 _ = flush.tick() => {
                     let pending = ctx.take();
@@ -400,19 +468,44 @@ impl Delivery {
                     }
                     events::flush(&w.client, &held.record, pending).await;
                     let due = last_save.is_none_or(|t| t.elapsed() >= PROGRESS_SAVE);
-                    if let (Some(progress), true, None) = (&unsaved, due, stop) {
+                    // A paused record takes no progress; it is saved after the resume.
+                    let can_save = stop.is_none() && !ctx.is_paused();
+                    if let (Some(progress), true, true) = (&unsaved, due, can_save) {
                         last_save = Some(Instant::now());
-                        if !self.save_progress(held, progress.clone()).await {
-                            tracing::warn!("another attempt took the task over; stopping");
-                            stop = Some(Stop::Superseded);
+                        if self.save_progress(held, progress.clone()).await {
+                            unsaved = None;
+                        } else {
+                            look_now = true;
                         }
-                        unsaved = None;
                     }
                 }
                 () = &mut abort, if !aborted => {
                     tracing::warn!("handler did not stop within the kill grace; aborting it");
                     join.abort();
                     aborted = true;
+                }
+            }
+            if look_now && stop.is_none() {
+                look_now = false;
+                match self.look(held).await {
+                    Look::Run if ctx.is_paused() => {
+                        tracing::info!("task resumed");
+                        ctx.set_paused(false);
+                        clock.resume();
+                    }
+                    Look::Pause if !ctx.is_paused() => {
+                        tracing::info!("task paused");
+                        ctx.set_paused(true);
+                        clock.pause();
+                    }
+                    Look::Stop(why) => {
+                        match why {
+                            Stop::Cancelled => tracing::info!("task cancelled; stopping"),
+                            _ => tracing::warn!("another attempt took the task over; stopping"),
+                        }
+                        stop = Some(why);
+                    }
+                    Look::Run | Look::Pause | Look::Unknown => {}
                 }
             }
             if stop.is_some() && !ctx.is_cancelled() {
@@ -437,113 +530,187 @@ impl Delivery {
         }
     }
 
-    /// Saves progress in the record. Returns false when another attempt owns the task now.
-    async fn save_progress(&self, held: &mut Held, progress: Progress) -> bool {
-        let w = &self.worker;
-        for _ in 0..2 {
-            let mut next = held.record.clone();
-            if next.report_progress(progress.clone()).is_err() {
-                return true; // paused or otherwise not running: nothing to save
+    /// Re-reads the record and says what it asks of this attempt, which holds the task. The
+    /// fence is the attempt's identity, not the revision: a newer revision naming this attempt
+    /// is the gateway's (or this attempt's own) word, and `held` moves on to it.
+    async fn look(&self, held: &mut Held) -> Look {
+        let (record, revision) = match record::read(&self.worker.kv, &self.id).await {
+            Ok(Some(found)) => found,
+            // Gone (expired or deleted by hand) or unreadable: nothing to act on; the next
+            // heartbeat looks again, and the terminal write decides.
+            Ok(None) => return Look::Unknown,
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot read the record to reconcile");
+                return Look::Unknown;
             }
-            match record::update(&w.kv, &next, held.revision).await {
-                Ok(revision) => {
-                    *held = Held { record: next, revision };
-                    return true;
-                }
-                Err(KvError::Conflict) => match record::read(&w.kv, &self.id).await {
-                    Ok(Some((fresh, revision))) => {
-                        if !same_attempt(&fresh, &held.record) {
-                            return false;
-                        }
-                        *held = Held { record: fresh, revision };
-                    }
-                    _ => return true,
-                },
-                Err(e) => {
-                    tracing::debug!(error = %e, "could not save progress");
-                    return true;
-                }
+        };
+        if !same_attempt(&record, &held.record) {
+            return Look::Stop(Stop::Superseded);
+        }
+        let look = if record.status == Status::Running {
+            Look::Run
+        } else if record.paused_while_running() {
+            Look::Pause
+        } else {
+            // Cancelled by a user; or cancelled and already retried (queued again, with a new
+            // message); or its hold released after a lost lease. Either way not this attempt's
+            // to run any more, and whoever moved it wrote the record.
+            Look::Stop(Stop::Cancelled)
+        };
+        *held = Held { record, revision };
+        look
+    }
+
+    /// Saves progress in the record. Returns false when the record changed since this attempt
+    /// last read it (a control verb, or another attempt): the caller then looks at it.
+    async fn save_progress(&self, held: &mut Held, progress: Progress) -> bool {
+        let mut next = held.record.clone();
+        if next.report_progress(progress).is_err() {
+            return true; // not running (paused): nothing to save
+        }
+        match record::update(&self.worker.kv, &next, held.revision).await {
+            Ok(revision) => {
+                *held = Held { record: next, revision };
+                true
+            }
+            Err(KvError::Conflict) => false,
+            Err(e) => {
+                tracing::debug!(error = %e, "could not save progress");
+                true
             }
         }
-        true
     }
 
     /// Applies the decision: record, events, DLQ, and the one ack that goes with it.
-    async fn finish(&self, held: Held, outcome: Outcome) {
+    async fn finish(&self, mut held: Held, outcome: Outcome, control: &Registration) {
         let w = &self.worker;
-        let decision =
-            decide(outcome, held.record.attempt, held.record.max_attempts, &w.config.retry);
-        match &decision {
-            Decision::Release => {
-                tracing::warn!("attempt released without a write; the redelivery owns the task");
-                return;
-            }
-            Decision::HandBack => {}
-            _ => {
-                let Some(record) = self.write_final(held, &decision).await else { return };
-                match &decision {
-                    Decision::Succeed(value) => {
-                        tracing::info!("attempt succeeded");
-                        events::publish(&w.client, &record, EventBody::Result(value.clone())).await;
-                    }
-                    Decision::Retry { error, delay, .. } => {
-                        tracing::info!(%error, ?delay, "attempt failed; will retry");
-                        events::publish(&w.client, &record, EventBody::Error(error.clone())).await;
-                    }
-                    Decision::GiveUp { error, reason, .. } => {
-                        tracing::warn!(%error, reason, "task failed; dead-lettering it");
-                        events::publish(&w.client, &record, EventBody::Error(error.clone())).await;
-                    }
-                    Decision::Release | Decision::HandBack => {}
+        let (attempt, max_attempts) = (held.record.attempt, held.record.max_attempts);
+        let mut decision = decide(outcome, attempt, max_attempts, &w.config.retry);
+        loop {
+            match &decision {
+                Decision::Release => {
+                    tracing::warn!(
+                        "attempt released without a write; the redelivery owns the task"
+                    );
+                    return;
                 }
-                events::status(&w.client, &record).await;
-                if let Decision::GiveUp { error, reason, .. } = &decision
-                    && !self.dead_letter(reason, &error.to_string(), Some(&self.id)).await
-                {
-                    return; // handed back unterminated at the drain deadline; see dead_letter
+                Decision::Withdraw => {
+                    tracing::info!("attempt stopped; the record already says why");
+                }
+                Decision::HandBack => {}
+                Decision::Succeed(_) | Decision::Retry { .. } | Decision::GiveUp { .. } => {
+                    match self.write_final(&mut held, &decision).await {
+                        Written::Done => {}
+                        Written::Settled => return,
+                        Written::Paused => {
+                            // Paused as the handler finished: keep the outcome, and the lease,
+                            // until the task is resumed (then write it) or cancelled.
+                            tracing::info!("task paused with its outcome pending; holding it");
+                            match self.hold_paused(&mut held, control).await {
+                                None => continue,
+                                Some(stop) => {
+                                    let outcome = Outcome::Stopped(stop);
+                                    decision =
+                                        decide(outcome, attempt, max_attempts, &w.config.retry);
+                                    continue;
+                                }
+                            }
+                        }
+                    }
+                    self.announce(&held.record, &decision).await;
+                    if let Decision::GiveUp { error, reason, .. } = &decision
+                        && !self.dead_letter(reason, &error.to_string(), Some(&self.id)).await
+                    {
+                        return; // handed back unterminated at the drain deadline; see dead_letter
+                    }
                 }
             }
+            break;
         }
         if let Some(kind) = ack_of(&decision) {
             self.ack(kind).await;
         }
     }
 
-    /// CAS-writes the decision's transition on the revision this attempt holds. `None`: the
-    /// record could not be written, and the message has been dealt with or left to redelivery.
-    async fn write_final(&self, held: Held, decision: &Decision) -> Option<TaskRecord> {
+    /// The events of a written outcome: the result or error, then the new status.
+    async fn announce(&self, record: &TaskRecord, decision: &Decision) {
+        let client = &self.worker.client;
+        match decision {
+            Decision::Succeed(value) => {
+                tracing::info!("attempt succeeded");
+                events::publish(client, record, EventBody::Result(value.clone())).await;
+            }
+            Decision::Retry { error, delay, .. } => {
+                tracing::info!(%error, ?delay, "attempt failed; will retry");
+                events::publish(client, record, EventBody::Error(error.clone())).await;
+            }
+            Decision::GiveUp { error, reason, .. } => {
+                tracing::warn!(%error, reason, "task failed; dead-lettering it");
+                events::publish(client, record, EventBody::Error(error.clone())).await;
+            }
+            Decision::Release | Decision::HandBack | Decision::Withdraw => return,
+        }
+        events::status(client, record).await;
+    }
+
+    /// Waits, heartbeating, while the record says paused; `None` once it is running again,
+    /// else why the attempt ends instead.
+    async fn hold_paused(&self, held: &mut Held, control: &Registration) -> Option<Stop> {
         let w = &self.worker;
-        let Held { mut record, mut revision } = held;
-        let ours = record.clone();
+        let beat = w.ack_deadline / 3;
+        let mut heartbeat = tokio::time::interval_at(Instant::now() + beat, beat);
+        heartbeat.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = heartbeat.tick() => self.ack(AckKind::Progress).await,
+                () = control.woken() => {}
+                () = w.hand_back.cancelled() => return Some(Stop::Shutdown),
+            }
+            match self.look(held).await {
+                Look::Run => return None,
+                Look::Stop(stop) => return Some(stop),
+                Look::Pause | Look::Unknown => {}
+            }
+        }
+    }
+
+    /// CAS-writes the decision's transition on the revision this attempt holds, following
+    /// newer revisions of its own record.
+    async fn write_final(&self, held: &mut Held, decision: &Decision) -> Written {
+        let w = &self.worker;
         for _ in 0..CAS_ROUNDS {
-            let mut next = record.clone();
+            let mut next = held.record.clone();
             let now = now();
             let moved = match decision {
                 Decision::Succeed(value) => next.succeed(value.clone(), now),
                 Decision::Retry { error, cause, .. } => next.retry_later(error.clone(), *cause),
                 Decision::GiveUp { error, cause, .. } => next.fail(error.clone(), *cause, now),
-                Decision::Release | Decision::HandBack => return None,
+                Decision::Release | Decision::HandBack | Decision::Withdraw => {
+                    return Written::Settled;
+                }
             };
             if let Err(illegal) = moved {
-                // Moved by someone else while it ran (a user's cancel or pause).
+                if held.record.paused_while_running() {
+                    return Written::Paused;
+                }
+                // Moved by someone else while it ran (a user's cancel, maybe already retried):
+                // the message is of no further use, whatever the new state.
                 tracing::info!(%illegal, "the record moved on while the attempt ran");
-                let ack = if record.status.is_terminal() {
-                    AckKind::Ack
-                } else {
-                    AckKind::Nak(Some(PAUSED_RECHECK))
-                };
-                self.ack(ack).await;
-                return None;
+                self.ack(AckKind::Term).await;
+                return Written::Settled;
             }
-            match record::update(&w.kv, &next, revision).await {
-                Ok(_) => return Some(next),
+            match record::update(&w.kv, &next, held.revision).await {
+                Ok(revision) => {
+                    *held = Held { record: next, revision };
+                    return Written::Done;
+                }
                 Err(KvError::Conflict) => match record::read(&w.kv, &self.id).await {
-                    Ok(Some((fresh, rev))) if same_attempt(&fresh, &ours) => {
-                        (record, revision) = (fresh, rev);
+                    Ok(Some((fresh, rev))) if same_attempt(&fresh, &held.record) => {
+                        *held = Held { record: fresh, revision: rev };
                     }
                     Ok(Some(_)) => {
                         tracing::info!("another attempt took the task over; dropping this outcome");
-                        return None;
+                        return Written::Settled;
                     }
                     _ => break,
                 },
@@ -554,7 +721,7 @@ impl Delivery {
             }
         }
         tracing::warn!("could not record the outcome; leaving the task to redelivery");
-        None
+        Written::Settled
     }
 
     /// Stores the message in DLQ, trying until JetStream takes it: the caller terminates the
@@ -590,7 +757,73 @@ impl Delivery {
     }
 }
 
-/// Whether `a` and `b` are the same attempt of the task (the CAS fence's identity check).
+/// Whether `a` and `b` are the same attempt of the task (the CAS fence's identity check). The
+/// start time is part of it because an explicit retry starts counting attempts from 1 again,
+/// possibly on the same worker.
 fn same_attempt(a: &TaskRecord, b: &TaskRecord) -> bool {
-    a.attempt == b.attempt && a.worker == b.worker
+    a.attempt == b.attempt && a.worker == b.worker && a.started_at == b.started_at
+}
+
+/// What the record asks of the attempt that holds it ([`Delivery::look`]).
+enum Look {
+    /// Run (again, if it was paused).
+    Run,
+    /// Pause: freeze the child, hold the handler at its next checkpoint, keep the lease.
+    Pause,
+    Stop(Stop),
+    /// The record could not be read; carry on as before.
+    Unknown,
+}
+
+/// What became of a terminal write ([`Delivery::write_final`]).
+enum Written {
+    /// Written: `held` is the new record.
+    Done,
+    /// Not written, and the message already dealt with (or left to redelivery).
+    Settled,
+    /// Not written: the record is paused (with this attempt holding it).
+    Paused,
+}
+
+/// An attempt's own timeout, which stands still while the task is paused: the time left is
+/// kept at the pause and the timer re-armed with it on resume.
+struct AttemptClock {
+    timer: Pin<Box<Sleep>>,
+    left: Duration,
+    /// When the timer was last armed; `None` while paused.
+    armed_at: Option<Instant>,
+}
+
+impl AttemptClock {
+    fn new(limit: Duration) -> AttemptClock {
+        let now = Instant::now();
+        AttemptClock {
+            timer: Box::pin(tokio::time::sleep(limit)),
+            left: limit,
+            armed_at: Some(now),
+        }
+    }
+
+    fn is_running(&self) -> bool {
+        self.armed_at.is_some()
+    }
+
+    /// Resolves when the time is up; only poll it while running.
+    async fn expired(&mut self) {
+        self.timer.as_mut().await
+    }
+
+    fn pause(&mut self) {
+        if let Some(at) = self.armed_at.take() {
+            self.left = self.left.saturating_sub(at.elapsed());
+        }
+    }
+
+    fn resume(&mut self) {
+        if self.armed_at.is_none() {
+            let now = Instant::now();
+            self.armed_at = Some(now);
+            self.timer.as_mut().reset(now + self.left);
+        }
+    }
 }

@@ -19,7 +19,7 @@ pub mod reason {
     pub const MAX_ATTEMPTS: &str = "max_attempts";
     /// The handler reported an error that retrying cannot fix.
     pub const NON_RETRYABLE: &str = "non_retryable";
-    /// The task's absolute deadline passed before an attempt could start.
+    /// The task's absolute deadline passed before an attempt could start, or while it ran.
     pub const DEADLINE: &str = "deadline";
 }
 

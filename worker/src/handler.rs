@@ -4,8 +4,10 @@
 //! A handler never touches NATS: it reports progress and output into its context, which only
 //! buffers them (latest progress wins, output is concatenated). The attempt that owns the context
 //! drains the buffer on a timer and publishes at most a few events per second, so a chatty
-//! handler (LLM tokens) cannot flood NATS. Cancellation (timeout, lost lease, shutdown) is a
-//! token the handler observes at its checkpoints; child processes are killed by the worker.
+//! handler (LLM tokens) cannot flood NATS. Cancellation (timeout, lost lease, shutdown, a
+//! user's cancel) is a token the handler observes; a user's pause is a flag an in-process
+//! handler observes at its [`Context::checkpoint`]s. Child processes are killed, frozen and
+//! thawed by the worker with signals instead ([`crate::process`]).
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -14,6 +16,7 @@ use claw_proto::kinds::Catalog;
 use claw_proto::{Class, Progress, TaskError, TaskRecord};
 use futures::future::BoxFuture;
 use serde_json::Value;
+use tokio::sync::watch;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 
 /// A task kind. Register it in a [`Registry`] and pass that to [`crate::run_with`]; a custom
@@ -35,7 +38,8 @@ pub trait Handler: Send + Sync + 'static {
     }
 
     /// Runs one attempt. `task.attempt` is the attempt number (1-based). Return promptly once
-    /// `ctx.cancelled()` fires; what is returned after that is ignored.
+    /// `ctx.cancelled()` fires; what is returned after that is ignored. Await
+    /// `ctx.checkpoint()` between steps so a paused task stops there until resumed.
     fn run<'a>(
         &'a self,
         task: &'a TaskRecord,
@@ -56,18 +60,20 @@ impl Pending {
     }
 }
 
-/// A handler's view of its attempt: report progress and output, observe cancellation.
+/// A handler's view of its attempt: report progress and output, observe cancellation and pause.
 #[derive(Clone, Debug)]
 pub struct Context {
     cancel: CancellationToken,
     // A std mutex: reports are tiny critical sections that never cross an await, and handlers
     // can report from sync code.
     pending: Arc<Mutex<Pending>>,
+    // A watch rather than a flag: waiters (checkpoints, the process supervisor) wake on change.
+    paused: Arc<watch::Sender<bool>>,
 }
 
 impl Context {
     pub fn new(cancel: CancellationToken) -> Context {
-        Context { cancel, pending: Arc::default() }
+        Context { cancel, pending: Arc::default(), paused: Arc::new(watch::Sender::new(false)) }
     }
 
     /// Reports progress; `fraction` is clamped to 0..=1. Only the latest report of a burst is
@@ -92,6 +98,34 @@ impl Context {
 
     pub(crate) fn cancel(&self) {
         self.cancel.cancel()
+    }
+
+    /// Waits while the task is paused; returns at once when it is not, and as soon as the
+    /// attempt is cancelled (a paused task can be cancelled, and must then stop, not wait).
+    pub async fn checkpoint(&self) {
+        if !*self.paused.borrow() {
+            return;
+        }
+        let mut paused = self.paused.subscribe();
+        tokio::select! {
+            _ = paused.wait_for(|p| !*p) => {}
+            () = self.cancel.cancelled() => {}
+        }
+    }
+
+    pub fn is_paused(&self) -> bool {
+        *self.paused.borrow()
+    }
+
+    /// Pauses (`true`) or resumes (`false`) the attempt. Returns whether that changed anything.
+    pub(crate) fn set_paused(&self, paused: bool) -> bool {
+        self.paused.send_if_modified(|p| std::mem::replace(p, paused) != paused)
+    }
+
+    /// Follows the pause flag; for the supervisor of a child process, which turns it into
+    /// SIGSTOP / SIGCONT of the process group.
+    pub(crate) fn watch_paused(&self) -> watch::Receiver<bool> {
+        self.paused.subscribe()
     }
 
     /// Takes what was reported since the last call.
@@ -135,5 +169,32 @@ impl Registry {
     /// The admission catalog: the built-in kinds plus every registered one with its class.
     pub fn catalog(&self) -> Catalog {
         self.handlers.values().fold(Catalog::builtin(), |c, h| c.with(h.kind(), h.default_class()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn checkpoint_waits_while_paused_and_not_once_cancelled() {
+        let ctx = Context::new(CancellationToken::new());
+        ctx.checkpoint().await; // not paused: returns at once
+        assert!(ctx.set_paused(true));
+        assert!(!ctx.set_paused(true));
+        let waiting = tokio::spawn({
+            let ctx = ctx.clone();
+            async move { ctx.checkpoint().await }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!waiting.is_finished(), "a paused checkpoint waits");
+        ctx.set_paused(false);
+        tokio::time::timeout(Duration::from_secs(1), waiting).await.unwrap().unwrap();
+
+        ctx.set_paused(true);
+        ctx.cancel();
+        tokio::time::timeout(Duration::from_secs(1), ctx.checkpoint()).await.unwrap();
     }
 }

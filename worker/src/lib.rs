@@ -4,7 +4,8 @@
 //! Reading order: [`config`] (the TOML file), [`pool`] (a class's slots and the pull loop that
 //! fills them from its lanes), `attempt` (one delivery: record, run, outcome, ack),
 //! [`outcome`] (outcome → decision → ack, pure), `record` (CAS reads and writes of the
-//! `tasks` bucket), [`events`] (progress subject), [`dlq`] (dead letters), [`handler`] (the
+//! `tasks` bucket), `control` (routing the gateway's cancel/pause/resume wake-ups to running
+//! attempts), [`events`] (progress subject), [`dlq`] (dead letters), [`handler`] (the
 //! `Handler` trait and its context), [`kinds`] (`sleep`, `exec`), [`process`] and [`protocol`]
 //! (running a child and reading its JSON lines), [`child`] (the `__run-task` side), `error`.
 //!
@@ -14,6 +15,7 @@
 mod attempt;
 pub mod child;
 pub mod config;
+mod control;
 pub mod dlq;
 mod error;
 pub mod events;
@@ -38,6 +40,7 @@ pub use error::Error;
 pub use handler::{Context, Handler, Registry};
 
 use crate::attempt::Worker;
+use crate::control::Controls;
 use crate::pool::Pool;
 
 /// Runs a worker with the built-in kinds until `shutdown`, then drains (see [`run_with`]).
@@ -74,8 +77,11 @@ pub async fn run_with(
         runner,
         ack_deadline,
         hand_back: CancellationToken::new(),
+        controls: Arc::new(Controls::default()),
         config,
     });
+    // Before any pool starts, so no attempt runs without its wake-ups; ends with this function.
+    let _control = control::listen(&client, worker.controls.clone()).await?;
     let tracker = TaskTracker::new();
     let mut pools = Vec::new();
     for class in Class::ALL {

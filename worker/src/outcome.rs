@@ -15,8 +15,13 @@ use crate::dlq::reason;
 /// Why the worker stopped an attempt before its handler finished.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Stop {
-    /// The attempt ran past the task's `timeout_s`.
+    /// The attempt ran past the task's `timeout_s` (time spent paused not counted).
     Timeout,
+    /// The task ran past its absolute deadline: no later attempt could start, so no retry.
+    Deadline,
+    /// The record says the task is no longer to be run by this attempt, which holds it: a user
+    /// cancelled it (the gateway wrote `cancelled`), or cancelled and retried it (a new message).
+    Cancelled,
     /// The NATS connection was down too long to keep heartbeating: the message will be
     /// redelivered, and the redelivered copy owns the task.
     LeaseLost,
@@ -48,6 +53,9 @@ pub enum Decision {
     /// Put the message back at once, without a record write (the next worker's `start` moves
     /// the record on, with cause `worker_lost`).
     HandBack,
+    /// Touch nothing and remove the message for good: whoever stopped the task (the gateway,
+    /// on a user's cancel) already wrote the record.
+    Withdraw,
 }
 
 /// Decides what follows `outcome` of attempt `attempt` out of `max_attempts`.
@@ -56,9 +64,15 @@ pub fn decide(outcome: Outcome, attempt: u32, max_attempts: u32, retry: &RetryCo
         Outcome::Done(value) => return Decision::Succeed(value),
         Outcome::Stopped(Stop::LeaseLost | Stop::Superseded) => return Decision::Release,
         Outcome::Stopped(Stop::Shutdown) => return Decision::HandBack,
+        Outcome::Stopped(Stop::Cancelled) => return Decision::Withdraw,
         Outcome::Stopped(Stop::Timeout) => {
             let error = TaskError::new("timeout", "the attempt ran past its timeout", true);
             (error, Cause::Timeout)
+        }
+        Outcome::Stopped(Stop::Deadline) => {
+            let message = "the task ran past its deadline";
+            let error = TaskError::new("deadline_exceeded", message, false);
+            return Decision::GiveUp { error, cause: Cause::Timeout, reason: reason::DEADLINE };
         }
         Outcome::Failed(error) => (error, Cause::Error),
     };
@@ -71,8 +85,8 @@ pub fn decide(outcome: Outcome, attempt: u32, max_attempts: u32, retry: &RetryCo
     Decision::Retry { error, cause, delay: retry_delay(retry, attempt) }
 }
 
-/// The ack that goes with a decision (STYLE 10: done → Ack, retry after d → Nak(d), give up →
-/// Term, hand back → Nak now). `None`: send nothing and let the ack deadline pass.
+/// The ack that goes with a decision (STYLE 10: done → Ack, retry after d → Nak(d), give up or
+/// withdraw → Term, hand back → Nak now). `None`: send nothing and let the ack deadline pass.
 pub fn ack_of(decision: &Decision) -> Option<AckKind> {
     match decision {
         Decision::Succeed(_) => Some(AckKind::Ack),
@@ -80,6 +94,7 @@ pub fn ack_of(decision: &Decision) -> Option<AckKind> {
         Decision::GiveUp { .. } => Some(AckKind::Term),
         Decision::Release => None,
         Decision::HandBack => Some(AckKind::Nak(None)),
+        Decision::Withdraw => Some(AckKind::Term),
     }
 }
 
@@ -121,6 +136,8 @@ mod tests {
         assert!(ack(Outcome::Stopped(Stop::LeaseLost), 1).is_none());
         assert!(ack(Outcome::Stopped(Stop::Superseded), 1).is_none());
         assert!(matches!(ack(Outcome::Stopped(Stop::Shutdown), 1), Some(AckKind::Nak(None))));
+        assert!(matches!(ack(Outcome::Stopped(Stop::Cancelled), 1), Some(AckKind::Term)));
+        assert!(matches!(ack(Outcome::Stopped(Stop::Deadline), 1), Some(AckKind::Term)));
     }
 
     #[test]
@@ -136,6 +153,21 @@ mod tests {
             reason_of(Outcome::Stopped(Stop::Timeout), 3),
             (reason::MAX_ATTEMPTS, Cause::Timeout)
         );
+        // An attempt's timeout is retried; the task's deadline is not, even on attempt 1.
+        assert!(matches!(
+            decide(Outcome::Stopped(Stop::Timeout), 1, 3, &r),
+            Decision::Retry { cause: Cause::Timeout, .. }
+        ));
+        assert_eq!(
+            reason_of(Outcome::Stopped(Stop::Deadline), 1),
+            (reason::DEADLINE, Cause::Timeout)
+        );
+        match decide(Outcome::Stopped(Stop::Deadline), 1, 3, &r) {
+            Decision::GiveUp { error, .. } => {
+                assert_eq!((error.code.as_str(), error.retryable), ("deadline_exceeded", false));
+            }
+            d => panic!("{d:?}"),
+        }
     }
 
     #[test]

@@ -1,9 +1,10 @@
 //! Running one attempt as a child process: its own process group, a clean environment and a
 //! fresh working directory, stdout read as JSON lines ([`crate::protocol`]), the stderr tail
-//! kept for the error, and TERM → grace → KILL of the whole group when the attempt is stopped.
+//! kept for the error, TERM → grace → KILL of the whole group when the attempt is stopped, and
+//! SIGSTOP / SIGCONT of the whole group while the attempt is paused.
 //!
 //! Both `exec` programs and `__run-task` children (long-class in-process kinds) go through
-//! [`run`], so limits and pause (SIGSTOP of the group) can later be added in this one place.
+//! [`run`], so limits, stop and pause are handled in this one place.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -51,6 +52,7 @@ impl Drop for GroupGuard {
 }
 
 /// Runs `spawn` to completion, or until `ctx` is cancelled (then TERM, `kill_grace`, KILL).
+/// While `ctx` is paused the group is stopped (SIGSTOP), and continued (SIGCONT) on resume.
 /// Progress and output lines go to `ctx`; the result is the `result` line (or null) on exit 0.
 pub async fn run(spawn: Spawn, ctx: &Context, kill_grace: Duration) -> Result<Value, TaskError> {
     let workdir = tempfile::Builder::new()
@@ -64,7 +66,7 @@ pub async fn run(spawn: Spawn, ctx: &Context, kill_grace: Duration) -> Result<Va
         .env("PATH", path)
         .envs(&spawn.env)
         .current_dir(workdir.path())
-        // Its own group, so TERM/KILL (and later STOP/CONT) reach every process it starts.
+        // Its own group, so TERM/KILL and STOP/CONT reach every process it starts.
         .process_group(0)
         .stdin(if spawn.stdin.is_some() { Stdio::piped() } else { Stdio::null() })
         .stdout(Stdio::piped())
@@ -90,11 +92,31 @@ pub async fn run(spawn: Spawn, ctx: &Context, kill_grace: Duration) -> Result<Va
         tokio::spawn(async move { read_protocol(BufReader::new(stdout), &reader_ctx).await });
     let mut stderr_task = tokio::spawn(read_tail(stderr));
 
-    let status = tokio::select! {
-        status = child.wait() => status,
-        () = ctx.cancelled() => {
-            stop_group(pgid, &mut child, kill_grace).await;
-            return Err(TaskError::new("stopped", "the attempt was stopped", true));
+    let mut paused = ctx.watch_paused();
+    // A pause that came before the spawn applies at once.
+    paused.mark_changed();
+    let mut frozen = false;
+    let mut follow_pause = true;
+    let status = loop {
+        tokio::select! {
+            status = child.wait() => break status,
+            () = ctx.cancelled() => {
+                stop_group(pgid, &mut child, kill_grace, frozen).await;
+                return Err(TaskError::new("stopped", "the attempt was stopped", true));
+            }
+            changed = paused.changed(), if follow_pause => {
+                if changed.is_err() {
+                    follow_pause = false; // the context is gone; nobody can pause any more
+                    continue;
+                }
+                let want = *paused.borrow_and_update();
+                if want != frozen {
+                    let signal = if want { Signal::SIGSTOP } else { Signal::SIGCONT };
+                    tracing::debug!(pgid = pgid.as_raw(), %signal, "task process group");
+                    let _ = killpg(pgid, signal);
+                    frozen = want;
+                }
+            }
         }
     };
     // Whatever the leader left running in its group goes with it.
@@ -117,9 +139,14 @@ pub async fn run(spawn: Spawn, ctx: &Context, kill_grace: Duration) -> Result<Va
     outcome(status, result, error, &tail)
 }
 
-/// TERM the group, give it `grace`, then KILL it, and reap the leader.
-async fn stop_group(pgid: Pid, child: &mut tokio::process::Child, grace: Duration) {
+/// TERM the group, give it `grace`, then KILL it, and reap the leader. A `frozen` (SIGSTOPped)
+/// group is continued right after the TERM: a stopped process cannot act on TERM, and would
+/// only see it after the grace, when KILL comes anyway.
+async fn stop_group(pgid: Pid, child: &mut tokio::process::Child, grace: Duration, frozen: bool) {
     let _ = killpg(pgid, Signal::SIGTERM);
+    if frozen {
+        let _ = killpg(pgid, Signal::SIGCONT);
+    }
     if tokio::time::timeout(grace, child.wait()).await.is_err() {
         tracing::info!(pgid = pgid.as_raw(), "task process ignored SIGTERM; killing it");
     }
@@ -290,5 +317,48 @@ mod tests {
         let e = run.await.unwrap().unwrap_err();
         assert_eq!(e.code, "stopped");
         assert!(started.elapsed() < Duration::from_secs(5));
+    }
+
+    /// The state letter of `/proc/<pid>/stat` (R, S, T, Z, ...).
+    fn proc_state(pid: &str) -> Option<char> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        stat.rsplit(')').next()?.trim_start().chars().next()
+    }
+
+    async fn poll(what: &str, mut check: impl FnMut() -> bool) {
+        let started = std::time::Instant::now();
+        while !check() {
+            assert!(started.elapsed() < Duration::from_secs(5), "timed out waiting for {what}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn pause_stops_the_group_and_cancel_still_ends_it() {
+        let ctx = Context::new(CancellationToken::new());
+        let probe = ctx.clone();
+        let run = tokio::spawn({
+            let ctx = ctx.clone();
+            async move { run(sh("echo $$; exec sleep 30"), &ctx, Duration::from_secs(5)).await }
+        });
+        let mut pid = String::new();
+        poll("the pid", || {
+            pid.push_str(&probe.take().output);
+            pid.ends_with('\n')
+        })
+        .await;
+        let pid = pid.trim();
+        ctx.set_paused(true);
+        poll("SIGSTOP", || proc_state(pid) == Some('T')).await;
+        ctx.set_paused(false);
+        poll("SIGCONT", || proc_state(pid) == Some('S')).await;
+        ctx.set_paused(true);
+        poll("SIGSTOP again", || proc_state(pid) == Some('T')).await;
+        // A frozen `sleep` dies of the TERM at once (it is continued to receive it), long
+        // before the 5 s grace.
+        let started = std::time::Instant::now();
+        ctx.cancel();
+        assert_eq!(run.await.unwrap().unwrap_err().code, "stopped");
+        assert!(started.elapsed() < Duration::from_secs(2), "{:?}", started.elapsed());
     }
 }

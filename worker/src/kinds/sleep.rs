@@ -1,5 +1,6 @@
 //! `sleep`: sleeps `seconds` in `steps` equal parts with a progress report after each, fails on
-//! purpose for the first `fail_attempts` attempts, and returns `{"slept_s", "echo"}`.
+//! purpose for the first `fail_attempts` attempts, and returns `{"slept_s", "echo"}`. A pause
+//! takes effect between steps (its checkpoints), so a paused sleep finishes its current step.
 //!
 //! `seconds = 0` is the throughput benchmark: it returns at once without touching a timer.
 
@@ -37,6 +38,7 @@ impl Handler for Sleep {
             if input.seconds > 0.0 {
                 let step = Duration::from_secs_f64(input.seconds / f64::from(steps));
                 for i in 1..=steps {
+                    ctx.checkpoint().await;
                     tokio::select! {
                         () = tokio::time::sleep(step) => {}
                         () = ctx.cancelled() => {
