@@ -213,6 +213,7 @@ impl TaskSpec {
             deadline: created_at + time::Duration::seconds(deadline_s as i64),
             worker: None,
             paused_from: None,
+            message_seq: None,
         })
     }
 

@@ -317,6 +317,11 @@ pub struct TaskRecord {
     /// and `resume` puts it back.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub paused_from: Option<Status>,
+    /// The `TASKS` stream sequence of the message the current (or last) attempt was delivered
+    /// from. After a cancel and a retry two messages of one task can exist for a moment; this
+    /// says which one is live, so a worker holding the other drops it instead of taking over.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message_seq: Option<u64>,
 }
 
 /// A move the state machine does not allow, with the state it was refused in.
@@ -416,6 +421,12 @@ impl TaskRecord {
         Ok(())
     }
 
+    /// Whether a message with stream sequence `seq` is a stale copy: the record says the task
+    /// runs (or is held paused) from another message.
+    pub fn is_stale_copy(&self, seq: u64) -> bool {
+        self.maybe_held() && self.message_seq.is_some_and(|live| live != seq)
+    }
+
     /// Whether a worker may be running this task right now (so a control message must reach it).
     pub fn maybe_held(&self) -> bool {
         self.status == Status::Running || self.paused_while_running()
@@ -507,6 +518,7 @@ mod tests {
             deadline: now + time::Duration::days(7),
             worker: None,
             paused_from: None,
+            message_seq: None,
         }
     }
 
@@ -566,6 +578,21 @@ mod tests {
         assert!(!r.maybe_held());
         r.resume().unwrap();
         assert_eq!(r.status, Status::Queued);
+    }
+
+    #[test]
+    fn only_the_live_message_may_take_a_held_task_over() {
+        let now = OffsetDateTime::now_utc();
+        let mut r = record(Status::Queued);
+        assert!(!r.is_stale_copy(7), "nothing holds a queued task");
+        r.start(1, "w", now).unwrap();
+        r.message_seq = Some(7);
+        assert!(!r.is_stale_copy(7), "its own redelivery takes over");
+        assert!(r.is_stale_copy(9), "another copy does not");
+        r.pause().unwrap();
+        assert!(r.is_stale_copy(9));
+        r.message_seq = None;
+        assert!(!r.is_stale_copy(9), "records written before the field existed");
     }
 
     #[test]

@@ -8,6 +8,7 @@ use claw_proto::Status;
 use claw_proto::topology;
 use claw_tests::{
     Gateway, Nats, record, start_archiver, start_worker, stream_messages, test_settings, wait_for,
+    wait_status,
 };
 use reqwest::StatusCode;
 use serde_json::{Value, json};
@@ -33,17 +34,6 @@ impl Api {
 
 async fn api(topo: &topology::Topology) -> Api {
     Api { gw: Gateway::start(topo, &[]).await, http: reqwest::Client::new() }
-}
-
-async fn wait_status(
-    topo: &topology::Topology,
-    id: &str,
-    status: Status,
-) -> claw_proto::TaskRecord {
-    wait_for(&format!("{id} to be {status}"), Duration::from_secs(20), || async {
-        record(topo, id).await.filter(|r| r.status == status)
-    })
-    .await
 }
 
 #[tokio::test]
@@ -333,4 +323,41 @@ async fn every_verb_over_nats_matches_http() {
         .unwrap();
     let paused: Value = serde_json::from_slice(&paused.payload).unwrap();
     assert_eq!(paused["paused"], true);
+}
+
+/// Cancel a running task and retry it before its worker noticed the cancel (the wake-up is
+/// lost, so the old attempt only looks at its next heartbeat, after the retry started): the old
+/// attempt's message must not come back and take over the new attempt. The record names the
+/// live message, so the task runs to `succeeded` exactly once.
+#[tokio::test]
+async fn cancel_then_retry_before_the_worker_noticed_runs_the_task_once() {
+    let nats = Nats::start();
+    let topo = nats.topology(&test_settings()).await;
+    let _worker = start_worker(&topo, "ack_deadline_s = 2.0\n");
+    let api = api(&topo).await;
+    // Long enough that the new attempt still runs when the old message would be redelivered.
+    let id = api.submit(json!({"kind": "sleep", "input": {"seconds": 4, "steps": 4}})).await;
+    wait_status(&topo, &id, Status::Running).await;
+
+    // The cancel, as the gateway writes it, minus the wake-up.
+    let entry = topo.tasks_kv.entry(&id).await.unwrap().unwrap();
+    let mut cancelled: claw_proto::TaskRecord = serde_json::from_slice(&entry.value).unwrap();
+    cancelled.cancel(claw_proto::Cause::User, time::OffsetDateTime::now_utc()).unwrap();
+    let value = serde_json::to_vec(&cancelled).unwrap();
+    topo.tasks_kv.update(&id, value.into(), entry.revision).await.unwrap();
+    let (status, body) = api.verb(&id, "retry").await;
+    assert_eq!((status, body["status"].as_str()), (StatusCode::OK, Some("queued")));
+    wait_status(&topo, &id, Status::Succeeded).await;
+
+    // Past two ack deadlines nothing else happens: no redelivered copy takes the task over.
+    claw_tests::holds_for("the task stays succeeded", Duration::from_secs(5), || async {
+        let r = record(&topo, &id).await.ok_or("record gone")?;
+        (r.status == Status::Succeeded).then_some(()).ok_or(format!("{:?}", r.status))
+    })
+    .await;
+    let statuses = claw_tests::statuses(&claw_tests::events_of(&topo.js, &id).await);
+    let count = |s: Status| statuses.iter().filter(|(x, _)| *x == s).count();
+    assert_eq!(count(Status::Succeeded), 1, "{statuses:?}");
+    assert_eq!(count(Status::Running), 2, "the first attempt and the retry: {statuses:?}");
+    assert_eq!(stream_messages(&topo.js, topology::TASKS_STREAM).await, 0);
 }

@@ -4,22 +4,22 @@
 //! `claw.control.<id>` — and watch real processes (`/proc`), the record and the streams.
 //! (Control through the gateway's API is in `control`.)
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::kv;
 use claw_proto::api::{Control, Verb};
 use claw_proto::event::{Event, EventBody};
-use claw_proto::kinds::Catalog;
-use claw_proto::spec::{Limits, TaskSpec};
+use claw_proto::spec::TaskSpec;
 use claw_proto::topology::{self, Topology, headers};
 use claw_proto::{Cause, Status, TaskId, TaskRecord};
-use claw_tests::{Nats, record, start_worker, stream_messages, test_settings, wait_for};
-use serde_json::{Value, json};
+use claw_tests::{
+    Nats, WAIT, events_of, holds_for, record, start_worker, statuses, stream_messages,
+    submit_direct as submit, test_settings, wait_for, wait_status, write_script,
+};
+use serde_json::json;
 use time::OffsetDateTime;
 
-/// Generous bound for any single wait; tests normally finish far sooner.
-const WAIT: Duration = Duration::from_secs(20);
 /// The test topology's ack deadline (`test_settings`).
 const ACK_WAIT: Duration = Duration::from_secs(2);
 const KILL_GRACE: Duration = Duration::from_millis(500);
@@ -34,21 +34,6 @@ fn worker_toml(name: &str, script: Option<&Path>) -> String {
         toml.push_str(&format!("[programs.script]\npath = {script:?}\n"));
     }
     toml
-}
-
-/// Mimics the gateway's submit: a `queued` record created first, then the lane message.
-async fn submit(topology: &Topology, spec: Value) -> TaskId {
-    let spec: TaskSpec = serde_json::from_value(spec).expect("spec");
-    let id = TaskId::generate();
-    let record = spec
-        .admit(id.clone(), OffsetDateTime::now_utc(), None, &Catalog::builtin(), &Limits::STANDARD)
-        .expect("admit");
-    let bytes = serde_json::to_vec(&record).unwrap();
-    topology.tasks_kv.create(id.as_str(), bytes.into()).await.expect("create record");
-    let lane = topology::Lane::new(record.class, record.priority);
-    let body = serde_json::to_vec(&TaskSpec::of_record(&record)).unwrap();
-    topology.js.publish(lane.subject(), body.into()).await.unwrap().await.expect("publish ack");
-    id
 }
 
 /// Mimics the gateway's control verbs: CAS the record with `change`, then, if a worker may
@@ -78,63 +63,6 @@ async fn control(
     client.publish(topology::control_subject(id), wake.into()).await.unwrap();
     client.flush().await.unwrap();
     (record, revision)
-}
-
-async fn wait_status(topology: &Topology, id: &TaskId, status: Status) -> TaskRecord {
-    wait_for(&format!("task {id} {status}"), WAIT, || async {
-        record(topology, id.as_str()).await.filter(|r| r.status == status)
-    })
-    .await
-}
-
-/// Checks `holds` every 20 ms for `window`, panicking with `what` the first time it fails:
-/// the opposite of `wait_for`, for "this does not happen".
-async fn holds_for<F, Fut>(what: &str, window: Duration, mut holds: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Result<(), String>>,
-{
-    let end = Instant::now() + window;
-    while Instant::now() < end {
-        if let Err(seen) = holds().await {
-            panic!("{what} stopped holding: {seen}");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-/// The events of task `id` in `PROGRESS`, in stream order.
-async fn events_of(js: &async_nats::jetstream::Context, id: &TaskId) -> Vec<Event> {
-    let mut stream = js.get_stream(topology::PROGRESS_STREAM).await.unwrap();
-    let info = stream.info().await.unwrap();
-    let mut out = Vec::new();
-    for seq in info.state.first_sequence..=info.state.last_sequence {
-        if let Ok(m) = stream.get_raw_message(seq).await {
-            let event: Event = serde_json::from_slice(&m.payload).expect("event JSON");
-            if event.task_id == *id {
-                out.push(event);
-            }
-        }
-    }
-    out
-}
-
-fn statuses(events: &[Event]) -> Vec<(Status, u32)> {
-    events
-        .iter()
-        .filter_map(|e| match e.body {
-            EventBody::Status { status, attempt, .. } => Some((status, attempt)),
-            _ => None,
-        })
-        .collect()
-}
-
-fn write_script(dir: &Path, name: &str, body: &str) -> PathBuf {
-    use std::os::unix::fs::PermissionsExt;
-    let path = dir.join(name);
-    std::fs::write(&path, body).unwrap();
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
-    path
 }
 
 /// The pid the script wrote to `file`, once it has.

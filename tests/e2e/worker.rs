@@ -5,24 +5,21 @@
 //! Tests that spawn `claw-worker` (as a process, or as the `__run-task` runner of long tasks)
 //! need `cargo build -p claw-worker --bins` first.
 
-use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use async_nats::HeaderMap;
 use async_nats::jetstream::{self, message::StreamMessage};
 use claw_proto::event::{Event, EventBody};
-use claw_proto::kinds::Catalog;
-use claw_proto::spec::{Limits, TaskSpec};
 use claw_proto::topology::{self, Topology, headers};
-use claw_proto::{Cause, Status, TaskId, TaskRecord};
-use claw_tests::{Nats, bin, test_settings, wait_for};
-use serde_json::{Value, json};
+use claw_proto::{Cause, Status, TaskId};
+use claw_tests::{
+    Nats, WAIT, bin, events_of, record, statuses, stream_contents as stream_messages,
+    submit_direct as submit, test_settings, wait_for, wait_status, write_script,
+};
+use serde_json::json;
 use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
-
-/// Generous bound for any single wait; tests normally finish far sooner.
-const WAIT: Duration = Duration::from_secs(20);
 
 /// A worker run in-process through `claw_worker::run`; stopped when dropped.
 struct Worker {
@@ -65,22 +62,6 @@ impl Drop for Process {
     }
 }
 
-/// Mimics the gateway: admits `spec` into a `queued` record, creates it, then publishes the spec
-/// to its lane and waits for the JetStream ack. Returns the id.
-async fn submit(topology: &Topology, spec: Value) -> TaskId {
-    let spec: TaskSpec = serde_json::from_value(spec).expect("spec");
-    let id = spec.id.clone().unwrap_or_else(TaskId::generate);
-    let record = spec
-        .admit(id.clone(), OffsetDateTime::now_utc(), None, &Catalog::builtin(), &Limits::STANDARD)
-        .expect("admit");
-    let bytes = serde_json::to_vec(&record).unwrap();
-    topology.tasks_kv.create(id.as_str(), bytes.into()).await.expect("create record");
-    let lane = topology::Lane::new(record.class, record.priority);
-    let body = serde_json::to_vec(&TaskSpec::of_record(&record)).unwrap();
-    topology.js.publish(lane.subject(), body.into()).await.unwrap().await.expect("publish ack");
-    id
-}
-
 /// Publishes raw bytes to a lane subject like a NATS-native client, optionally with a
 /// `Nats-Msg-Id`.
 async fn publish_raw(js: &jetstream::Context, subject: &str, msg_id: Option<&str>, body: Vec<u8>) {
@@ -91,54 +72,8 @@ async fn publish_raw(js: &jetstream::Context, subject: &str, msg_id: Option<&str
     js.publish_with_headers(subject.to_owned(), h, body.into()).await.unwrap().await.unwrap();
 }
 
-async fn record(topology: &Topology, id: &str) -> Option<TaskRecord> {
-    let bytes = topology.tasks_kv.get(id).await.ok()??;
-    Some(serde_json::from_slice(&bytes).expect("record JSON"))
-}
-
-async fn wait_status(topology: &Topology, id: &str, status: Status) -> TaskRecord {
-    wait_for(&format!("task {id} {status}"), WAIT, || async {
-        record(topology, id).await.filter(|r| r.status == status)
-    })
-    .await
-}
-
-/// Every message currently stored in `stream`.
-async fn stream_messages(js: &jetstream::Context, stream: &str) -> Vec<StreamMessage> {
-    let mut s = js.get_stream(stream).await.expect("stream");
-    let info = s.info().await.expect("stream info");
-    let (first, last) = (info.state.first_sequence, info.state.last_sequence);
-    let mut out = Vec::new();
-    for seq in first..=last {
-        if let Ok(m) = s.get_raw_message(seq).await {
-            out.push(m);
-        }
-    }
-    out
-}
-
 async fn stream_count(js: &jetstream::Context, stream: &str) -> u64 {
     js.get_stream(stream).await.unwrap().info().await.unwrap().state.messages
-}
-
-/// The events of task `id` in `PROGRESS`, in stream order.
-async fn events_of(js: &jetstream::Context, id: &str) -> Vec<Event> {
-    stream_messages(js, topology::PROGRESS_STREAM)
-        .await
-        .iter()
-        .map(|m| serde_json::from_slice::<Event>(&m.payload).expect("event JSON"))
-        .filter(|e| e.task_id.as_str() == id)
-        .collect()
-}
-
-fn statuses(events: &[Event]) -> Vec<(Status, u32)> {
-    events
-        .iter()
-        .filter_map(|e| match e.body {
-            EventBody::Status { status, attempt, .. } => Some((status, attempt)),
-            _ => None,
-        })
-        .collect()
 }
 
 /// When each task's (last) attempt started, once it succeeded.
@@ -153,14 +88,6 @@ async fn started_at(topology: &Topology, ids: &[TaskId]) -> Vec<OffsetDateTime> 
 
 fn header<'a>(m: &'a StreamMessage, name: &str) -> Option<&'a str> {
     m.headers.get(name).map(|v| v.as_str())
-}
-
-fn write_script(dir: &Path, name: &str, body: &str) -> std::path::PathBuf {
-    use std::os::unix::fs::PermissionsExt;
-    let path = dir.join(name);
-    std::fs::write(&path, body).unwrap();
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
-    path
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

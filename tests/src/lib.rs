@@ -242,3 +242,110 @@ pub fn signal(pid: u32, sig: libc::c_int) {
         libc::kill(pid as libc::pid_t, sig);
     }
 }
+
+/// Generous bound for any single wait in a test; tests normally finish far sooner.
+pub const WAIT: Duration = Duration::from_secs(20);
+
+/// Mimics the gateway's submit without one: admits `spec` into a `queued` record, creates it,
+/// then publishes the spec to its lane and waits for the JetStream ack. Returns the id.
+pub async fn submit_direct(topology: &Topology, spec: serde_json::Value) -> claw_proto::TaskId {
+    use claw_proto::kinds::Catalog;
+    use claw_proto::spec::{Limits, TaskSpec};
+    let spec: TaskSpec = serde_json::from_value(spec).expect("spec");
+    let id = spec.id.clone().unwrap_or_else(claw_proto::TaskId::generate);
+    let record = spec
+        .admit(
+            id.clone(),
+            time::OffsetDateTime::now_utc(),
+            None,
+            &Catalog::builtin(),
+            &Limits::STANDARD,
+        )
+        .expect("admit");
+    let bytes = serde_json::to_vec(&record).unwrap();
+    topology.tasks_kv.create(id.as_str(), bytes.into()).await.expect("create record");
+    let lane = topology::Lane::new(record.class, record.priority);
+    let body = serde_json::to_vec(&TaskSpec::of_record(&record)).unwrap();
+    topology.js.publish(lane.subject(), body.into()).await.unwrap().await.expect("publish ack");
+    id
+}
+
+/// Waits until the record of `id` has `status`, and returns it.
+pub async fn wait_status(
+    topology: &Topology,
+    id: &(impl std::fmt::Display + ?Sized),
+    status: claw_proto::Status,
+) -> claw_proto::TaskRecord {
+    let id = id.to_string();
+    wait_for(&format!("task {id} {status}"), WAIT, || async {
+        record(topology, &id).await.filter(|r| r.status == status)
+    })
+    .await
+}
+
+/// Checks `holds` every 20 ms for `window`, panicking with `what` the first time it fails:
+/// the opposite of `wait_for`, for "this does not happen" (no redelivery, no CPU while paused).
+pub async fn holds_for<F, Fut>(what: &str, window: Duration, mut holds: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<(), String>>,
+{
+    let end = Instant::now() + window;
+    while Instant::now() < end {
+        if let Err(seen) = holds().await {
+            panic!("{what} stopped holding: {seen}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Every message currently stored in `stream`, in order.
+pub async fn stream_contents(
+    js: &jetstream::Context,
+    stream: &str,
+) -> Vec<jetstream::message::StreamMessage> {
+    let mut s = js.get_stream(stream).await.expect("stream");
+    let info = s.info().await.expect("stream info");
+    let mut out = Vec::new();
+    for seq in info.state.first_sequence..=info.state.last_sequence {
+        if let Ok(m) = s.get_raw_message(seq).await {
+            out.push(m);
+        }
+    }
+    out
+}
+
+/// The events of task `id` in `PROGRESS`, in stream order.
+pub async fn events_of(
+    js: &jetstream::Context,
+    id: &(impl std::fmt::Display + ?Sized),
+) -> Vec<claw_proto::event::Event> {
+    let id = id.to_string();
+    stream_contents(js, topology::PROGRESS_STREAM)
+        .await
+        .iter()
+        .map(|m| serde_json::from_slice::<claw_proto::event::Event>(&m.payload).expect("event"))
+        .filter(|e| e.task_id.as_str() == id)
+        .collect()
+}
+
+/// The `(status, attempt)` of each status event.
+pub fn statuses(events: &[claw_proto::event::Event]) -> Vec<(claw_proto::Status, u32)> {
+    use claw_proto::event::EventBody;
+    events
+        .iter()
+        .filter_map(|e| match e.body {
+            EventBody::Status { status, attempt, .. } => Some((status, attempt)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Writes an executable script.
+pub fn write_script(dir: &Path, name: &str, body: &str) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let path = dir.join(name);
+    std::fs::write(&path, body).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    path
+}

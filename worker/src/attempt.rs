@@ -112,7 +112,7 @@ pub(crate) async fn handle(
         TaskId::derived("nats-msg", &name)
     });
     let span = tracing::info_span!("task", task_id = %id, attempt, lane = %lane.consumer());
-    let delivery = Delivery { worker, lane, msg, attempt, id, published };
+    let delivery = Delivery { worker, lane, msg, attempt, id, published, stream_seq };
     delivery.run(spec, given_id.is_some()).instrument(span).await
 }
 
@@ -123,6 +123,8 @@ struct Delivery {
     attempt: u32,
     id: TaskId,
     published: OffsetDateTime,
+    /// This message's sequence in `TASKS`; the record names the live one (`message_seq`).
+    stream_seq: u64,
 }
 
 /// The record as this attempt last wrote or read it, and that revision: the CAS fence.
@@ -210,6 +212,7 @@ impl Delivery {
             deadline: self.published,
             worker: Some(w.config.name.clone()),
             paused_from: None,
+            message_seq: Some(self.stream_seq),
         };
         if record.fail(error.clone(), Cause::DeadLetter, now()).is_err() {
             return;
@@ -271,6 +274,13 @@ impl Delivery {
             if record.status.is_terminal() {
                 tracing::info!(status = %record.status, "task already finished; dropping duplicate");
                 self.ack(AckKind::Ack).await;
+                return None;
+            }
+            if record.is_stale_copy(self.stream_seq) {
+                // Another message of this task is the live one (a cancel and a retry left this
+                // copy behind): taking over would run the task twice.
+                tracing::info!(live = ?record.message_seq, "a stale copy of a held task; dropping it");
+                self.ack(AckKind::Term).await;
                 return None;
             }
             if record.paused_while_running() {
@@ -336,6 +346,7 @@ impl Delivery {
                 Some((error, cause, _)) => next.fail(error.clone(), *cause, now),
                 None => next.start(self.attempt, &w.config.name, now),
             };
+            next.message_seq = Some(self.stream_seq);
             if let Err(illegal) = moved {
                 // Only a state added to the machine after this code was written gets here.
                 tracing::warn!(%illegal, "cannot start the task; looking again later");
@@ -545,6 +556,11 @@ impl Delivery {
             }
         };
         if !same_attempt(&record, &held.record) {
+            if record.message_seq.is_some_and(|live| live != self.stream_seq) {
+                // Cancelled and retried: the task lives on in another message, so this one
+                // is finished for good and is withdrawn (TERM, no write) like a cancel.
+                return Look::Stop(Stop::Cancelled);
+            }
             return Look::Stop(Stop::Superseded);
         }
         let look = if record.status == Status::Running {
