@@ -26,6 +26,9 @@ use crate::tasks;
 pub fn router(app: App) -> Router {
     let body_limit = app.config.body_limit;
     Router::new()
+        .route("/", get(crate::ui::index))
+        .route("/ui/{name}", get(crate::ui::asset))
+        .route("/v1/ws", get(crate::ws::upgrade))
         .route("/v1/tasks", post(submit).get(list))
         .route("/v1/tasks/{id}", get(get_task))
         .route("/v1/tasks/{id}/{verb}", post(control))

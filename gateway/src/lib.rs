@@ -3,8 +3,10 @@
 //! waits for the work itself.
 //!
 //! Reading order: [`config`], [`app`] (shared state), [`tasks`] (the operations, the submit hot
-//! path), [`control`] (cancel, pause, resume, retry), [`lanes`] (lane depth and pause), [`http`] (axum routes), [`nats_api`] (the same operations as a NATS service),
-//! [`error`] (one error type, one mapping to responses), [`metrics`].
+//! path), [`control`] (cancel, pause, resume, retry), [`lanes`] (lane depth and pause), [`http`]
+//! (axum routes), [`nats_api`] (the same operations as a NATS service), [`ws`] (live events of
+//! a session), [`ui`] (the embedded web page), [`error`] (one error type, one mapping to
+//! responses), [`metrics`].
 
 pub mod app;
 pub mod config;
@@ -15,6 +17,8 @@ pub mod lanes;
 pub mod metrics;
 pub mod nats_api;
 pub mod tasks;
+pub mod ui;
+pub mod ws;
 
 use claw_proto::topology::Topology;
 use tokio::net::TcpListener;
