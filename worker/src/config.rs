@@ -51,6 +51,9 @@ pub struct Config {
     /// Caps applied to tasks that arrive straight over NATS without a record.
     #[serde(default = "LimitsConfig::standard")]
     pub limits: LimitsConfig,
+    /// The `llm` kind's endpoint; without it the worker does not run `llm` tasks.
+    #[serde(default)]
+    pub llm: Option<crate::kinds::llm::LlmConfig>,
 }
 
 /// Retry backoff of retryable failures: attempt k waits the k-th step of an exponential backoff.

@@ -2,6 +2,7 @@
 //! `llm` comes with a later issue; until then a worker refuses it as an unknown kind.
 
 pub mod exec;
+pub mod llm;
 pub mod sleep;
 
 use crate::config::Config;
