@@ -1,5 +1,6 @@
-//! The built-in kinds: `sleep` (demo and benchmark) and `exec` (a configured program).
-//! `llm` comes with a later issue; until then a worker refuses it as an unknown kind.
+//! The built-in kinds: `sleep` (demo and benchmark), `exec` (a configured program) and `llm`
+//! (an OpenAI-compatible chat completion, only on workers with an `[llm]` section; elsewhere a
+//! worker refuses it as an unknown kind).
 
 pub mod exec;
 pub mod llm;
@@ -8,7 +9,11 @@ pub mod sleep;
 use crate::config::Config;
 use crate::handler::Registry;
 
-/// The built-in kinds, `exec` limited to the programs of `config`.
+/// The built-in kinds, `exec` limited to the programs of `config`, `llm` when it is configured.
 pub fn builtin(config: &Config) -> Registry {
-    Registry::empty().with(sleep::Sleep).with(exec::Exec::new(config))
+    let registry = Registry::empty().with(sleep::Sleep).with(exec::Exec::new(config));
+    match &config.llm {
+        Some(llm) => registry.with(llm::Llm::new(llm)),
+        None => registry,
+    }
 }
