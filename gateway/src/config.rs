@@ -28,6 +28,24 @@ pub struct Config {
     /// Attempts of a task that does not say.
     #[arg(long, env = "CLAW_DEFAULT_MAX_ATTEMPTS", default_value_t = Limits::STANDARD.default_max_attempts)]
     pub default_max_attempts: u32,
+    /// A browser origin allowed to open `/v1/ws` besides the gateway's own, as
+    /// `scheme://host[:port]` (repeatable; `*` allows any). Requests without `Origin` (programs,
+    /// not browsers) are always allowed.
+    #[arg(long = "allowed-origin", env = "CLAW_ALLOWED_ORIGINS", value_delimiter = ',')]
+    pub allowed_origins: Vec<String>,
+    /// Seconds one WebSocket send may stall before the client is dropped as too slow.
+    #[arg(long, env = "CLAW_WS_SEND_TIMEOUT_S", default_value_t = 10.0, value_parser = parse_seconds)]
+    pub ws_send_timeout_s: f64,
+    /// Seconds between WebSocket pings; a client silent for three intervals is dropped.
+    #[arg(long, env = "CLAW_WS_PING_S", default_value_t = 20.0, value_parser = parse_seconds)]
+    pub ws_ping_s: f64,
+}
+
+fn parse_seconds(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 0.0 && v <= 86_400.0 => Ok(v),
+        _ => Err("expected seconds, more than 0 and at most 86400".into()),
+    }
 }
 
 fn parse_kind(s: &str) -> Result<(String, Class), String> {

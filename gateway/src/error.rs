@@ -19,6 +19,9 @@ pub enum Error {
     /// The sentence names what was not found ("no task abc", "no lane huge/low").
     #[error("{0}")]
     NotFound(String),
+    /// The request is understood but not allowed (a WebSocket from a foreign `Origin`).
+    #[error("{0}")]
+    Forbidden(String),
     /// The verb does not apply to the task's current state (409, with that state).
     #[error("{message}")]
     Conflict { message: String, status: claw_proto::Status },
@@ -55,6 +58,7 @@ impl Error {
             Error::MalformedJson(_) => StatusCode::BAD_REQUEST,
             Error::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
             Error::NotFound(_) => StatusCode::NOT_FOUND,
+            Error::Forbidden(_) => StatusCode::FORBIDDEN,
             Error::Conflict { .. } => StatusCode::CONFLICT,
             Error::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Error::QueueFull { .. } => StatusCode::TOO_MANY_REQUESTS,
@@ -68,6 +72,7 @@ impl Error {
             Error::MalformedJson(_) => "malformed_json",
             Error::Invalid(_) => "invalid_request",
             Error::NotFound(_) => "not_found",
+            Error::Forbidden(_) => "forbidden",
             Error::Conflict { .. } => "conflict",
             Error::TooLarge(_) => "payload_too_large",
             Error::QueueFull { .. } => "queue_full",

@@ -29,6 +29,10 @@ pub use config::Config;
 pub use error::Error;
 pub use http::router;
 
+/// How long shutdown waits for WebSockets to take their closing frame (1012, "reconnect with
+/// since").
+const WS_DRAIN: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Serves HTTP on `listener` and the NATS API until `shutdown` is cancelled. The topology must
 /// already be ensured (the binary's `main` or `claw up` does it).
 pub async fn run(
@@ -43,11 +47,14 @@ pub async fn run(
     let addr = listener.local_addr().ok();
     tracing::info!(?addr, "gateway listening");
     let http_shutdown = shutdown.clone();
-    axum::serve(listener, router(app))
+    let ws = ws::Hub::new(&app, shutdown.clone());
+    axum::serve(listener, router(app).layer(axum::Extension(ws.clone())))
         .with_graceful_shutdown(async move { http_shutdown.cancelled().await })
         .await
         .map_err(|e| Error::Internal(format!("HTTP server: {e}")))?;
     shutdown.cancel();
+    // Upgraded connections are not HTTP requests, so `serve` does not wait for them.
+    ws.closed(WS_DRAIN).await;
     match nats.await {
         Ok(result) => result,
         Err(e) => Err(Error::Internal(format!("NATS API task: {e}"))),

@@ -1,12 +1,155 @@
 //! The WebSocket of a session's live events: `GET /v1/ws?session=S[&since=SEQ]`.
-//! (Being built: see issue "Live progress over WebSocket, and the web UI".)
+//!
+//! A socket receives, as text frames of one JSON object each: a `hello` naming the stream's
+//! last sequence at connect time, then (with `since`) every event of the session after `since`
+//! still in `PROGRESS`, then the live events, each with its stream sequence `seq`, each sequence
+//! at most once and in increasing order. The client may send commands (`submit`, `cancel`,
+//! `pause`, `resume`, `retry`), which run through the same functions as HTTP and are answered
+//! with a `reply` frame. `docs/PROTOCOL.md` has the wire contract.
+//!
+//! Reading order: this file (the upgrade: origin check, parameters, subscription), [`hub`] (one
+//! JetStream feed per watched session, shared by its sockets, and the replay for `since`),
+//! [`socket`] (one connection: a writer loop and a reader loop), [`command`] (client frames),
+//! [`origin`] (the `Origin` rule).
 
-use axum::extract::State;
-use axum::http::StatusCode;
-use axum::response::{IntoResponse, Response};
+pub mod command;
+pub mod hub;
+pub mod origin;
+pub mod socket;
+
+use std::collections::HashMap;
+
+use axum::Extension;
+use axum::extract::rejection::QueryRejection;
+use axum::extract::ws::WebSocketUpgrade;
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
+use axum::extract::{Query, State};
+use axum::http::HeaderMap;
+use axum::response::Response;
+use claw_proto::spec::Invalid;
+use claw_proto::task::Session;
 
 use crate::app::App;
+use crate::error::Error;
 
-pub async fn upgrade(State(_app): State<App>) -> Response {
-    StatusCode::NOT_IMPLEMENTED.into_response()
+pub use hub::Hub;
+
+/// Read buffer of a socket. Tungstenite allocates it eagerly per connection (128 KiB by
+/// default); clients send only small command frames, and a larger frame still arrives whole
+/// (the buffer grows for it), so 4 KiB keeps ten thousand idle sockets at ~40 MiB.
+const READ_BUFFER: usize = 4 * 1024;
+
+/// What a client may put in a command frame beyond the task spec itself (the envelope:
+/// `op`, `ref`, `idempotency_key`).
+const COMMAND_ENVELOPE: usize = 4 * 1024;
+
+/// `GET /v1/ws?session=S[&since=SEQ]`: checks `Origin`, subscribes to the session's feed (so a
+/// NATS failure is a 503 before the upgrade, not a socket that closes at once) and hands the
+/// connection to [`socket::serve`].
+pub async fn upgrade(
+    State(app): State<App>,
+    hub: Option<Extension<Hub>>,
+    headers: HeaderMap,
+    query: Result<Query<HashMap<String, String>>, QueryRejection>,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Result<Response, Error> {
+    origin::check(&headers, &app.config.allowed_origins)?;
+    let Query(params) = query.map_err(|e| invalid(e.body_text()))?;
+    let params = Params::parse(params)?;
+    let ws = ws.map_err(|e| invalid(format!("expected a WebSocket upgrade: {}", e.body_text())))?;
+    let Some(Extension(hub)) = hub else {
+        return Err(Error::Unavailable("this router serves no WebSocket hub".into()));
+    };
+    let subscription = hub.subscribe(&params.session).await?;
+    // Read after subscribing, so it is at least the feed's hand-over point (see `socket`).
+    let stream_last = hub.stream_last_sequence().await?;
+    let start = socket::Start { session: params.session, since: params.since, stream_last };
+    let settings = hub.settings();
+    let max_message = app.config.body_limit + COMMAND_ENVELOPE;
+    let ws = ws
+        .read_buffer_size(READ_BUFFER)
+        // Frames are written out at once and each send is flushed, so a write buffer to batch
+        // small frames would only cost memory per connection.
+        .write_buffer_size(0)
+        // What is not yet written to the kernel: one frame at most, as each send waits for its
+        // flush. An event is one NATS message, so the largest is the server's max payload.
+        .max_write_buffer_size(settings.max_frame)
+        .max_message_size(max_message)
+        .max_frame_size(max_message);
+    let tracker = hub.tracker();
+    Ok(ws.on_upgrade(move |websocket| {
+        tracker.track_future(socket::serve(websocket, app, subscription, start, hub))
+    }))
+}
+
+fn invalid(message: String) -> Error {
+    Error::Invalid(Invalid { field: None, message })
+}
+
+/// The query of `/v1/ws`.
+#[derive(Debug, PartialEq)]
+struct Params {
+    session: Session,
+    since: Option<u64>,
+}
+
+impl Params {
+    /// `session` defaults to `default`, like a submitted task's; empty values count as absent.
+    fn parse(params: HashMap<String, String>) -> Result<Params, Error> {
+        let mut parsed = Params { session: Session::default(), since: None };
+        for (key, value) in params {
+            if value.is_empty() {
+                continue;
+            }
+            match key.as_str() {
+                "session" => {
+                    parsed.session = Session::parse(&value)
+                        .map_err(|e| Invalid::field("session", e.to_string()))?
+                }
+                "since" => {
+                    parsed.since = Some(value.parse::<u64>().map_err(|_| {
+                        Invalid::field("since", "must be a stream sequence (an integer ≥ 0)")
+                    })?)
+                }
+                other => {
+                    return Err(
+                        Invalid::field(other, format!("unknown parameter {other:?}")).into()
+                    );
+                }
+            }
+        }
+        Ok(parsed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params(pairs: &[(&str, &str)]) -> Result<Params, Error> {
+        Params::parse(pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect())
+    }
+
+    #[test]
+    fn allowed_origins_repeat_or_come_comma_separated() {
+        let args =
+            ["--allowed-origin", "https://a.example", "--allowed-origin", "https://b,https://c"];
+        let config = crate::Config::from_args(args).unwrap();
+        assert_eq!(config.allowed_origins, ["https://a.example", "https://b", "https://c"]);
+        assert!(crate::Config::from_args(["--ws-ping-s", "0"]).is_err());
+    }
+
+    #[test]
+    fn parameters() {
+        let p = params(&[("session", "chat-1"), ("since", "42")]).unwrap();
+        assert_eq!(p, Params { session: Session::parse("chat-1").unwrap(), since: Some(42) });
+        let p = params(&[("since", "")]).unwrap();
+        assert_eq!(p, Params { session: Session::default(), since: None });
+        for (k, v) in [("since", "-1"), ("since", "x"), ("session", "a.b"), ("colour", "red")] {
+            match params(&[(k, v)]) {
+                Err(Error::Invalid(i)) => assert_eq!(i.field.as_deref(), Some(k)),
+                other => panic!("{k}={v}: {other:?}"),
+            }
+        }
+    }
 }

@@ -12,3 +12,4 @@ mod pipeline;
 mod topology;
 mod up;
 mod worker;
+mod ws;
