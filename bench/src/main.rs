@@ -9,7 +9,9 @@
 //!    record reached `succeeded` in the `tasks` bucket);
 //! 4. the same from a NATS-native publisher: tasks published straight to `tasks.short.normal`
 //!    with pipelined JetStream acks, no HTTP, timed the same way. This is the capacity of worker
-//!    and archiver without the cost of HTTP clients on the same cores.
+//!    and archiver without the cost of HTTP clients on the same cores;
+//! 5. WebSocket: the gateway memory per idle connection, and the events per second it fans out
+//!    to the clients of one session (see `ws.rs`).
 //!
 //! Client and server share this machine's cores, so the figures are for the whole system on one
 //! box. Run: `cargo build --release --bins && target/release/claw-bench`.
@@ -23,6 +25,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clap::Parser;
+
+mod ws;
 
 #[derive(Debug, Parser)]
 #[command(name = "claw-bench", about = "Benchmarks a claw up started by this command")]
@@ -39,6 +43,21 @@ struct Args {
     /// No-op tasks for the end-to-end figure.
     #[arg(long, default_value_t = 20000)]
     e2e: usize,
+    /// Idle WebSocket connections for the memory figure.
+    #[arg(long, default_value_t = 10000)]
+    ws_connections: usize,
+    /// Sessions the idle connections are spread over.
+    #[arg(long, default_value_t = 100)]
+    ws_sessions: usize,
+    /// WebSocket clients on one session for the fan-out figure.
+    #[arg(long, default_value_t = 50)]
+    fanout_clients: usize,
+    /// Events published to that session for the fan-out figure.
+    #[arg(long, default_value_t = 10000)]
+    fanout_events: usize,
+    /// Run only the task figures or only the WebSocket figures.
+    #[arg(long, value_parser = ["tasks", "ws"])]
+    only: Option<String>,
 }
 
 struct System {
@@ -242,6 +261,20 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     println!("| measure | n | result | | |");
     println!("|---|---|---|---|---|");
+    if args.only.as_deref() != Some("ws") {
+        tasks(&args).await?;
+    }
+    if args.only.as_deref() != Some("tasks") {
+        let system = start_system().await?;
+        ws::idle(&system.url, system.child.id(), args.ws_connections, args.ws_sessions).await?;
+        drop(system);
+        let system = start_system().await?;
+        ws::fanout(&system.url, &system.nats_url, args.fanout_clients, args.fanout_events).await?;
+    }
+    Ok(())
+}
+
+async fn tasks(args: &Args) -> anyhow::Result<()> {
     let system = start_system().await?;
     latency(&system, args.latency).await?;
     throughput(&system, args.throughput, args.connections).await?;

@@ -1,0 +1,142 @@
+//! The web UI in a real browser: `tests/browser/ui.test.mjs` drives Debian's Chromium with
+//! playwright-core against a real gateway, worker, archiver and nats-server started here. It
+//! submits tasks and watches them live, pauses, resumes and cancels from the page, and asks for
+//! a gateway restart half-way (a `RESTART` line on its stdout; this side answers `RESTARTED` on
+//! its stdin once a new gateway serves the same port) to see the page reconnect by itself.
+//!
+//! Needs Node.js, `/usr/bin/chromium` (or `CHROMIUM_PATH`) and `tests/browser/node_modules`:
+//! `scripts/install-browser` installs them. `CLAW_SKIP_BROWSER=1` skips the test, loudly.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use claw_proto::topology::Topology;
+use claw_tests::{
+    Nats, Running, TestDir, bin, start_archiver, start_worker, test_settings, wait_for,
+};
+
+/// The whole script, restart included, normally takes well under a minute.
+const SCRIPT_TIMEOUT: Duration = Duration::from_secs(240);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_web_ui_runs_controls_and_reconnects_in_a_real_browser() {
+    if std::env::var("CLAW_SKIP_BROWSER").as_deref() == Ok("1") {
+        eprintln!("SKIPPED: the browser test (CLAW_SKIP_BROWSER=1)");
+        return;
+    }
+    let script_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("browser");
+    check_prerequisites(&script_dir);
+
+    let nats = Nats::start();
+    let topo = nats.topology(&test_settings()).await;
+    // Long tasks run as `claw-worker __run-task` children; the test binary cannot be that runner.
+    let runner = bin("claw-worker");
+    let _worker = start_worker(&topo, &format!("ack_deadline_s = 2.0\nrunner = {runner:?}\n"));
+    let _archiver = start_archiver(&topo, &nats.dir.path().join("archive.sqlite"));
+    let (mut gateway, addr) = start_gateway(&topo).await;
+    let url = format!("http://{addr}");
+
+    let out = TestDir::new();
+    let mut child = Command::new("node")
+        .arg(script_dir.join("ui.test.mjs"))
+        .arg(&url)
+        .arg(out.path())
+        .current_dir(&script_dir)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("starting node");
+    let mut stdin = child.stdin.take().expect("piped stdin");
+
+    // The script's stdout, line by line, from a thread: reading a pipe blocks.
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let stdout = child.stdout.take().expect("piped stdout");
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+
+    let deadline = tokio::time::Instant::now() + SCRIPT_TIMEOUT;
+    let mut screenshot = None;
+    let mut restarts = 0;
+    loop {
+        let line = match tokio::time::timeout_at(deadline, rx.recv()).await {
+            Ok(Some(line)) => line,
+            Ok(None) => break,
+            Err(_) => {
+                let _ = child.kill();
+                panic!("the browser script did not finish within {SCRIPT_TIMEOUT:?}");
+            }
+        };
+        println!("{line}");
+        if line == "RESTART" {
+            gateway.stop().await;
+            gateway = restart_gateway(&topo, addr).await;
+            restarts += 1;
+            writeln!(stdin, "RESTARTED")
+                .and_then(|()| stdin.flush())
+                .expect("answering the script");
+        } else if let Some(path) = line.strip_prefix("SCREENSHOT ") {
+            screenshot = Some(PathBuf::from(path));
+        }
+    }
+    let status = child.wait().expect("waiting for node");
+    assert!(status.success(), "the browser script failed ({status}); its log is above");
+    assert_eq!(restarts, 1, "the script asked for one gateway restart");
+    let screenshot = screenshot.expect("the script saved a screenshot");
+    assert!(screenshot.is_file(), "{} missing", screenshot.display());
+    println!("screenshot: {} (kept with KEEP_TEST_DIRS=1)", screenshot.display());
+}
+
+/// Fails with what to run when the browser, Node or the script's packages are missing.
+fn check_prerequisites(script_dir: &Path) {
+    let fix = "run scripts/install-browser (as root: it apt-get installs chromium, then runs \
+               npm ci in tests/browser), or set CLAW_SKIP_BROWSER=1 to skip this test";
+    let chromium = std::env::var_os("CHROMIUM_PATH")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/usr/bin/chromium"));
+    assert!(chromium.is_file(), "{} not found: {fix}", chromium.display());
+    let node = Command::new("node").arg("--version").output();
+    assert!(node.is_ok_and(|o| o.status.success()), "node not found on PATH: {fix}");
+    let package = script_dir.join("node_modules/playwright-core/package.json");
+    assert!(package.is_file(), "{} not found: {fix}", package.display());
+}
+
+/// A gateway in-process on a loopback port of its own choosing.
+async fn start_gateway(topology: &Topology) -> (Running, SocketAddr) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind the gateway");
+    let addr = listener.local_addr().expect("local addr");
+    (serve(topology, listener), addr)
+}
+
+/// A new gateway on the port the stopped one had, as after a deploy. Binding is retried
+/// briefly in case the old socket is not released yet (tokio sets SO_REUSEADDR, so connections
+/// in TIME_WAIT do not block it).
+async fn restart_gateway(topology: &Topology, addr: SocketAddr) -> Running {
+    let listener =
+        wait_for(&format!("{addr} to be free again"), Duration::from_secs(10), || async {
+            tokio::net::TcpListener::bind(addr).await.ok()
+        })
+        .await;
+    serve(topology, listener)
+}
+
+fn serve(topology: &Topology, listener: tokio::net::TcpListener) -> Running {
+    let config = claw_gateway::Config::from_args(std::iter::empty::<&str>()).expect("flags");
+    let token = tokio_util::sync::CancellationToken::new();
+    let (topology, run_token) = (topology.clone(), token.clone());
+    let handle = tokio::spawn(async move {
+        if let Err(e) = claw_gateway::run(topology, config, listener, run_token).await {
+            panic!("gateway failed: {e}");
+        }
+    });
+    Running { token, handle }
+}
