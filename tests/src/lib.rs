@@ -349,3 +349,75 @@ pub fn write_script(dir: &Path, name: &str, body: &str) -> PathBuf {
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
     path
 }
+
+/// A `claw-worker` process started with a TOML configuration; SIGKILLed when dropped.
+#[derive(Debug)]
+pub struct WorkerProcess {
+    pub child: std::process::Child,
+}
+
+impl WorkerProcess {
+    /// Starts `claw-worker --config <dir>/<name>.toml --nats-url <nats>`.
+    pub fn start(nats: &Nats, name: &str, toml: &str) -> WorkerProcess {
+        let config = nats.dir.path().join(format!("{name}.toml"));
+        std::fs::write(&config, toml).unwrap();
+        let child = std::process::Command::new(bin("claw-worker"))
+            .arg("--config")
+            .arg(&config)
+            .arg("--nats-url")
+            .arg(nats.url())
+            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn claw-worker");
+        WorkerProcess { child }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for WorkerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The resident set size of process `pid` in bytes (`VmRSS`), if it runs.
+pub fn rss_of(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kb = status.lines().find_map(|l| l.strip_prefix("VmRSS:"))?;
+    kb.trim().trim_end_matches("kB").trim().parse::<u64>().ok().map(|kb| kb * 1024)
+}
+
+/// Whether process `pid` exists and is not a zombie.
+pub fn alive(pid: u32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return false };
+    let state = stat.rsplit(')').next().unwrap_or("").trim_start().chars().next();
+    !matches!(state, None | Some('Z'))
+}
+
+/// Asks worker `name` for its status (`claw.worker.<name>.status`).
+pub async fn worker_status(
+    client: &async_nats::Client,
+    name: &str,
+) -> Option<claw_worker::status::WorkerStatus> {
+    let subject = claw_worker::status::subject_of(name);
+    let reply =
+        tokio::time::timeout(Duration::from_secs(2), client.request(subject, Vec::new().into()))
+            .await
+            .ok()?
+            .ok()?;
+    serde_json::from_slice(&reply.payload).ok()
+}
+
+/// The real path of `python3` (a pyenv shim does not work in a task's clean environment).
+pub fn python3() -> PathBuf {
+    let out = std::process::Command::new("python3")
+        .args(["-c", "import sys; print(sys.executable)"])
+        .output()
+        .expect("python3 runs");
+    PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
+}

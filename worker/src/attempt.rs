@@ -42,6 +42,7 @@ use crate::control::{Controls, Registration};
 use crate::dlq::{self, reason};
 use crate::events::{self, FLUSH_INTERVAL};
 use crate::handler::{Context, Registry};
+use crate::lease::Contact;
 use crate::outcome::{Decision, Outcome, Stop, ack_of, decide};
 use crate::record::{self, KvError};
 
@@ -54,7 +55,7 @@ const NATS_RETRY: Duration = Duration::from_secs(1);
 /// How long a message waits before it is looked at again when its record is in a state this
 /// code does not know (one added to the state machine later).
 const UNKNOWN_RECHECK: Duration = Duration::from_secs(5);
-/// How often the connection state is checked for the lease.
+/// How often an attempt's lease watcher looks at the worker's contact with the server.
 const LEASE_CHECK: Duration = Duration::from_millis(250);
 /// Progress is saved in the record at most this often (events carry every flush).
 const PROGRESS_SAVE: Duration = Duration::from_secs(1);
@@ -81,6 +82,8 @@ pub(crate) struct Worker {
     pub hand_back: CancellationToken,
     /// The attempts running here, for control wake-ups.
     pub controls: Arc<Controls>,
+    /// When the server last answered; the lease of every attempt is timed by it.
+    pub contact: Arc<Contact>,
 }
 
 /// Handles one delivery; `_permit` is the pool slot it occupies until it returns.
@@ -390,7 +393,8 @@ impl Delivery {
             let message = format!("this worker has no handler for kind {:?}", task.kind);
             return Outcome::Failed(TaskError::new("unknown_kind", message, false));
         };
-        let ctx = Context::new(CancellationToken::new());
+        let limits = w.config.isolation.for_attempt(task.timeout_s);
+        let ctx = Context::new(CancellationToken::new()).with_child_limits(limits);
         let in_child = task.class == Class::Long && !handler.spawns_process();
         let mut join = {
             let (ctx, runner, grace) = (ctx.clone(), w.runner.clone(), w.config.kill_grace());
@@ -420,8 +424,33 @@ impl Delivery {
         // Stop well before the server's deadline so the attempt is dead before the redelivered
         // copy can start: two thirds leaves a third for the kill and the reconnect.
         let lease_limit = w.ack_deadline * 2 / 3;
-        let mut down_since: Option<Instant> = None;
+        // The lease is watched on its own task, which stops the handler (kills the child) by
+        // itself: the loop below can be stuck in a NATS call while the server is unreachable.
+        let lease_lost = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let _lease_watch = {
+            let (w, ctx, lost) = (w.clone(), ctx.clone(), lease_lost.clone());
+            tokio_util::task::AbortOnDropHandle::new(tokio::spawn(async move {
+                let mut tick = tokio::time::interval(LEASE_CHECK);
+                loop {
+                    tick.tick().await;
+                    let silence = w.contact.silence();
+                    let down = w.client.connection_state() != State::Connected;
+                    if silence > lease_limit {
+                        tracing::warn!(
+                            ?silence,
+                            down,
+                            "NATS unreachable too long to heartbeat; lease lost"
+                        );
+                        lost.store(true, std::sync::atomic::Ordering::SeqCst);
+                        // No grace: the redelivered copy may start a third of a deadline on.
+                        ctx.cancel_now();
+                        return;
+                    }
+                }
+            }))
+        };
         let mut stop: Option<Stop> = None;
+        let mut stopping = false;
         let abort = tokio::time::sleep(Duration::from_secs(86_400 * 365));
         let mut aborted = false;
         let mut unsaved: Option<Progress> = None;
@@ -454,14 +483,8 @@ impl Delivery {
                 }
                 () = control.woken() => look_now = true,
                 _ = lease.tick() => {
-                    if w.client.connection_state() == State::Connected {
-                        down_since = None;
-                    } else {
-                        let since = *down_since.get_or_insert_with(Instant::now);
-                        if since.elapsed() > lease_limit && stop.is_none() {
-                            tracing::warn!("NATS unreachable too long to heartbeat; lease lost");
-                            stop = Some(Stop::LeaseLost);
-                        }
+                    if lease_lost.load(std::sync::atomic::Ordering::SeqCst) && stop.is_none() {
+                        stop = Some(Stop::LeaseLost);
                     }
                 }
                 _ = heartbeat.tick() => {
@@ -519,11 +542,16 @@ impl Delivery {
                     Look::Run | Look::Pause | Look::Unknown => {}
                 }
             }
-            if stop.is_some() && !ctx.is_cancelled() {
+            if stop.is_some() && !stopping {
+                stopping = true;
                 ctx.cancel();
                 abort.as_mut().reset(Instant::now() + w.config.kill_grace() + ABORT_SLACK);
             }
         };
+        if stop.is_none() && lease_lost.load(std::sync::atomic::Ordering::SeqCst) {
+            // The watcher stopped the handler before the loop saw the flag.
+            stop = Some(Stop::LeaseLost);
+        }
         // Everything reported goes out before the terminal events, so order holds; the latest
         // progress rides along with the terminal write, which starts from this record.
         let last = ctx.take();

@@ -15,6 +15,7 @@ use claw_proto::spec::Limits;
 use serde::Deserialize;
 
 use crate::Error;
+use crate::limits::IsolationConfig;
 
 /// A worker's configuration (see the module doc for the file format).
 #[derive(Clone, Debug, Deserialize)]
@@ -23,12 +24,22 @@ pub struct Config {
     /// Shows in task records (`worker`) and logs. Default `<hostname>-<pid>`.
     #[serde(default = "default_name")]
     pub name: String,
-    /// Concurrent short tasks (in-process). 0 disables the class on this worker.
-    #[serde(default = "default_short_slots")]
-    pub short_slots: usize,
-    /// Concurrent long tasks (child processes). 0 disables the class on this worker.
-    #[serde(default = "default_long_slots")]
-    pub long_slots: usize,
+    /// A fixed number of concurrent short tasks (in-process): `[pools.short]` with
+    /// min = max = this. 0 disables the class on this worker.
+    #[serde(default)]
+    pub short_slots: Option<usize>,
+    /// A fixed number of concurrent long tasks (child processes), like `short_slots`.
+    #[serde(default)]
+    pub long_slots: Option<usize>,
+    /// `[pools.short]`, `[pools.long]`: the range each pool's slot count moves in.
+    #[serde(default)]
+    pub pools: PoolsConfig,
+    /// `[sizing]`: how the slot counts follow the backlog and the worker's memory.
+    #[serde(default = "SizingConfig::standard")]
+    pub sizing: SizingConfig,
+    /// `[isolation]`: limits of the child processes tasks run in.
+    #[serde(default = "IsolationConfig::standard")]
+    pub isolation: IsolationConfig,
     /// The lane consumers' ack deadline: a dead worker's task comes back after this long.
     /// A float so tests can use a second or two.
     #[serde(default = "default_ack_deadline_s")]
@@ -54,6 +65,59 @@ pub struct Config {
     /// The `llm` kind's endpoint; without it the worker does not run `llm` tasks.
     #[serde(default)]
     pub llm: Option<crate::kinds::llm::LlmConfig>,
+}
+
+/// `[pools]`.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolsConfig {
+    #[serde(default)]
+    pub short: PoolRange,
+    #[serde(default)]
+    pub long: PoolRange,
+}
+
+/// `[pools.<class>]`: absent keys take the class's default (short 50-50, long 2-10).
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolRange {
+    pub min: Option<usize>,
+    pub max: Option<usize>,
+}
+
+/// `[sizing]`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SizingConfig {
+    /// Seconds between two looks at the backlog and the memory.
+    #[serde(default = "default_sizing_interval_s")]
+    pub interval_s: f64,
+    /// Above this resident set size (MiB) of the worker process, pools do not grow and shrink
+    /// toward what is busy. 0: no memory rule.
+    #[serde(default = "default_memory_soft_mb")]
+    pub memory_soft_mb: u64,
+}
+
+impl SizingConfig {
+    pub fn standard() -> SizingConfig {
+        SizingConfig {
+            interval_s: default_sizing_interval_s(),
+            memory_soft_mb: default_memory_soft_mb(),
+        }
+    }
+
+    pub fn interval(&self) -> Duration {
+        Duration::from_secs_f64(self.interval_s)
+    }
+}
+
+fn default_sizing_interval_s() -> f64 {
+    5.0
+}
+
+fn default_memory_soft_mb() -> u64 {
+    // Below the plan's 500 MB so the worker stops taking on work before it gets there.
+    400
 }
 
 /// Retry backoff of retryable failures: attempt k waits the k-th step of an exponential backoff.
@@ -115,6 +179,15 @@ impl Config {
 
     fn check(&self) -> Result<(), Error> {
         let positive = |v: f64| v.is_finite() && v > 0.0;
+        if !positive(self.sizing.interval_s) {
+            return Err(Error::Config("sizing.interval_s must be a positive number".into()));
+        }
+        for class in Class::ALL {
+            let (min, max) = self.pool_range(class);
+            if min > max {
+                return Err(Error::Config(format!("pools.{class}: min {min} is above max {max}")));
+            }
+        }
         if !positive(self.ack_deadline_s) {
             return Err(Error::Config("ack_deadline_s must be a positive number".into()));
         }
@@ -148,11 +221,25 @@ impl Config {
         Duration::from_secs_f64(self.drain_s)
     }
 
+    /// The most slots of `class`; 0: the class is disabled on this worker.
     pub fn slots(&self, class: Class) -> usize {
-        match class {
-            Class::Short => self.short_slots,
-            Class::Long => self.long_slots,
+        self.pool_range(class).1
+    }
+
+    /// `(min, max)` slots of `class`'s pool: `<class>_slots` fixes both, else `[pools.<class>]`
+    /// with the class's defaults (short 50-50, long 2-10). A min above an explicit max is
+    /// lowered to it.
+    pub fn pool_range(&self, class: Class) -> (usize, usize) {
+        let (fixed, range, (dmin, dmax)) = match class {
+            Class::Short => (self.short_slots, &self.pools.short, (50, 50)),
+            Class::Long => (self.long_slots, &self.pools.long, (2, 10)),
+        };
+        if let Some(n) = fixed {
+            return (n, n);
         }
+        let max = range.max.unwrap_or(dmax);
+        let min = range.min.unwrap_or(dmin.min(max));
+        (min, max)
     }
 
     pub fn admission_limits(&self) -> Limits {
@@ -221,16 +308,6 @@ fn default_name() -> String {
     format!("{host}-{}", std::process::id())
 }
 
-fn default_short_slots() -> usize {
-    // The plan's "at most 50 concurrent tasks per worker".
-    50
-}
-
-fn default_long_slots() -> usize {
-    // Each long task is a process; a handful keeps a small host responsive.
-    4
-}
-
 fn default_ack_deadline_s() -> f64 {
     30.0
 }
@@ -286,7 +363,9 @@ mod tests {
     #[test]
     fn an_empty_file_is_a_working_config() {
         let c = Config::from_toml_str("").unwrap();
-        assert_eq!((c.short_slots, c.long_slots), (50, 4));
+        assert_eq!((c.pool_range(Class::Short), c.pool_range(Class::Long)), ((50, 50), (2, 10)));
+        assert_eq!(c.isolation.memory_mb, 500);
+        assert_eq!(c.sizing.interval(), Duration::from_secs(5));
         assert_eq!(c.ack_deadline(), Duration::from_secs(30));
         assert_eq!(c.retry.initial_ms, 1000);
         assert_eq!(c.admission_limits().short_timeout_cap_s, 300);
@@ -312,7 +391,7 @@ mod tests {
             "#,
         )
         .unwrap();
-        assert_eq!((c.name.as_str(), c.short_slots, c.long_slots), ("w1", 1, 0));
+        assert_eq!((c.name.as_str(), c.slots(Class::Short), c.slots(Class::Long)), ("w1", 1, 0));
         assert_eq!(c.ack_deadline(), Duration::from_millis(1500));
         assert_eq!((c.retry.initial_ms, c.retry.max_ms), (200, 300_000));
         let p = &c.programs["hello"];
@@ -324,5 +403,9 @@ mod tests {
         assert!(Config::from_toml_str("short_slot = 3").is_err());
         assert!(Config::from_toml_str("ack_deadline_s = 0").is_err());
         assert!(Config::from_toml_str("[retry]\njitter = 1.5").is_err());
+        assert!(Config::from_toml_str("[pools.long]\nmin = 5\nmax = 3").is_err());
+        assert!(Config::from_toml_str("[isolation]\nmemory = 3").is_err());
+        let c = Config::from_toml_str("[pools.long]\nmax = 1\n[pools.short]\nmin = 4").unwrap();
+        assert_eq!((c.pool_range(Class::Long), c.pool_range(Class::Short)), ((1, 1), (4, 50)));
     }
 }

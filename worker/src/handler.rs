@@ -10,6 +10,7 @@
 //! thawed by the worker with signals instead ([`crate::process`]).
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use claw_proto::kinds::Catalog;
@@ -18,6 +19,8 @@ use futures::future::BoxFuture;
 use serde_json::Value;
 use tokio::sync::watch;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
+
+use crate::limits::ChildLimits;
 
 /// A task kind. Register it in a [`Registry`] and pass that to [`crate::run_with`]; a custom
 /// worker binary must also route `__run-task` to [`crate::child::run_task_main_with`] so its
@@ -60,32 +63,79 @@ impl Pending {
     }
 }
 
+/// Most output bytes buffered between two flushes of an attempt (about 2.5 MB/s per task at
+/// the flush rate); also keeps each `output` event well under NATS's 1 MB payload limit.
+pub const MAX_PENDING_OUTPUT: usize = 256 * 1024;
+
+/// What a context buffers: the reports, and how much output did not fit.
+#[derive(Debug, Default)]
+struct Buffer {
+    pending: Pending,
+    dropped: u64,
+}
+
 /// A handler's view of its attempt: report progress and output, observe cancellation and pause.
 #[derive(Clone, Debug)]
 pub struct Context {
     cancel: CancellationToken,
     // A std mutex: reports are tiny critical sections that never cross an await, and handlers
     // can report from sync code.
-    pending: Arc<Mutex<Pending>>,
+    pending: Arc<Mutex<Buffer>>,
+    /// The limits of child processes this attempt starts ([`crate::process::run`]).
+    limits: Option<ChildLimits>,
+    /// Set with the cancellation when there is no time for a grace period (a lost lease):
+    /// child processes are killed at once.
+    urgent: Arc<AtomicBool>,
     // A watch rather than a flag: waiters (checkpoints, the process supervisor) wake on change.
     paused: Arc<watch::Sender<bool>>,
 }
 
 impl Context {
     pub fn new(cancel: CancellationToken) -> Context {
-        Context { cancel, pending: Arc::default(), paused: Arc::new(watch::Sender::new(false)) }
+        Context {
+            cancel,
+            pending: Arc::default(),
+            limits: None,
+            urgent: Arc::default(),
+            paused: Arc::new(watch::Sender::new(false)),
+        }
+    }
+
+    /// The same context, whose child processes get `limits`.
+    pub fn with_child_limits(mut self, limits: ChildLimits) -> Context {
+        self.limits = Some(limits);
+        self
+    }
+
+    /// The limits child processes of this attempt get (none when not run by a worker).
+    pub fn child_limits(&self) -> Option<ChildLimits> {
+        self.limits
     }
 
     /// Reports progress; `fraction` is clamped to 0..=1. Only the latest report of a burst is
     /// published.
     pub fn progress(&self, fraction: f64, message: Option<String>) {
         let fraction = if fraction.is_finite() { fraction.clamp(0.0, 1.0) } else { 0.0 };
-        self.lock().progress = Some(Progress { fraction, message });
+        self.lock().pending.progress = Some(Progress { fraction, message });
     }
 
-    /// Streams text; bursts are concatenated into one `output` event.
+    /// Streams text; bursts are concatenated into one `output` event. At most
+    /// [`MAX_PENDING_OUTPUT`] bytes wait between two flushes; the rest is dropped (and counted
+    /// in a note in the next event), so a program that prints gigabytes costs the worker a
+    /// bounded buffer, not its memory.
     pub fn output(&self, text: &str) {
-        self.lock().output.push_str(text);
+        let mut buffer = self.lock();
+        let room = MAX_PENDING_OUTPUT.saturating_sub(buffer.pending.output.len());
+        if text.len() <= room {
+            buffer.pending.output.push_str(text);
+            return;
+        }
+        let mut cut = room;
+        while !text.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        buffer.pending.output.push_str(&text[..cut]);
+        buffer.dropped += (text.len() - cut) as u64;
     }
 
     pub fn cancelled(&self) -> WaitForCancellationFuture<'_> {
@@ -98,6 +148,17 @@ impl Context {
 
     pub(crate) fn cancel(&self) {
         self.cancel.cancel()
+    }
+
+    /// Cancels without a grace period: child processes get SIGKILL, not SIGTERM first.
+    pub(crate) fn cancel_now(&self) {
+        self.urgent.store(true, Ordering::SeqCst);
+        self.cancel.cancel()
+    }
+
+    /// Whether the cancellation allows no grace period ([`Context::cancel_now`]).
+    pub(crate) fn is_urgent(&self) -> bool {
+        self.urgent.load(Ordering::SeqCst)
     }
 
     /// Waits while the task is paused; returns at once when it is not, and as soon as the
@@ -130,10 +191,16 @@ impl Context {
 
     /// Takes what was reported since the last call.
     pub(crate) fn take(&self) -> Pending {
-        std::mem::take(&mut *self.lock())
+        let mut buffer = self.lock();
+        let mut pending = std::mem::take(&mut buffer.pending);
+        let dropped = std::mem::take(&mut buffer.dropped);
+        if dropped > 0 {
+            pending.output.push_str(&format!("\n[claw: {dropped} bytes of output dropped]\n"));
+        }
+        pending
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Pending> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Buffer> {
         // A poisoned lock only means a reporter panicked mid-push; the data is still usable.
         self.pending.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -177,6 +244,24 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
+
+    #[test]
+    fn output_between_flushes_is_bounded() {
+        let ctx = Context::new(CancellationToken::new());
+        let chunk = "é".repeat(50_000); // 100 kB, two bytes a char
+        for _ in 0..100 {
+            ctx.output(&chunk);
+        }
+        let p = ctx.take();
+        assert!(p.output.len() < MAX_PENDING_OUTPUT + 100, "{}", p.output.len());
+        assert!(
+            p.output.ends_with("bytes of output dropped]\n"),
+            "{}",
+            &p.output[p.output.len() - 60..]
+        );
+        ctx.output("next");
+        assert_eq!(ctx.take().output, "next");
+    }
 
     #[tokio::test]
     async fn checkpoint_waits_while_paused_and_not_once_cancelled() {

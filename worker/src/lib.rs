@@ -7,7 +7,10 @@
 //! `tasks` bucket), `control` (routing the gateway's cancel/pause/resume wake-ups to running
 //! attempts), [`events`] (progress subject), [`dlq`] (dead letters), [`handler`] (the
 //! `Handler` trait and its context), [`kinds`] (`sleep`, `exec`), [`process`] and [`protocol`]
-//! (running a child and reading its JSON lines), [`child`] (the `__run-task` side), `error`.
+//! (running a child and reading its JSON lines), [`limits`] (`[isolation]`: the child's rlimits,
+//! the process-count watchdog, naming a limit failure), [`child`] (the `__run-task` side),
+//! [`sizing`] (pool sizes from backlog and memory), [`status`] (`claw.worker.status`), `lease`
+//! (the worker's contact with the server, which times every attempt's lease), `error`.
 //!
 //! [`run`] is what `claw-worker` and `claw up` call; a team's own worker binary calls
 //! [`run_with`] with its own [`Registry`].
@@ -21,11 +24,15 @@ mod error;
 pub mod events;
 pub mod handler;
 pub mod kinds;
+mod lease;
+pub mod limits;
 pub mod outcome;
 pub mod pool;
 pub mod process;
 pub mod protocol;
 mod record;
+pub mod sizing;
+pub mod status;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -78,20 +85,24 @@ pub async fn run_with(
         ack_deadline,
         hand_back: CancellationToken::new(),
         controls: Arc::new(Controls::default()),
+        contact: Arc::new(lease::Contact::new()),
         config,
     });
+    let _probe = lease::probe(&client, worker.contact.clone(), ack_deadline).await?;
     // Before any pool starts, so no attempt runs without its wake-ups; ends with this function.
     let _control = control::listen(&client, worker.controls.clone()).await?;
     let tracker = TaskTracker::new();
     let mut pools = Vec::new();
+    let mut slots = Vec::new();
     for class in Class::ALL {
-        let slots = worker.config.slots(class);
-        if slots == 0 {
+        if worker.config.slots(class) == 0 {
             continue;
         }
-        let pool = Pool::new(worker.clone(), &topology, class, slots).await?;
+        let pool = Pool::new(worker.clone(), &topology, class).await?;
+        slots.push(pool.slots());
         pools.push(tokio::spawn(pool.run(tracker.clone(), shutdown.clone())));
     }
+    let _status = status::listen(&client, &worker.config.name, slots).await?;
     tracing::info!(worker = %worker.config.name, "worker running");
 
     shutdown.cancelled().await;

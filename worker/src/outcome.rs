@@ -74,7 +74,12 @@ pub fn decide(outcome: Outcome, attempt: u32, max_attempts: u32, retry: &RetryCo
             let error = TaskError::new("deadline_exceeded", message, false);
             return Decision::GiveUp { error, cause: Cause::Timeout, reason: reason::DEADLINE };
         }
-        Outcome::Failed(error) => (error, Cause::Error),
+        Outcome::Failed(error) => {
+            // A resource limit ended it (`limit_memory`, ...): retried like any failure, so it
+            // counts toward max_attempts, but the record says which limit.
+            let cause = if error.code.starts_with("limit_") { Cause::Limit } else { Cause::Error };
+            (error, cause)
+        }
     };
     if !error.retryable {
         return Decision::GiveUp { error, cause, reason: reason::NON_RETRYABLE };

@@ -15,12 +15,13 @@ use async_nats::jetstream::consumer::PullConsumer;
 use claw_proto::Class;
 use claw_proto::topology::{self, Lane, Topology};
 use futures::StreamExt;
-use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{Notify, OwnedSemaphorePermit};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::{AbortOnDropHandle, TaskTracker};
 
 use crate::Error;
 use crate::attempt::{self, Worker};
+use crate::sizing::{self, Slots};
 
 /// A lower lane that was passed over this many sweeps in a row, while higher lanes took every
 /// free slot, goes first in the next sweep. 16 keeps strict priority for any burst that clears
@@ -36,8 +37,8 @@ pub const IDLE_RESWEEP: Duration = Duration::from_secs(1);
 pub(crate) struct Pool {
     class: Class,
     worker: Arc<Worker>,
-    /// The class's slots (`short_slots` / `long_slots`): one permit per running attempt.
-    slots: Arc<Semaphore>,
+    /// The class's slots: one permit per running attempt; resized by [`crate::sizing`].
+    slots: Arc<Slots>,
     lanes: [(Lane, PullConsumer); 3],
     doorbell: Arc<Notify>,
     /// The task draining the doorbell subscription; ends (unsubscribing) with the pool.
@@ -54,8 +55,8 @@ impl Pool {
         worker: Arc<Worker>,
         topology: &Topology,
         class: Class,
-        slots: usize,
     ) -> Result<Pool, Error> {
+        let (min, max) = worker.config.pool_range(class);
         let mut lanes = Vec::with_capacity(3);
         for lane in Lane::of_class(class) {
             lanes.push((lane, topology.lane_consumer(lane).await?));
@@ -81,7 +82,7 @@ impl Pool {
         Ok(Pool {
             class,
             worker,
-            slots: Arc::new(Semaphore::new(slots)),
+            slots: Slots::new(class, min, max),
             lanes,
             doorbell,
             _ringer: ringer,
@@ -90,20 +91,37 @@ impl Pool {
         })
     }
 
-    /// Pulls until `shutdown`; attempts are spawned on `tracker` and outlive the loop.
+    /// The pool's slots, for the status endpoint.
+    pub(crate) fn slots(&self) -> Arc<Slots> {
+        self.slots.clone()
+    }
+
+    /// Pulls until `shutdown`; attempts are spawned on `tracker` and outlive the loop. The
+    /// sizer runs alongside and stops with the loop.
     pub(crate) async fn run(mut self, tracker: TaskTracker, shutdown: CancellationToken) {
-        tracing::info!(class = %self.class, slots = self.slots.available_permits(), "pool started");
+        let status = self.slots.status();
+        tracing::info!(class = %self.class, size = status.size, min = status.min, max = status.max, "pool started");
+        let lanes = self.lanes.iter().map(|(_, c)| c.clone()).collect();
+        let sizing = self.worker.config.sizing.clone();
+        let _sizer =
+            AbortOnDropHandle::new(tokio::spawn(sizing::run(self.slots.clone(), lanes, sizing)));
+        let sem = self.slots.semaphore();
         loop {
             let first = tokio::select! {
                 () = shutdown.cancelled() => break,
-                permit = self.slots.clone().acquire_owned() => match permit {
+                permit = sem.clone().acquire_owned() => match permit {
                     Ok(permit) => permit,
                     Err(_) => break, // never closed
                 },
             };
             let mut permits = vec![first];
-            while let Ok(permit) = self.slots.clone().try_acquire_owned() {
+            while let Ok(permit) = sem.clone().try_acquire_owned() {
                 permits.push(permit);
+            }
+            // A shrinking pool forgets the permits that came back; with none left, wait again.
+            self.slots.trim(&mut permits);
+            if permits.is_empty() {
+                continue;
             }
             let started = self.sweep(&mut permits, &tracker).await;
             drop(permits);

@@ -19,6 +19,7 @@ use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWri
 use tokio::process::Command;
 
 use crate::handler::Context;
+use crate::limits;
 use crate::protocol::{self, Line};
 
 /// How much of stderr is kept for the error message: enough for a stack trace's last frames.
@@ -72,6 +73,11 @@ pub async fn run(spawn: Spawn, ctx: &Context, kill_grace: Duration) -> Result<Va
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true);
+    let limits = ctx.child_limits().unwrap_or_default();
+    if ctx.child_limits().is_some() {
+        limits::install(&mut cmd, limits);
+    }
+    let started = std::time::Instant::now();
     let mut child = cmd.spawn().map_err(|e| {
         let message = format!("cannot start {}: {e}", spawn.program.display());
         TaskError::new("spawn_failed", message, false)
@@ -97,11 +103,23 @@ pub async fn run(spawn: Spawn, ctx: &Context, kill_grace: Duration) -> Result<Va
     paused.mark_changed();
     let mut frozen = false;
     let mut follow_pause = true;
+    let mut watchdog = tokio::time::interval(limits::WATCH_INTERVAL);
+    watchdog.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let status = loop {
         tokio::select! {
             status = child.wait() => break status,
+            _ = watchdog.tick(), if limits.processes.is_some() => {
+                let max = limits.processes.unwrap_or(u64::MAX);
+                let count = limits::group_size(pgid.as_raw());
+                if count as u64 > max {
+                    tracing::warn!(pgid = pgid.as_raw(), count, max, "too many processes; killing the group");
+                    stop_group(pgid, &mut child, Duration::ZERO, frozen).await;
+                    return Err(limits::too_many_processes(count, max));
+                }
+            }
             () = ctx.cancelled() => {
-                stop_group(pgid, &mut child, kill_grace, frozen).await;
+                let grace = if ctx.is_urgent() { Duration::ZERO } else { kill_grace };
+                stop_group(pgid, &mut child, grace, frozen).await;
                 return Err(TaskError::new("stopped", "the attempt was stopped", true));
             }
             changed = paused.changed(), if follow_pause => {
@@ -136,6 +154,12 @@ pub async fn run(spawn: Spawn, ctx: &Context, kill_grace: Duration) -> Result<Va
         }
     };
     let status = status.map_err(|e| TaskError::new("wait_failed", e.to_string(), true))?;
+    if error.is_none()
+        && !status.success()
+        && let Some(limit) = limits::classify(status, &tail, &limits, started.elapsed())
+    {
+        return Err(limit);
+    }
     outcome(status, result, error, &tail)
 }
 

@@ -1,0 +1,67 @@
+//! The worker's status over NATS: every worker answers requests on `claw.worker.status` (all
+//! workers answer: gather the replies, e.g. `nats req claw.worker.status '' --replies 0`) and on
+//! `claw.worker.<name>.status` (this worker only; `.`, `*`, `>` and spaces in the name become
+//! `_`), with a JSON [`WorkerStatus`].
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use async_nats::Client;
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+use tokio_util::task::AbortOnDropHandle;
+
+use crate::Error;
+use crate::sizing::{PoolStatus, Slots, rss_bytes};
+
+/// The subject every worker answers on.
+pub const ALL_SUBJECT: &str = "claw.worker.status";
+
+/// The subject only the worker called `name` answers on.
+pub fn subject_of(name: &str) -> String {
+    let token: String =
+        name.chars().map(|c| if matches!(c, '.' | '*' | '>' | ' ') { '_' } else { c }).collect();
+    format!("claw.worker.{token}.status")
+}
+
+/// One worker's answer.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkerStatus {
+    pub name: String,
+    /// By class (`short`, `long`); a class this worker does not run is absent.
+    pub pools: BTreeMap<String, PoolStatus>,
+    /// The worker process's resident set size.
+    pub rss_bytes: u64,
+}
+
+/// Answers status requests until the returned handle is dropped.
+pub(crate) async fn listen(
+    client: &Client,
+    name: &str,
+    pools: Vec<Arc<Slots>>,
+) -> Result<AbortOnDropHandle<()>, Error> {
+    let mut subs = Vec::new();
+    for subject in [ALL_SUBJECT.to_owned(), subject_of(name)] {
+        let sub = client
+            .subscribe(subject.clone())
+            .await
+            .map_err(|e| Error::nats(format!("subscribe {subject}"), e))?;
+        subs.push(sub);
+    }
+    let mut requests = futures::stream::select_all(subs);
+    let (client, name) = (client.clone(), name.to_owned());
+    Ok(AbortOnDropHandle::new(tokio::spawn(async move {
+        while let Some(msg) = requests.next().await {
+            let Some(reply) = msg.reply else { continue };
+            let status = WorkerStatus {
+                name: name.clone(),
+                pools: pools.iter().map(|s| (s.class.to_string(), s.status())).collect(),
+                rss_bytes: rss_bytes(),
+            };
+            let body = serde_json::to_vec(&status).unwrap_or_default();
+            if let Err(e) = client.publish(reply, body.into()).await {
+                tracing::debug!(error = %e, "could not answer a status request");
+            }
+        }
+    })))
+}
