@@ -219,6 +219,13 @@ async fn llm_tokens_stream_as_output_events_in_order_and_the_result_is_whole() {
     assert_eq!(result["text"], TOKENS[..3].concat());
     assert_eq!(result["finish_reason"], "length");
     assert_eq!(fake.seen("capped")[0].body["model"], "other");
+
+    // A long-class llm task runs in the worker too (a `__run-task` child has no endpoint).
+    let id =
+        submit(&topology, json!({"kind": "llm", "class": "long", "input": {"prompt": "long one"}}))
+            .await;
+    let r = wait_status(&topology, &id, Status::Succeeded).await;
+    assert_eq!(r.result.unwrap()["text"], full);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -395,7 +395,8 @@ impl Delivery {
         };
         let limits = w.config.isolation.for_attempt(task.timeout_s);
         let ctx = Context::new(CancellationToken::new()).with_child_limits(limits);
-        let in_child = task.class == Class::Long && !handler.spawns_process();
+        let in_child =
+            task.class == Class::Long && !handler.spawns_process() && handler.runs_in_child();
         let mut join = {
             let (ctx, runner, grace) = (ctx.clone(), w.runner.clone(), w.config.kill_grace());
             tokio::spawn(async move {

@@ -40,6 +40,13 @@ pub trait Handler: Send + Sync + 'static {
         false
     }
 
+    /// Whether long-class tasks of this kind may run in a `__run-task` child. A kind that needs
+    /// the worker's configuration or secrets (the `llm` endpoint and key), which a child does
+    /// not get, answers false and runs in-process in either class; it only waits on a socket.
+    fn runs_in_child(&self) -> bool {
+        true
+    }
+
     /// Runs one attempt. `task.attempt` is the attempt number (1-based). Return promptly once
     /// `ctx.cancelled()` fires; what is returned after that is ignored. Await
     /// `ctx.checkpoint()` between steps so a paused task stops there until resumed.

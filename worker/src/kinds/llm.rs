@@ -187,6 +187,12 @@ impl Handler for Llm {
         "llm"
     }
 
+    /// A `__run-task` child has neither the endpoint nor the key, and an LLM call only waits on
+    /// a socket: long-class `llm` tasks run in-process too.
+    fn runs_in_child(&self) -> bool {
+        false
+    }
+
     fn run<'a>(
         &'a self,
         task: &'a TaskRecord,
