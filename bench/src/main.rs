@@ -55,8 +55,14 @@ struct Args {
     /// Events published to that session for the fan-out figure.
     #[arg(long, default_value_t = 10000)]
     fanout_events: usize,
-    /// Run only the task figures or only the WebSocket figures.
-    #[arg(long, value_parser = ["tasks", "ws"])]
+    /// Concurrent I/O-bound tasks in one worker for the concurrency figure.
+    #[arg(long, default_value_t = 10000)]
+    concurrent: usize,
+    /// How long each of those tasks sleeps.
+    #[arg(long, default_value_t = 10.0)]
+    sleep_s: f64,
+    /// Run only one group of figures.
+    #[arg(long, value_parser = ["tasks", "ws", "concurrency"])]
     only: Option<String>,
 }
 
@@ -80,6 +86,11 @@ fn free_port() -> anyhow::Result<u16> {
 }
 
 async fn start_system() -> anyhow::Result<System> {
+    start_system_with("").await
+}
+
+/// Starts `claw up` with `worker_toml` as the worker's configuration.
+async fn start_system_with(worker_toml: &str) -> anyhow::Result<System> {
     let exe = std::env::current_exe()?;
     let claw = exe.parent().context("exe dir")?.join("claw");
     if !claw.is_file() {
@@ -88,8 +99,12 @@ async fn start_system() -> anyhow::Result<System> {
     let dir = tempfile::Builder::new().prefix("claw-bench-").tempdir()?;
     let port = free_port()?;
     let nats_port = free_port()?;
+    let worker_config = dir.path().join("worker.toml");
+    std::fs::write(&worker_config, worker_toml)?;
     let child = Command::new(&claw)
         .arg("up")
+        .arg("--worker-config")
+        .arg(&worker_config)
         .arg("--data")
         .arg(dir.path())
         .arg("--http")
@@ -261,16 +276,67 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     println!("| measure | n | result | | |");
     println!("|---|---|---|---|---|");
-    if args.only.as_deref() != Some("ws") {
+    let run = |group: &str| args.only.as_deref().is_none_or(|only| only == group);
+    if run("tasks") {
         tasks(&args).await?;
     }
-    if args.only.as_deref() != Some("tasks") {
+    if run("concurrency") {
+        concurrency(&args).await?;
+    }
+    if run("ws") {
         let system = start_system().await?;
         ws::idle(&system.url, system.child.id(), args.ws_connections, args.ws_sessions).await?;
         drop(system);
         let system = start_system().await?;
         ws::fanout(&system.url, &system.nats_url, args.fanout_clients, args.fanout_events).await?;
     }
+    Ok(())
+}
+
+/// `n` tasks that each sleep `sleep_s`, all running at once in one worker process with `n`
+/// short slots: the time until every one is archived, and the peak RSS of the `claw up` process
+/// (gateway, worker and archiver; the nats-server is a separate process).
+async fn concurrency(args: &Args) -> anyhow::Result<()> {
+    let n = args.concurrent;
+    let system = start_system_with(&format!("short_slots = {n}\n")).await?;
+    let pid = system.child.id();
+    let idle = ws::rss_kib(pid)?;
+    let client = async_nats::connect(&system.nats_url).await?;
+    let js = async_nats::jetstream::new(client);
+    let task = format!(r#"{{"kind":"sleep","input":{{"seconds":{}}}}}"#, args.sleep_s);
+    let started = Instant::now();
+    let mut acks = futures::stream::FuturesUnordered::new();
+    for _ in 0..n {
+        if acks.len() >= 4096 {
+            futures::StreamExt::next(&mut acks).await.context("ack stream")??;
+        }
+        let ack = js.publish("tasks.short.normal", task.clone().into()).await?;
+        acks.push(std::future::IntoFuture::into_future(ack));
+    }
+    while let Some(ack) = futures::StreamExt::next(&mut acks).await {
+        ack?;
+    }
+    let mut peak = idle;
+    let deadline = Instant::now() + Duration::from_secs(600);
+    loop {
+        peak = peak.max(ws::rss_kib(pid)?);
+        if archived(&system.db).await.unwrap_or(0) >= n as i64 {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("not all {n} tasks archived after 600 s");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let elapsed = started.elapsed();
+    println!(
+        "| concurrent sleep({} s) tasks in one worker ({n} short slots) | {n} | all done in {:.1} s | peak RSS {:.0} MiB (idle {:.0} MiB) | {:.1} KiB per task |",
+        args.sleep_s,
+        elapsed.as_secs_f64(),
+        peak as f64 / 1024.0,
+        idle as f64 / 1024.0,
+        (peak - idle) as f64 / n as f64,
+    );
     Ok(())
 }
 
