@@ -8,6 +8,7 @@ mod control;
 mod control_worker;
 mod custom_kind;
 mod gateway;
+mod interop;
 mod isolation;
 mod llm;
 mod pipeline;
