@@ -27,11 +27,7 @@ struct Cli {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .init();
+    claw_proto::logs::init();
     let client = connect::connect(&cli.nats, "claw-gateway").await?;
     let topology = topology::ensure(&connect::jetstream(client), &cli.topology).await?;
     let listener = tokio::net::TcpListener::bind(cli.http)

@@ -5,7 +5,8 @@
 //! built-in kinds, validated at the edge), [`event`] (what goes out on `progress.>`), [`api`]
 //! (request/reply payloads), [`topology`] (subjects, streams, consumers, the `tasks` bucket and the
 //! one idempotent `ensure`), [`connect`] (how every process dials NATS) and [`nats_server`]
-//! (finding and starting a local nats-server for `claw up` and the tests).
+//! (finding and starting a local nats-server for `claw up` and the tests), [`logs`] (the
+//! binaries' log set-up, text or JSON).
 //!
 //! Only `topology`, `connect` and `nats_server` do I/O; the model modules are plain data.
 
@@ -14,6 +15,7 @@ pub mod connect;
 pub mod event;
 pub mod kinds;
 pub mod nats_server;
+pub mod logs;
 pub mod spec;
 pub mod task;
 pub mod topology;

@@ -30,11 +30,7 @@ fn main() -> anyhow::Result<()> {
         std::process::exit(child::run_task_main_with(claw_custom_worker::child_registry()));
     }
     let args = Args::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .init();
+    claw_proto::logs::init();
     let config = match &args.config {
         Some(path) => Config::load(path)?,
         None => Config::from_toml_str("")?,
