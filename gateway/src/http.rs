@@ -57,7 +57,8 @@ async fn submit(
             v.to_str().map_err(|_| Invalid::field("Idempotency-Key", "must be visible ASCII"))?,
         ),
     };
-    let submitted = tasks::submit(&app, &body, key).await?;
+    let trace = headers.get(claw_proto::trace::TRACEPARENT).and_then(|v| v.to_str().ok());
+    let submitted = tasks::submit(&app, &body, key, trace).await?;
     let status = if submitted.created { StatusCode::ACCEPTED } else { StatusCode::OK };
     Ok((status, Json(submitted.record)).into_response())
 }

@@ -113,7 +113,14 @@ async fn on_submit(app: &App, request: &Request) -> Result<Vec<u8>, Error> {
         .as_ref()
         .and_then(|h| h.get("Idempotency-Key"))
         .map(|v| v.as_str().to_owned());
-    let submitted = tasks::submit(app, &request.message.payload, key.as_deref()).await?;
+    let trace = request
+        .message
+        .headers
+        .as_ref()
+        .and_then(|h| h.get(claw_proto::trace::TRACEPARENT))
+        .map(|v| v.as_str().to_owned());
+    let submitted =
+        tasks::submit(app, &request.message.payload, key.as_deref(), trace.as_deref()).await?;
     json(&submitted.record)
 }
 

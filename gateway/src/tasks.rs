@@ -21,8 +21,10 @@ use claw_proto::event::Event;
 use claw_proto::spec::{Invalid, TaskSpec};
 use claw_proto::task::{TaskId, TaskRecord};
 use claw_proto::topology::{self, Lane, headers};
+use claw_proto::trace::{TRACEPARENT, TraceParent};
 use serde::de::DeserializeOwned;
 use time::OffsetDateTime;
+use tracing::Instrument;
 
 use crate::app::App;
 use crate::error::Error;
@@ -42,9 +44,13 @@ pub async fn submit(
     app: &App,
     body: &[u8],
     idempotency_key: Option<&str>,
+    traceparent: Option<&str>,
 ) -> Result<Submitted, Error> {
     let started = Instant::now();
-    let result = submit_inner(app, body, idempotency_key).await;
+    // The caller's trace, or a new one: the task message carries a child of it to the worker.
+    let trace = traceparent.and_then(TraceParent::parse).unwrap_or_else(TraceParent::generate);
+    let span = tracing::info_span!("submit", trace_id = %trace.trace_id);
+    let result = submit_inner(app, body, idempotency_key, &trace).instrument(span).await;
     let outcome = match &result {
         Ok(s) if s.created => "created",
         Ok(_) => "existing",
@@ -59,6 +65,7 @@ async fn submit_inner(
     app: &App,
     body: &[u8],
     idempotency_key: Option<&str>,
+    trace: &TraceParent,
 ) -> Result<Submitted, Error> {
     let spec = TaskSpec::parse(body)?;
     if let Some(key) = idempotency_key
@@ -74,9 +81,9 @@ async fn submit_inner(
     let record = spec.admit(id, OffsetDateTime::now_utc(), None, &app.catalog, &app.limits)?;
     app.ensure_connected()?;
     let submitted = if idempotency_key.is_some() || spec.id.is_some() {
-        submit_once(app, record).await?
+        submit_once(app, record, trace).await?
     } else {
-        submit_new(app, record).await?
+        submit_new(app, record, trace).await?
     };
     if submitted.created {
         announce(app, &submitted.record).await;
@@ -85,9 +92,13 @@ async fn submit_inner(
 }
 
 /// A fresh id: nobody else can hold this key, so publish and create are pipelined.
-async fn submit_new(app: &App, record: TaskRecord) -> Result<Submitted, Error> {
+async fn submit_new(
+    app: &App,
+    record: TaskRecord,
+    trace: &TraceParent,
+) -> Result<Submitted, Error> {
     let (message, value) = encode(&record)?;
-    let ack = publish(app, &record, message).await.map_err(|e| publish_error(e, app))?;
+    let ack = publish(app, &record, message, trace).await.map_err(|e| publish_error(e, app))?;
     let (ack, created) = tokio::join!(ack.into_future(), app.kv.create(record.id.as_str(), value));
     if let Err(e) = ack {
         if let Ok(revision) = created {
@@ -109,11 +120,15 @@ async fn submit_new(app: &App, record: TaskRecord) -> Result<Submitted, Error> {
 /// A caller-chosen id (idempotency key or explicit id): claim the key first, then publish, so
 /// a repeat finds the first task instead of queueing a second one. One extra round trip, paid
 /// only by callers who ask for idempotency.
-async fn submit_once(app: &App, record: TaskRecord) -> Result<Submitted, Error> {
+async fn submit_once(
+    app: &App,
+    record: TaskRecord,
+    trace: &TraceParent,
+) -> Result<Submitted, Error> {
     let (message, value) = encode(&record)?;
     match app.kv.create(record.id.as_str(), value).await {
         Ok(revision) => {
-            let result = match publish(app, &record, message).await {
+            let result = match publish(app, &record, message, trace).await {
                 Ok(ack) => ack.into_future().await,
                 Err(e) => Err(e),
             };
@@ -143,10 +158,12 @@ async fn publish(
     app: &App,
     record: &TaskRecord,
     message: Bytes,
+    trace: &TraceParent,
 ) -> Result<jetstream::context::PublishAckFuture, PublishError> {
     let mut headers = HeaderMap::new();
     // JetStream drops a second message with the same id inside its duplicate window.
     headers.insert(headers::MSG_ID, record.id.as_str());
+    headers.insert(TRACEPARENT, trace.child().to_header().as_str());
     let lane = Lane::new(record.class, record.priority);
     app.js.publish_with_headers(lane.subject(), headers, message).await
 }

@@ -84,9 +84,17 @@ async fn accepted_task_is_stored_queued_with_its_lane() {
     let topo = nats.topology(&test_settings()).await;
     let gw = Gateway::start(&topo, &[]).await;
 
-    let (status, body) =
-        post(&gw, json!({"kind": "sleep", "input": {"seconds": 1}, "priority": 9}).to_string())
-            .await;
+    // The caller's trace context travels with the task to the worker.
+    let trace = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let response = reqwest::Client::new()
+        .post(gw.url("/v1/tasks"))
+        .header("traceparent", trace)
+        .body(json!({"kind": "sleep", "input": {"seconds": 1}, "priority": 9}).to_string())
+        .send()
+        .await
+        .unwrap();
+    let status = response.status();
+    let body: Value = response.json().await.unwrap();
     assert_eq!(status, StatusCode::ACCEPTED, "{body}");
     assert_eq!(body["status"], "queued");
     assert_eq!((body["class"].as_str(), body["priority"].as_str()), (Some("short"), Some("high")));
@@ -96,6 +104,10 @@ async fn accepted_task_is_stored_queued_with_its_lane() {
     let msg = lane.get_last_raw_message_by_subject("tasks.short.high").await.unwrap();
     let spec: Value = serde_json::from_slice(&msg.payload).unwrap();
     assert_eq!(spec["id"], id);
+    let carried = msg.headers.get("traceparent").expect("traceparent on the task message");
+    let carried = claw_proto::trace::TraceParent::parse(carried.as_str()).unwrap();
+    assert_eq!(carried.trace_id, "4bf92f3577b34da6a3ce929d0e0e4736");
+    assert_ne!(carried.parent_id, "00f067aa0ba902b7", "a child span, not the caller's");
     let _ = lane.info().await;
 
     let record = reqwest::get(gw.url(&format!("/v1/tasks/{id}"))).await.unwrap();

@@ -114,7 +114,15 @@ pub(crate) async fn handle(
         let name = format!("{stream_seq}:{}", published.unix_timestamp_nanos());
         TaskId::derived("nats-msg", &name)
     });
-    let span = tracing::info_span!("task", task_id = %id, attempt, lane = %lane.consumer());
+    // The submitter's trace (W3C traceparent header), so the task's log lines join its trace.
+    let trace_id = msg
+        .headers
+        .as_ref()
+        .and_then(|h| h.get(claw_proto::trace::TRACEPARENT))
+        .and_then(|v| claw_proto::trace::TraceParent::parse(v.as_str()))
+        .map(|t| t.trace_id);
+    let span = tracing::info_span!("task", task_id = %id, attempt, lane = %lane.consumer(),
+        trace_id = trace_id.as_deref().unwrap_or(""));
     let delivery = Delivery { worker, lane, msg, attempt, id, published, stream_seq };
     delivery.run(spec, given_id.is_some()).instrument(span).await
 }

@@ -67,7 +67,7 @@ async fn run(app: &App, session: &Session, mut command: Map<String, Value>) -> R
             Some(_) => return Err(invalid(Some("idempotency_key"), "expected a string")),
         };
         let body = serde_json::to_vec(&task).map_err(|e| Error::Internal(e.to_string()))?;
-        let submitted = crate::tasks::submit(app, &body, key).await?;
+        let submitted = crate::tasks::submit(app, &body, key, None).await?;
         return Ok(Done { record: submitted.record, created: Some(submitted.created) });
     }
     let Some(verb) = Verb::ALL.into_iter().find(|v| v.as_str() == op) else {
