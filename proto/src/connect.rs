@@ -23,6 +23,28 @@ pub struct NatsArgs {
     pub nats_user: Option<String>,
     #[arg(long = "nats-password", env = "NATS_PASSWORD", hide_env_values = true)]
     pub nats_password: Option<String>,
+    /// A file holding an nkey seed (`SU...`) for nkey authentication.
+    #[arg(long = "nats-nkey", env = "NATS_NKEY")]
+    pub nats_nkey: Option<PathBuf>,
+    /// Prefix of this process's reply subjects (default `_INBOX`). With per-role users the
+    /// server lets each role subscribe only to its own inboxes (`_INBOX.<role>.>`), so no
+    /// client can read another's replies; see `nats/accounts/claw.conf`.
+    #[arg(long = "nats-inbox-prefix", env = "NATS_INBOX_PREFIX")]
+    pub nats_inbox_prefix: Option<String>,
+    /// CA certificate(s) (PEM) to verify the server with, instead of the system roots.
+    #[arg(long = "nats-tls-ca", env = "NATS_TLS_CA")]
+    pub nats_tls_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for mutual TLS, with --nats-tls-key.
+    #[arg(long = "nats-tls-cert", env = "NATS_TLS_CERT", requires = "nats_tls_key")]
+    pub nats_tls_cert: Option<PathBuf>,
+    /// The client certificate's private key (PEM).
+    #[arg(long = "nats-tls-key", env = "NATS_TLS_KEY", requires = "nats_tls_cert")]
+    pub nats_tls_key: Option<PathBuf>,
+    /// Refuse to talk to a server that does not offer TLS (implied by the other TLS flags
+    /// and by `tls://` URLs).
+    #[arg(long = "nats-tls-required", env = "NATS_TLS_REQUIRED",
+          value_parser = clap::builder::BoolishValueParser::new())]
+    pub nats_tls_required: bool,
 }
 
 impl NatsArgs {
@@ -33,6 +55,23 @@ impl NatsArgs {
             nats_token: None,
             nats_user: None,
             nats_password: None,
+            nats_nkey: None,
+            nats_inbox_prefix: None,
+            nats_tls_ca: None,
+            nats_tls_cert: None,
+            nats_tls_key: None,
+            nats_tls_required: false,
+        }
+    }
+
+    /// The same server as `self`, authenticated as `user` with `password`, with that role's
+    /// own inbox prefix `_INBOX.<user>` (what `nats/accounts/claw.conf` allows it to read).
+    pub fn with_user(&self, user: &str, password: &str) -> NatsArgs {
+        NatsArgs {
+            nats_user: Some(user.to_owned()),
+            nats_password: Some(password.to_owned()),
+            nats_inbox_prefix: Some(format!("_INBOX.{user}")),
+            ..self.clone()
         }
     }
 }
@@ -80,6 +119,23 @@ async fn connect_inner(args: &NatsArgs, name: &str) -> Result<Client, async_nats
     }
     if let (Some(user), Some(password)) = (&args.nats_user, &args.nats_password) {
         options = options.user_and_password(user.clone(), password.clone());
+    }
+    if let Some(path) = &args.nats_nkey {
+        let seed = std::fs::read_to_string(path)
+            .map_err(|e| format!("reading the nkey seed {}: {e}", path.display()))?;
+        options = options.nkey(seed.trim().to_owned());
+    }
+    if let Some(prefix) = &args.nats_inbox_prefix {
+        options = options.custom_inbox_prefix(prefix);
+    }
+    if let Some(ca) = &args.nats_tls_ca {
+        options = options.add_root_certificates(ca.clone()).require_tls(true);
+    }
+    if let (Some(cert), Some(key)) = (&args.nats_tls_cert, &args.nats_tls_key) {
+        options = options.add_client_certificate(cert.clone(), key.clone()).require_tls(true);
+    }
+    if args.nats_tls_required {
+        options = options.require_tls(true);
     }
     let urls: Vec<async_nats::ServerAddr> =
         args.nats_url.split(',').map(|u| u.trim().parse()).collect::<Result<_, _>>()?;

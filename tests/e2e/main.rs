@@ -4,6 +4,7 @@
 mod archiver;
 mod browser;
 mod cli;
+mod cluster;
 mod control;
 mod control_worker;
 mod custom_kind;
@@ -11,6 +12,7 @@ mod gateway;
 mod interop;
 mod isolation;
 mod llm;
+mod permissions;
 mod pipeline;
 mod topology;
 mod up;

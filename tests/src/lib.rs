@@ -421,3 +421,144 @@ pub fn python3() -> PathBuf {
         .expect("python3 runs");
     PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
 }
+
+// ---- Per-role NATS users (`nats/accounts/claw.conf`) and a 3-node JetStream cluster. ----
+
+/// The users of `nats/accounts/claw.conf`.
+pub const ROLES: [&str; 7] =
+    ["gateway", "worker", "archiver", "publisher", "operator", "admin", "sys"];
+
+/// The test password of `role`.
+pub fn role_password(role: &str) -> String {
+    format!("test-{role}-password")
+}
+
+/// Writes `<dir>/claw.conf`: `nats/accounts/claw.conf` verbatim, after definitions of its
+/// `$CLAW_<ROLE>_PASSWORD` variables (so the server needs no environment).
+pub fn write_role_config(dir: &Path) -> PathBuf {
+    let roles =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../nats/accounts/claw.conf"))
+            .expect("nats/accounts/claw.conf");
+    let mut text = String::new();
+    for role in ROLES {
+        text.push_str(&format!(
+            "CLAW_{}_PASSWORD: {:?}\n",
+            role.to_uppercase(),
+            role_password(role)
+        ));
+    }
+    text.push_str(&roles);
+    std::fs::create_dir_all(dir).expect("config dir");
+    let path = dir.join("claw.conf");
+    std::fs::write(&path, text).expect("write claw.conf");
+    path
+}
+
+impl Nats {
+    /// A server with the per-role users of `nats/accounts/claw.conf` (no anonymous access).
+    pub fn start_secure() -> Nats {
+        init_tracing();
+        let dir = TestDir::new();
+        let config = write_role_config(&dir.path().join("conf"));
+        let options = nats_server::Options {
+            config: Some(config),
+            ..nats_server::Options::in_dir(dir.path().join("nats"))
+        };
+        let server =
+            NatsServer::start(options).unwrap_or_else(|e| panic!("starting nats-server: {e}"));
+        Nats { server, dir }
+    }
+
+    /// Connection flags for `role`, with its own inbox prefix.
+    pub fn role(&self, role: &str) -> NatsArgs {
+        self.args().with_user(role, &role_password(role))
+    }
+
+    /// The topology as `role` sees it after `topology::ensure` (what each binary does at start).
+    pub async fn role_topology(&self, role: &str, settings: &Settings) -> Topology {
+        let client = connect::connect(&self.role(role), role).await.expect("connect as role");
+        topology::ensure(&connect::jetstream(client), settings)
+            .await
+            .unwrap_or_else(|e| panic!("ensure the topology as {role}: {e}"))
+    }
+}
+
+/// Three nats-server processes forming one JetStream cluster on loopback (configs written like
+/// `nats/cluster/n*.conf`, with free ports), each with its own store.
+#[derive(Debug)]
+pub struct Cluster {
+    pub nodes: Vec<NatsServer>,
+    pub dir: TestDir,
+}
+
+impl Cluster {
+    pub fn start() -> Cluster {
+        init_tracing();
+        let dir = TestDir::new();
+        let ports: Vec<u16> = (0..3)
+            .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("free port"))
+            .collect::<Vec<_>>()
+            .iter()
+            .map(|l| l.local_addr().expect("addr").port())
+            .collect();
+        let routes: Vec<String> =
+            ports.iter().map(|p| format!("\"nats-route://127.0.0.1:{p}\"")).collect();
+        let nodes = (0..3)
+            .map(|i| {
+                let node = dir.path().join(format!("n{}", i + 1));
+                std::fs::create_dir_all(&node).expect("node dir");
+                let config = node.join("node.conf");
+                // The harness gives the store (`-sd <node>/jetstream`) and the client port.
+                let text = format!(
+                    "server_name: n{}\n\
+                     cluster {{\n  name: claw\n  listen: 127.0.0.1:{}\n  routes: [{}]\n}}\n",
+                    i + 1,
+                    ports[i],
+                    routes.join(", ")
+                );
+                std::fs::write(&config, text).expect("write node config");
+                let options = nats_server::Options {
+                    config: Some(config),
+                    ..nats_server::Options::in_dir(&node)
+                };
+                NatsServer::start(options)
+                    .unwrap_or_else(|e| panic!("starting node {}: {e}", i + 1))
+            })
+            .collect();
+        Cluster { nodes, dir }
+    }
+
+    /// Every node's client URL, comma separated (what `--nats-url` takes).
+    pub fn url(&self) -> String {
+        self.nodes.iter().map(NatsServer::url).collect::<Vec<_>>().join(",")
+    }
+
+    pub fn args(&self) -> NatsArgs {
+        NatsArgs::url(self.url())
+    }
+
+    /// Ensures the topology once the cluster has a meta leader (retrying until it has).
+    pub async fn topology(&self, settings: &Settings) -> Topology {
+        let client = connect::connect(&self.args(), "claw-test").await.expect("connect to cluster");
+        let js = connect::jetstream(client);
+        wait_for(
+            "the cluster to elect a meta leader and take the topology",
+            Duration::from_secs(60),
+            || async {
+                match topology::ensure(&js, settings).await {
+                    Ok(t) => Some(t),
+                    Err(e) => {
+                        tracing::debug!(error = %e, "topology not ensured yet");
+                        None
+                    }
+                }
+            },
+        )
+        .await
+    }
+
+    /// The index of the node named by a `cluster.leader` (`n1`..`n3`).
+    pub fn index_of(&self, server_name: &str) -> Option<usize> {
+        server_name.strip_prefix('n')?.parse::<usize>().ok()?.checked_sub(1).filter(|&i| i < 3)
+    }
+}
