@@ -37,6 +37,18 @@ pub struct ClientArgs {
     /// A NATS token, with --nats-url.
     #[arg(long = "nats-token", env = "NATS_TOKEN", hide_env_values = true, global = true)]
     pub nats_token: Option<String>,
+    /// A NATS user (with --nats-password), e.g. the `operator` or `publisher` role.
+    #[arg(long = "nats-user", env = "NATS_USER", global = true)]
+    pub nats_user: Option<String>,
+    #[arg(long = "nats-password", env = "NATS_PASSWORD", hide_env_values = true, global = true)]
+    pub nats_password: Option<String>,
+    /// Reply inbox prefix; role users may only read their own (`_INBOX.<user>`, the default
+    /// when --nats-user is given).
+    #[arg(long = "nats-inbox-prefix", env = "NATS_INBOX_PREFIX", global = true)]
+    pub nats_inbox_prefix: Option<String>,
+    /// CA certificate of a TLS-enabled NATS server.
+    #[arg(long = "nats-tls-ca", env = "NATS_TLS_CA", global = true)]
+    pub nats_tls_ca: Option<PathBuf>,
     /// Print the raw JSON reply instead of text, for scripts.
     #[arg(long, global = true)]
     pub json: bool,
@@ -231,11 +243,16 @@ pub struct Nats {
 
 impl Nats {
     async fn connect(args: &ClientArgs, url: &str) -> Result<Nats, Error> {
-        let nats_args = NatsArgs {
-            nats_creds: args.nats_creds.clone(),
-            nats_token: args.nats_token.clone(),
-            ..NatsArgs::url(url)
+        let mut nats_args = match (&args.nats_user, &args.nats_password) {
+            (Some(user), Some(password)) => NatsArgs::url(url).with_user(user, password),
+            _ => NatsArgs::url(url),
         };
+        nats_args.nats_creds.clone_from(&args.nats_creds);
+        nats_args.nats_token.clone_from(&args.nats_token);
+        if args.nats_inbox_prefix.is_some() {
+            nats_args.nats_inbox_prefix.clone_from(&args.nats_inbox_prefix);
+        }
+        nats_args.nats_tls_ca.clone_from(&args.nats_tls_ca);
         let client = connect::connect(&nats_args, "claw").await.map_err(|e| {
             Error::Unreachable { target: format!("NATS at {url}"), detail: root_cause(&e) }
         })?;
