@@ -39,25 +39,7 @@ async fn main() -> anyhow::Result<()> {
 
 /// Cancels on ctrl-c or SIGTERM; the archiver then finishes its batch and returns.
 async fn cancel_on_signal(shutdown: CancellationToken) {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = ctrl_c => {}
-                    _ = term.recv() => {}
-                }
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot listen for SIGTERM; ctrl-c only");
-                let _ = ctrl_c.await;
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
+    claw_proto::signal::shutdown().await;
     tracing::info!("shutting down");
     shutdown.cancel();
 }

@@ -70,12 +70,7 @@ fn main() -> anyhow::Result<ExitCode> {
 }
 
 async fn cancel_on_signal(token: CancellationToken) {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
+    claw_proto::signal::shutdown().await;
     tracing::info!("stopping");
     token.cancel();
 }

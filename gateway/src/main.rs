@@ -40,12 +40,7 @@ async fn main() -> anyhow::Result<()> {
 }
 
 async fn cancel_on_signal(token: CancellationToken) {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
+    claw_proto::signal::shutdown().await;
     tracing::info!("shutting down");
     token.cancel();
 }

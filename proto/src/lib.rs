@@ -6,7 +6,7 @@
 //! (request/reply payloads), [`topology`] (subjects, streams, consumers, the `tasks` bucket and the
 //! one idempotent `ensure`), [`connect`] (how every process dials NATS) and [`nats_server`]
 //! (finding and starting a local nats-server for `claw up` and the tests), [`logs`] (the
-//! binaries' log set-up, text or JSON), [`trace`] (W3C `traceparent` from submit to worker).
+//! binaries' log set-up, text or JSON), [`signal`] (the stop signal), [`trace`] (W3C `traceparent` from submit to worker).
 //!
 //! Only `topology`, `connect` and `nats_server` do I/O; the model modules are plain data.
 
@@ -16,6 +16,7 @@ pub mod event;
 pub mod kinds;
 pub mod logs;
 pub mod nats_server;
+pub mod signal;
 pub mod spec;
 pub mod task;
 pub mod topology;

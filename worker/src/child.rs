@@ -26,7 +26,12 @@ pub const RUN_TASK_ARG: &str = "__run-task";
 
 /// The child side for the built-in in-process kinds. Returns the process exit code.
 pub fn run_task_main() -> i32 {
-    run_task_main_with(Registry::empty().with(Sleep))
+    run_task_main_with(registry())
+}
+
+/// The in-process kinds a `__run-task` child of the built-in worker knows.
+pub fn registry() -> Registry {
+    Registry::empty().with(Sleep)
 }
 
 /// The child side with a custom registry. The task's outcome is a `result` or `error` line and

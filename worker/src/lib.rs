@@ -17,6 +17,7 @@
 
 mod attempt;
 pub mod child;
+pub mod cli;
 pub mod config;
 mod control;
 pub mod dlq;
