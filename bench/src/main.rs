@@ -11,10 +11,14 @@
 //!    with pipelined JetStream acks, no HTTP, timed the same way. This is the capacity of worker
 //!    and archiver without the cost of HTTP clients on the same cores;
 //! 5. WebSocket: the gateway memory per idle connection, and the events per second it fans out
-//!    to the clients of one session (see `ws.rs`).
+//!    to the clients of one session (see `ws.rs`);
+//! 6. the two end-to-end figures (3 and 4) again on a 3-node JetStream cluster (three
+//!    nats-server processes on loopback, every stream and bucket with 3 replicas), `claw up`
+//!    connected to all three nodes with `--nats-url` (see `cluster.rs`).
 //!
 //! Client and server share this machine's cores, so the figures are for the whole system on one
-//! box. Run: `cargo build --release --bins && target/release/claw-bench`.
+//! box. Run: `cargo build --release --bins && target/release/claw-bench` (`--only tasks,cluster`
+//! prints the single-node and the cluster end-to-end rows from one invocation).
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -26,6 +30,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use clap::Parser;
 
+mod cluster;
 mod ws;
 
 #[derive(Debug, Parser)]
@@ -61,9 +66,9 @@ struct Args {
     /// How long each of those tasks sleeps.
     #[arg(long, default_value_t = 10.0)]
     sleep_s: f64,
-    /// Run only one group of figures.
-    #[arg(long, value_parser = ["tasks", "ws", "concurrency"])]
-    only: Option<String>,
+    /// Run only these groups of figures (comma separated; default: all, in this order).
+    #[arg(long, value_delimiter = ',', value_parser = ["tasks", "concurrency", "ws", "cluster"])]
+    only: Vec<String>,
 }
 
 struct System {
@@ -72,6 +77,8 @@ struct System {
     nats_url: String,
     db: PathBuf,
     _dir: tempfile::TempDir,
+    /// The external cluster `claw up` is connected to, if any; dropped (killed) after `claw up`.
+    _cluster: Option<cluster::Cluster>,
 }
 
 impl Drop for System {
@@ -91,6 +98,15 @@ async fn start_system() -> anyhow::Result<System> {
 
 /// Starts `claw up` with `worker_toml` as the worker's configuration.
 async fn start_system_with(worker_toml: &str) -> anyhow::Result<System> {
+    start_claw(worker_toml, None).await
+}
+
+/// Starts `claw up`: with its embedded nats-server, or connected to `cluster` (all its nodes,
+/// every stream and bucket with 3 replicas).
+async fn start_claw(
+    worker_toml: &str,
+    cluster: Option<cluster::Cluster>,
+) -> anyhow::Result<System> {
     let exe = std::env::current_exe()?;
     let claw = exe.parent().context("exe dir")?.join("claw");
     if !claw.is_file() {
@@ -101,7 +117,8 @@ async fn start_system_with(worker_toml: &str) -> anyhow::Result<System> {
     let nats_port = free_port()?;
     let worker_config = dir.path().join("worker.toml");
     std::fs::write(&worker_config, worker_toml)?;
-    let child = Command::new(&claw)
+    let mut command = Command::new(&claw);
+    command
         .arg("up")
         .arg("--worker-config")
         .arg(&worker_config)
@@ -109,14 +126,22 @@ async fn start_system_with(worker_toml: &str) -> anyhow::Result<System> {
         .arg(dir.path())
         .arg("--http")
         .arg(format!("127.0.0.1:{port}"))
-        .args(["--nats-port", &nats_port.to_string(), "--queue-max", "1000000"])
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .spawn()?;
+        .args(["--queue-max", "1000000"]);
+    let nats_url = match &cluster {
+        Some(cluster) => {
+            let url = cluster.url();
+            command.args(["--nats-url", &url, "--replicas", "3"]);
+            url
+        }
+        None => {
+            command.args(["--nats-port", &nats_port.to_string()]);
+            format!("nats://127.0.0.1:{nats_port}")
+        }
+    };
+    let child = command.env("RUST_LOG", "warn").stdout(Stdio::null()).spawn()?;
     let url = format!("http://127.0.0.1:{port}");
-    let nats_url = format!("nats://127.0.0.1:{nats_port}");
     let db = dir.path().join("archive.sqlite");
-    let system = System { child, url, nats_url, db, _dir: dir };
+    let mut system = System { child, url, nats_url, db, _dir: dir, _cluster: cluster };
     let client = reqwest::Client::new();
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
@@ -124,6 +149,9 @@ async fn start_system_with(worker_toml: &str) -> anyhow::Result<System> {
             && r.status().is_success()
         {
             return Ok(system);
+        }
+        if let Some(status) = system.child.try_wait()? {
+            bail!("claw up exited during start-up with {status}");
         }
         if Instant::now() > deadline {
             bail!("claw up not ready after 60 s");
@@ -212,14 +240,20 @@ async fn archived(db: &Path) -> anyhow::Result<i64> {
     Ok(n)
 }
 
-async fn end_to_end(system: &System, n: usize, connections: usize) -> anyhow::Result<()> {
+/// `label` prefixes the row's measure (empty for the single node).
+async fn end_to_end(
+    system: &System,
+    n: usize,
+    connections: usize,
+    label: &str,
+) -> anyhow::Result<()> {
     let before = archived(&system.db).await.unwrap_or(0);
     let started = Instant::now();
     let submitted = flood(system, n, connections).await?;
     wait_archived(&system.db, before + n as i64, n).await?;
     let elapsed = started.elapsed();
     println!(
-        "| no-op tasks end to end (submit → succeeded → SQLite), {connections} clients | {n} | {:.0} tasks/s | {:.2} s total (submits done at {:.2} s) | |",
+        "| {label}no-op tasks end to end (submit → succeeded → SQLite), {connections} clients | {n} | {:.0} tasks/s | {:.2} s total (submits done at {:.2} s) | |",
         n as f64 / elapsed.as_secs_f64(),
         elapsed.as_secs_f64(),
         submitted.as_secs_f64()
@@ -242,8 +276,8 @@ async fn wait_archived(db: &Path, target: i64, n: usize) -> anyhow::Result<()> {
 }
 
 /// Publishes `n` tasks straight to a lane, keeping up to 4096 acks in flight.
-async fn end_to_end_nats(system: &System, n: usize) -> anyhow::Result<()> {
-    let client = async_nats::connect(&system.nats_url).await?;
+async fn end_to_end_nats(system: &System, n: usize, label: &str) -> anyhow::Result<()> {
+    let client = cluster::connect(&system.nats_url).await?;
     let js = async_nats::jetstream::new(client);
     let before = archived(&system.db).await.unwrap_or(0);
     let started = Instant::now();
@@ -263,7 +297,7 @@ async fn end_to_end_nats(system: &System, n: usize) -> anyhow::Result<()> {
     wait_archived(&system.db, before + n as i64, n).await?;
     let elapsed = started.elapsed();
     println!(
-        "| no-op tasks end to end, published straight to NATS (pipelined acks) | {n} | {:.0} tasks/s | {:.2} s total (published at {:.2} s) | |",
+        "| {label}no-op tasks end to end, published straight to NATS (pipelined acks) | {n} | {:.0} tasks/s | {:.2} s total (published at {:.2} s) | |",
         n as f64 / elapsed.as_secs_f64(),
         elapsed.as_secs_f64(),
         published.as_secs_f64()
@@ -276,7 +310,7 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     println!("| measure | n | result | | |");
     println!("|---|---|---|---|---|");
-    let run = |group: &str| args.only.as_deref().is_none_or(|only| only == group);
+    let run = |group: &str| args.only.is_empty() || args.only.iter().any(|only| only == group);
     if run("tasks") {
         tasks(&args).await?;
     }
@@ -289,6 +323,9 @@ async fn main() -> anyhow::Result<()> {
         drop(system);
         let system = start_system().await?;
         ws::fanout(&system.url, &system.nats_url, args.fanout_clients, args.fanout_events).await?;
+    }
+    if run("cluster") {
+        cluster_tasks(&args).await?;
     }
     Ok(())
 }
@@ -347,9 +384,22 @@ async fn tasks(args: &Args) -> anyhow::Result<()> {
     drop(system);
     // A fresh system, so the end-to-end run does not also drain the throughput run's backlog.
     let system = start_system().await?;
-    end_to_end(&system, args.e2e, args.connections).await?;
+    end_to_end(&system, args.e2e, args.connections, "").await?;
     drop(system);
     let system = start_system().await?;
-    end_to_end_nats(&system, args.e2e).await?;
+    end_to_end_nats(&system, args.e2e, "").await?;
+    Ok(())
+}
+
+/// The two end-to-end figures on a fresh 3-node cluster each (R3 streams and buckets).
+async fn cluster_tasks(args: &Args) -> anyhow::Result<()> {
+    const LABEL: &str = "3-node cluster, R3: ";
+    let system = start_claw("", Some(cluster::Cluster::start().await?)).await?;
+    cluster::check_r3(&system.nats_url).await?;
+    end_to_end(&system, args.e2e, args.connections, LABEL).await?;
+    drop(system);
+    let system = start_claw("", Some(cluster::Cluster::start().await?)).await?;
+    cluster::check_r3(&system.nats_url).await?;
+    end_to_end_nats(&system, args.e2e, LABEL).await?;
     Ok(())
 }
