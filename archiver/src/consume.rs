@@ -184,8 +184,12 @@ async fn write_then_ack(
 
     if !entries.is_empty() {
         loop {
+            let started = Instant::now();
             match store.upsert(&entries).await {
                 Ok(changed) => {
+                    metrics::histogram!("claw_archiver_commit_seconds")
+                        .record(started.elapsed().as_secs_f64());
+                    metrics::counter!("claw_archiver_rows_written_total").increment(changed);
                     tracing::debug!(
                         messages = batch.len(),
                         terminal = entries.len(),

@@ -70,6 +70,23 @@ pub enum Error {
     },
 }
 
+/// Sets `claw_archiver_lag` (the archiver consumer's `num_pending`: revisions of the bucket not
+/// yet delivered to the archiver) and `claw_archiver_unacked` on every scrape of `/metrics`.
+fn lag_gauge(consumer: PullConsumer) -> claw_proto::metrics::ScrapeHook {
+    claw_proto::metrics::on_scrape(move || {
+        let mut consumer = consumer.clone();
+        async move {
+            match consumer.info().await {
+                Ok(info) => {
+                    metrics::gauge!("claw_archiver_lag").set(info.num_pending as f64);
+                    metrics::gauge!("claw_archiver_unacked").set(info.num_ack_pending as f64);
+                }
+                Err(e) => tracing::debug!(error = %e, "consumer info for the lag gauge failed"),
+            }
+        }
+    })
+}
+
 /// Archives until `shutdown`, then finishes the batch in hand and returns. `topology` must be
 /// ensured (the durable consumer exists). Returns early with an error only when the database or
 /// the service cannot be set up, or the service stops; NATS and SQLite hiccups while running are
@@ -85,6 +102,7 @@ pub async fn run(
         .get_consumer_from_stream(ARCHIVER_CONSUMER, TASKS_KV_STREAM)
         .await
         .map_err(|e| Error::Nats { what: "getting the archiver consumer", source: e.into() })?;
+    let _lag = lag_gauge(consumer.clone());
     let client = topology.js.client();
     let batching = Batching {
         max: usize::from(config.batch_max),

@@ -17,6 +17,10 @@ struct Cli {
     settings: Settings,
     #[command(flatten)]
     config: claw_archiver::Config,
+    /// Serve Prometheus metrics on `GET http://ADDR/metrics` (e.g. `0.0.0.0:9102`); off when
+    /// unset.
+    #[arg(long, env = "CLAW_METRICS_ADDR", value_name = "ADDR")]
+    metrics: Option<std::net::SocketAddr>,
 }
 
 #[tokio::main]
@@ -31,6 +35,14 @@ async fn main() -> anyhow::Result<()> {
     let js = connect::jetstream(client);
     let topology = topology::ensure(&js, &cli.settings).await.context("ensuring the topology")?;
 
+    let _metrics = match cli.metrics {
+        Some(addr) => Some(
+            claw_proto::metrics::Server::bind(addr)
+                .await
+                .with_context(|| format!("serving metrics on {addr}"))?,
+        ),
+        None => None,
+    };
     let shutdown = CancellationToken::new();
     tokio::spawn(cancel_on_signal(shutdown.clone()));
     claw_archiver::run(topology, cli.config, shutdown).await?;

@@ -89,6 +89,9 @@ async fn serve(
         .with_context(|| format!("binding {}", args.http))?;
     let http = listener.local_addr()?;
 
+    // Before any service starts, so the worker's and the archiver's first counts are kept: all
+    // three record into this process's one recorder, shown by the gateway's `/metrics`.
+    claw_proto::metrics::install();
     let mut services = JoinSet::new();
     let (t, token) = (topology.clone(), shutdown.child_token());
     let gateway = args.gateway.clone();

@@ -155,9 +155,9 @@ async fn readyz(State(app): State<App>) -> Result<Response, Error> {
     Ok("ready".into_response())
 }
 
-async fn metrics() -> Response {
-    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], crate::metrics::render())
-        .into_response()
+async fn metrics(State(app): State<App>) -> Response {
+    let text = crate::metrics::render(&app).await;
+    ([(axum::http::header::CONTENT_TYPE, claw_proto::metrics::CONTENT_TYPE)], text).into_response()
 }
 
 #[cfg(test)]

@@ -1,29 +1,27 @@
-//! Prometheus metrics: a process-wide recorder, installed on first use, rendered by `/metrics`.
-//!
-//! The `metrics` facade has one global recorder per process; `claw up` and the tests run several
-//! services in one process, so installation is idempotent and shared.
+//! Prometheus metrics: the process-wide recorder lives in [`claw_proto::metrics`] (so the worker
+//! and the archiver record into it too, and `claw up` shows all three here); the gateway adds its
+//! lanes' depth, in-flight count and paused state, refreshed on each scrape.
 
-use std::sync::OnceLock;
+use claw_proto::topology::Lane;
 
-use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use crate::app::App;
 
-static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+pub use claw_proto::metrics::install;
 
-/// Submit latency buckets: the target is single-digit milliseconds, so resolution is there.
-const LATENCY_BUCKETS: &[f64] =
-    &[0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0];
-
-/// Installs the recorder if no other is installed yet.
-pub fn install() {
-    HANDLE.get_or_init(|| {
-        let builder = PrometheusBuilder::new()
-            .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
-            .ok()?;
-        builder.install_recorder().ok()
-    });
-}
-
-pub fn render() -> String {
-    install();
-    HANDLE.get().and_then(Option::as_ref).map(PrometheusHandle::render).unwrap_or_default()
+/// Refreshes the lane gauges (one consumer-info request per lane), then renders everything. A
+/// lane that cannot be read keeps its last value; the scrape still answers.
+pub async fn render(app: &App) -> String {
+    match crate::lanes::list(app).await {
+        Ok(lanes) => {
+            for lane in lanes {
+                let labels = [("class", lane.class.as_str()), ("priority", lane.priority.as_str())];
+                metrics::gauge!("claw_gateway_lane_depth", &labels).set(lane.depth as f64);
+                metrics::gauge!("claw_gateway_lane_in_flight", &labels).set(lane.in_flight as f64);
+                let paused = if lane.paused { 1.0 } else { 0.0 };
+                metrics::gauge!("claw_gateway_lane_paused", &labels).set(paused);
+            }
+        }
+        Err(e) => tracing::debug!(error = %e, lanes = Lane::ALL.len(), "lane gauges not refreshed"),
+    }
+    claw_proto::metrics::render().await
 }

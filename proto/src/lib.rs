@@ -6,15 +6,16 @@
 //! (request/reply payloads), [`topology`] (subjects, streams, consumers, the `tasks` bucket and the
 //! one idempotent `ensure`), [`connect`] (how every process dials NATS) and [`nats_server`]
 //! (finding and starting a local nats-server for `claw up` and the tests), [`logs`] (the
-//! binaries' log set-up, text or JSON), [`signal`] (the stop signal), [`trace`] (W3C `traceparent` from submit to worker).
+//! binaries' log set-up, text or JSON), [`metrics`] (the Prometheus recorder and `/metrics`), [`signal`] (the stop signal), [`trace`] (W3C `traceparent` from submit to worker).
 //!
-//! Only `topology`, `connect` and `nats_server` do I/O; the model modules are plain data.
+//! Only `topology`, `connect`, `nats_server` and `metrics` do I/O; the model modules are plain data.
 
 pub mod api;
 pub mod connect;
 pub mod event;
 pub mod kinds;
 pub mod logs;
+pub mod metrics;
 pub mod nats_server;
 pub mod signal;
 pub mod spec;

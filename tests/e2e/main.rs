@@ -12,6 +12,7 @@ mod gateway;
 mod interop;
 mod isolation;
 mod llm;
+mod metrics;
 mod permissions;
 mod pipeline;
 mod topology;

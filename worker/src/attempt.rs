@@ -43,7 +43,7 @@ use crate::dlq::{self, reason};
 use crate::events::{self, FLUSH_INTERVAL};
 use crate::handler::{Context, Registry};
 use crate::lease::Contact;
-use crate::outcome::{Decision, Outcome, Stop, ack_of, decide};
+use crate::outcome::{Decision, Outcome, Stop, ack_of, decide, label};
 use crate::record::{self, KvError};
 
 /// Rounds of read → decide → compare-and-set before giving up on a record that keeps changing.
@@ -121,6 +121,11 @@ pub(crate) async fn handle(
         .and_then(|h| h.get(claw_proto::trace::TRACEPARENT))
         .and_then(|v| claw_proto::trace::TraceParent::parse(v.as_str()))
         .map(|t| t.trace_id);
+    if attempt > 1 {
+        // Decided here: the delivery count is the server's word that this message came back.
+        metrics::counter!("claw_worker_redeliveries_total", "class" => lane.class.as_str())
+            .increment(1);
+    }
     let span = tracing::info_span!("task", task_id = %id, attempt, lane = %lane.consumer(),
         trace_id = trace_id.as_deref().unwrap_or(""));
     let delivery = Delivery { worker, lane, msg, attempt, id, published, stream_seq };
@@ -180,8 +185,20 @@ impl Delivery {
         let Some(mut held) = self.start(record, revision).await else { return };
         events::status(&self.worker.client, &held.record).await;
         tracing::debug!("attempt started");
+        let class = self.lane.class.as_str();
+        metrics::counter!("claw_worker_attempts_total", "class" => class).increment(1);
+        let started = Instant::now();
         let outcome = self.supervise(&mut held, &control).await;
-        self.finish(held, outcome, &control).await;
+        let decision = self.finish(held, outcome, &control).await;
+        // The one place an attempt's outcome is counted: the decision its ack was mapped from.
+        let outcome = label(&decision);
+        metrics::counter!("claw_worker_outcomes_total", "class" => class, "outcome" => outcome)
+            .increment(1);
+        if let Decision::Retry { .. } = decision {
+            metrics::counter!("claw_worker_retries_total", "class" => class).increment(1);
+        }
+        metrics::histogram!(claw_proto::metrics::ATTEMPT_SECONDS, "class" => class)
+            .record(started.elapsed().as_secs_f64());
     }
 
     /// Dead-letters a message that is not a valid task, with a `failed` record when the
@@ -635,7 +652,8 @@ impl Delivery {
     }
 
     /// Applies the decision: record, events, DLQ, and the one ack that goes with it.
-    async fn finish(&self, mut held: Held, outcome: Outcome, control: &Registration) {
+    /// Returns the decision the attempt ended with (after any pause held its outcome back).
+    async fn finish(&self, mut held: Held, outcome: Outcome, control: &Registration) -> Decision {
         let w = &self.worker;
         let (attempt, max_attempts) = (held.record.attempt, held.record.max_attempts);
         let mut decision = decide(outcome, attempt, max_attempts, &w.config.retry);
@@ -645,7 +663,7 @@ impl Delivery {
                     tracing::warn!(
                         "attempt released without a write; the redelivery owns the task"
                     );
-                    return;
+                    return decision;
                 }
                 Decision::Withdraw => {
                     tracing::info!("attempt stopped; the record already says why");
@@ -654,7 +672,7 @@ impl Delivery {
                 Decision::Succeed(_) | Decision::Retry { .. } | Decision::GiveUp { .. } => {
                     match self.write_final(&mut held, &decision).await {
                         Written::Done => {}
-                        Written::Settled => return,
+                        Written::Settled(instead) => return instead,
                         Written::Paused => {
                             // Paused as the handler finished: keep the outcome, and the lease,
                             // until the task is resumed (then write it) or cancelled.
@@ -674,7 +692,8 @@ impl Delivery {
                     if let Decision::GiveUp { error, reason, .. } = &decision
                         && !self.dead_letter(reason, &error.to_string(), Some(&self.id)).await
                     {
-                        return; // handed back unterminated at the drain deadline; see dead_letter
+                        // Handed back unterminated at the drain deadline; see dead_letter.
+                        return Decision::HandBack;
                     }
                 }
             }
@@ -683,6 +702,7 @@ impl Delivery {
         if let Some(kind) = ack_of(&decision) {
             self.ack(kind).await;
         }
+        decision
     }
 
     /// The events of a written outcome: the result or error, then the new status.
@@ -739,7 +759,7 @@ impl Delivery {
                 Decision::Retry { error, cause, .. } => next.retry_later(error.clone(), *cause),
                 Decision::GiveUp { error, cause, .. } => next.fail(error.clone(), *cause, now),
                 Decision::Release | Decision::HandBack | Decision::Withdraw => {
-                    return Written::Settled;
+                    return Written::Settled(decision.clone());
                 }
             };
             if let Err(illegal) = moved {
@@ -750,7 +770,7 @@ impl Delivery {
                 // the message is of no further use, whatever the new state.
                 tracing::info!(%illegal, "the record moved on while the attempt ran");
                 self.ack(AckKind::Term).await;
-                return Written::Settled;
+                return Written::Settled(Decision::Withdraw);
             }
             match record::update(&w.kv, &next, held.revision).await {
                 Ok(revision) => {
@@ -763,7 +783,7 @@ impl Delivery {
                     }
                     Ok(Some(_)) => {
                         tracing::info!("another attempt took the task over; dropping this outcome");
-                        return Written::Settled;
+                        return Written::Settled(Decision::Release);
                     }
                     _ => break,
                 },
@@ -774,7 +794,7 @@ impl Delivery {
             }
         }
         tracing::warn!("could not record the outcome; leaving the task to redelivery");
-        Written::Settled
+        Written::Settled(Decision::Release)
     }
 
     /// Stores the message in DLQ, trying until JetStream takes it: the caller terminates the
@@ -782,12 +802,17 @@ impl Delivery {
     /// is kept with in-progress acks meanwhile. Only the drain deadline stops the tries; the
     /// message is then handed back unterminated and `false` returned: the caller must not TERM.
     #[must_use]
-    async fn dead_letter(&self, reason: &str, message: &str, id: Option<&TaskId>) -> bool {
+    async fn dead_letter(&self, reason: &'static str, message: &str, id: Option<&TaskId>) -> bool {
         let w = &self.worker;
         let mut wait = Duration::from_millis(250);
         loop {
             match dlq::publish(&w.js, &self.msg, Some(self.lane), reason, message, id).await {
-                Ok(()) => return true,
+                Ok(()) => {
+                    // Counted once stored: the one place the worker dead-letters a message.
+                    metrics::counter!("claw_worker_dead_letters_total", "reason" => reason)
+                        .increment(1);
+                    return true;
+                }
                 Err(e) => tracing::warn!(error = %e, ?wait, "DLQ publish failed; retrying"),
             }
             self.ack(AckKind::Progress).await;
@@ -832,8 +857,9 @@ enum Look {
 enum Written {
     /// Written: `held` is the new record.
     Done,
-    /// Not written, and the message already dealt with (or left to redelivery).
-    Settled,
+    /// Not written, and the message already dealt with: terminated (`Withdraw`) or left to
+    /// redelivery (`Release`); what the attempt's outcome is counted as.
+    Settled(Decision),
     /// Not written: the record is paused (with this attempt holding it).
     Paused,
 }

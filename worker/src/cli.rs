@@ -25,6 +25,10 @@ struct Args {
     nats: NatsArgs,
     #[command(flatten)]
     settings: Settings,
+    /// Serve Prometheus metrics on `GET http://ADDR/metrics` (e.g. `0.0.0.0:9101`); off when
+    /// unset.
+    #[arg(long, env = "CLAW_METRICS_ADDR", value_name = "ADDR")]
+    metrics: Option<std::net::SocketAddr>,
 }
 
 /// Runs a worker process with the kinds `registry` builds from the configuration; long-class
@@ -53,6 +57,14 @@ async fn serve(args: Args, config: Config, registry: Registry) -> anyhow::Result
     // The worker owns the lanes' ack deadline: its heartbeats and lease are timed by it.
     let settings = Settings { ack_wait_s: Some(config.ack_deadline_s), ..args.settings };
     let topology = topology::ensure(&js, &settings).await.context("ensuring the topology")?;
+    let _metrics = match args.metrics {
+        Some(addr) => Some(
+            claw_proto::metrics::Server::bind(addr)
+                .await
+                .with_context(|| format!("serving metrics on {addr}"))?,
+        ),
+        None => None,
+    };
     let shutdown = CancellationToken::new();
     let signal = shutdown.clone();
     tokio::spawn(async move {

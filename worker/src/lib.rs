@@ -103,6 +103,7 @@ pub async fn run_with(
         slots.push(pool.slots());
         pools.push(tokio::spawn(pool.run(tracker.clone(), shutdown.clone())));
     }
+    let _gauges = pool_gauges(slots.clone());
     let _status = status::listen(&client, &worker.config.name, slots).await?;
     tracing::info!(worker = %worker.config.name, "worker running");
 
@@ -123,6 +124,24 @@ pub async fn run_with(
     }
     tracing::info!("worker stopped");
     Ok(())
+}
+
+/// Sets the pools' gauges (what `claw.worker.status` answers) and the RSS on every scrape of
+/// `/metrics`, until the returned hook is dropped.
+fn pool_gauges(pools: Vec<Arc<sizing::Slots>>) -> claw_proto::metrics::ScrapeHook {
+    claw_proto::metrics::on_scrape(move || {
+        for slots in &pools {
+            let s = slots.status();
+            let class = slots.class.as_str();
+            metrics::gauge!("claw_worker_pool_size", "class" => class).set(s.size as f64);
+            metrics::gauge!("claw_worker_pool_busy", "class" => class).set(s.busy as f64);
+            metrics::gauge!("claw_worker_pool_min", "class" => class).set(s.min as f64);
+            metrics::gauge!("claw_worker_pool_max", "class" => class).set(s.max as f64);
+            metrics::gauge!("claw_worker_pool_backlog", "class" => class).set(s.backlog as f64);
+        }
+        metrics::gauge!("claw_worker_rss_bytes").set(sizing::rss_bytes() as f64);
+        std::future::ready(())
+    })
 }
 
 /// The ack deadline heartbeats and the lease are timed by: the configured one, or the lane

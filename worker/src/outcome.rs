@@ -103,6 +103,18 @@ pub fn ack_of(decision: &Decision) -> Option<AckKind> {
     }
 }
 
+/// The `outcome` label of `claw_worker_outcomes_total` for a decision.
+pub fn label(decision: &Decision) -> &'static str {
+    match decision {
+        Decision::Succeed(_) => "succeeded",
+        Decision::Retry { .. } => "retry",
+        Decision::GiveUp { .. } => "failed",
+        Decision::Release => "released",
+        Decision::HandBack => "handed_back",
+        Decision::Withdraw => "cancelled",
+    }
+}
+
 /// The delay after failed attempt `attempt` (1-based): the `attempt`-th step of the configured
 /// exponential backoff, never above `max_ms` (jitter included).
 pub fn retry_delay(retry: &RetryConfig, attempt: u32) -> Duration {
@@ -143,6 +155,13 @@ mod tests {
         assert!(matches!(ack(Outcome::Stopped(Stop::Shutdown), 1), Some(AckKind::Nak(None))));
         assert!(matches!(ack(Outcome::Stopped(Stop::Cancelled), 1), Some(AckKind::Term)));
         assert!(matches!(ack(Outcome::Stopped(Stop::Deadline), 1), Some(AckKind::Term)));
+        let labelled = |o, attempt| label(&decide(o, attempt, 3, &r));
+        assert_eq!(labelled(Outcome::Done(Value::Null), 1), "succeeded");
+        assert_eq!(labelled(err(true), 1), "retry");
+        assert_eq!(labelled(err(true), 3), "failed");
+        assert_eq!(labelled(Outcome::Stopped(Stop::Superseded), 1), "released");
+        assert_eq!(labelled(Outcome::Stopped(Stop::Shutdown), 1), "handed_back");
+        assert_eq!(labelled(Outcome::Stopped(Stop::Cancelled), 1), "cancelled");
     }
 
     #[test]
