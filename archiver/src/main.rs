@@ -6,7 +6,6 @@ use anyhow::Context;
 use clap::Parser;
 use claw_proto::connect::{self, NatsArgs};
 use claw_proto::topology::{self, Settings};
-use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, Parser)]
 #[command(name = "claw-archiver", version, about = "Archives finished tasks into SQLite")]
@@ -43,15 +42,7 @@ async fn main() -> anyhow::Result<()> {
         ),
         None => None,
     };
-    let shutdown = CancellationToken::new();
-    tokio::spawn(cancel_on_signal(shutdown.clone()));
+    let shutdown = claw_proto::signal::cancel_on_shutdown();
     claw_archiver::run(topology, cli.config, shutdown).await?;
     Ok(())
-}
-
-/// Cancels on ctrl-c or SIGTERM; the archiver then finishes its batch and returns.
-async fn cancel_on_signal(shutdown: CancellationToken) {
-    claw_proto::signal::shutdown().await;
-    tracing::info!("shutting down");
-    shutdown.cancel();
 }

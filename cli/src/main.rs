@@ -7,7 +7,6 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -49,8 +48,7 @@ fn main() -> anyhow::Result<ExitCode> {
             claw_proto::logs::init();
             let runtime = tokio::runtime::Runtime::new()?;
             runtime.block_on(async {
-                let shutdown = CancellationToken::new();
-                tokio::spawn(cancel_on_signal(shutdown.clone()));
+                let shutdown = claw_proto::signal::cancel_on_shutdown();
                 claw_cli::up::run(args, shutdown).await
             })?;
             Ok(ExitCode::SUCCESS)
@@ -67,10 +65,4 @@ fn main() -> anyhow::Result<ExitCode> {
             Ok(ExitCode::from(runtime.block_on(claw_cli::commands::run(command))))
         }
     }
-}
-
-async fn cancel_on_signal(token: CancellationToken) {
-    claw_proto::signal::shutdown().await;
-    tracing::info!("stopping");
-    token.cancel();
 }

@@ -8,7 +8,6 @@ use anyhow::Context;
 use clap::Parser;
 use claw_proto::connect::{self, NatsArgs};
 use claw_proto::topology::{self, Settings};
-use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, Parser)]
 #[command(name = "claw-gateway", version, about = "OpenClaw gateway: HTTP and NATS front door")]
@@ -33,14 +32,7 @@ async fn main() -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(cli.http)
         .await
         .with_context(|| format!("binding {}", cli.http))?;
-    let shutdown = CancellationToken::new();
-    tokio::spawn(cancel_on_signal(shutdown.clone()));
+    let shutdown = claw_proto::signal::cancel_on_shutdown();
     claw_gateway::run(topology, cli.gateway, listener, shutdown).await?;
     Ok(())
-}
-
-async fn cancel_on_signal(token: CancellationToken) {
-    claw_proto::signal::shutdown().await;
-    tracing::info!("shutting down");
-    token.cancel();
 }

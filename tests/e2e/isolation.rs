@@ -320,7 +320,11 @@ async fn sigterm_drains_then_hands_tasks_to_another_worker_at_once() {
 
     let staying = start_worker(
         &topology,
-        &format!("name = \"w-staying\"\nack_deadline_s = 30.0\nlong_slots = 3\n{program}"),
+        // A short drain and grace: stopping it at the end should not wait out its 60 s tasks.
+        &format!(
+            "name = \"w-staying\"\nack_deadline_s = 30.0\ndrain_s = 0.5\nkill_grace_s = 0.2\n\
+             long_slots = 3\n{program}"
+        ),
     );
     for id in &ids {
         let r = wait_for("the hand-over", WAIT, || async {

@@ -11,7 +11,6 @@ use anyhow::Context as _;
 use clap::Parser;
 use claw_proto::connect::{self, NatsArgs};
 use claw_proto::topology::{self, Settings};
-use tokio_util::sync::CancellationToken;
 
 use crate::{Config, Registry, child};
 
@@ -65,13 +64,7 @@ async fn serve(args: Args, config: Config, registry: Registry) -> anyhow::Result
         ),
         None => None,
     };
-    let shutdown = CancellationToken::new();
-    let signal = shutdown.clone();
-    tokio::spawn(async move {
-        claw_proto::signal::shutdown().await;
-        tracing::info!("shutting down: draining");
-        signal.cancel();
-    });
+    let shutdown = claw_proto::signal::cancel_on_shutdown();
     crate::run_with(topology, config, registry, shutdown).await?;
     Ok(())
 }
