@@ -34,14 +34,9 @@ async fn main() -> anyhow::Result<()> {
     let js = connect::jetstream(client);
     let topology = topology::ensure(&js, &cli.settings).await.context("ensuring the topology")?;
 
-    let _metrics = match cli.metrics {
-        Some(addr) => Some(
-            claw_proto::metrics::Server::bind(addr)
-                .await
-                .with_context(|| format!("serving metrics on {addr}"))?,
-        ),
-        None => None,
-    };
+    let _metrics = claw_proto::metrics::Server::bind_if(cli.metrics)
+        .await
+        .with_context(|| format!("serving metrics on {:?}", cli.metrics))?;
     let shutdown = claw_proto::signal::cancel_on_shutdown();
     claw_archiver::run(topology, cli.config, shutdown).await?;
     Ok(())

@@ -102,6 +102,14 @@ pub struct Server {
 }
 
 impl Server {
+    /// [`Server::bind`] when a `--metrics ADDR` was given; nothing (and no recorder) otherwise.
+    pub async fn bind_if(addr: Option<SocketAddr>) -> std::io::Result<Option<Server>> {
+        match addr {
+            Some(addr) => Server::bind(addr).await.map(Some),
+            None => Ok(None),
+        }
+    }
+
     /// Installs the recorder and serves `/metrics` on `addr` (port 0: any free port).
     pub async fn bind(addr: SocketAddr) -> std::io::Result<Server> {
         install();

@@ -7,7 +7,6 @@
 //! Needs `cargo build --bins` first (the long task's runner is the `claw-custom-worker` binary).
 
 use async_nats::jetstream;
-use claw_proto::event::EventBody;
 use claw_proto::topology::Lane;
 use claw_proto::{Class, Priority, Status, TaskId};
 use claw_tests::{
@@ -64,13 +63,7 @@ async fn a_custom_kind_runs_with_progress_in_process_and_in_a_child() {
             statuses(&e).contains(&(Status::Succeeded, 1)).then_some(e)
         })
         .await;
-        let fractions: Vec<f64> = events
-            .iter()
-            .filter_map(|e| match &e.body {
-                EventBody::Progress(p) => Some(p.fraction),
-                _ => None,
-            })
-            .collect();
+        let fractions = claw_tests::fractions(&events);
         assert!(fractions.len() >= 2, "progress is reported as it goes: {fractions:?}");
         assert!(fractions.windows(2).all(|w| w[0] <= w[1]), "{fractions:?}");
         assert_eq!(fractions.last(), Some(&1.0));

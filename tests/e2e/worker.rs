@@ -139,13 +139,7 @@ echo "{\"result\": {\"stdin\": \"$line\", \"arg\": \"$1\", \"env\": \"$GREETING\
         statuses(&e).contains(&(Status::Succeeded, 1)).then_some(e)
     })
     .await;
-    let fractions: Vec<f64> = events
-        .iter()
-        .filter_map(|e| match &e.body {
-            EventBody::Progress(p) => Some(p.fraction),
-            _ => None,
-        })
-        .collect();
+    let fractions = claw_tests::fractions(&events);
     assert_eq!(fractions, [0.25, 0.75], "{events:?}");
     assert!(events.iter().any(|e| e.body == EventBody::Output { text: "plain text\n".into() }));
     // Progress and output precede the result, which precedes the terminal status.

@@ -341,6 +341,18 @@ pub fn statuses(events: &[claw_proto::event::Event]) -> Vec<(claw_proto::Status,
         .collect()
 }
 
+/// The `fraction` of each progress event.
+pub fn fractions(events: &[claw_proto::event::Event]) -> Vec<f64> {
+    use claw_proto::event::EventBody;
+    events
+        .iter()
+        .filter_map(|e| match &e.body {
+            EventBody::Progress(p) => Some(p.fraction),
+            _ => None,
+        })
+        .collect()
+}
+
 /// Writes an executable script.
 pub fn write_script(dir: &Path, name: &str, body: &str) -> PathBuf {
     use std::os::unix::fs::PermissionsExt;

@@ -56,14 +56,9 @@ async fn serve(args: Args, config: Config, registry: Registry) -> anyhow::Result
     // The worker owns the lanes' ack deadline: its heartbeats and lease are timed by it.
     let settings = Settings { ack_wait_s: Some(config.ack_deadline_s), ..args.settings };
     let topology = topology::ensure(&js, &settings).await.context("ensuring the topology")?;
-    let _metrics = match args.metrics {
-        Some(addr) => Some(
-            claw_proto::metrics::Server::bind(addr)
-                .await
-                .with_context(|| format!("serving metrics on {addr}"))?,
-        ),
-        None => None,
-    };
+    let _metrics = claw_proto::metrics::Server::bind_if(args.metrics)
+        .await
+        .with_context(|| format!("serving metrics on {:?}", args.metrics))?;
     let shutdown = claw_proto::signal::cancel_on_shutdown();
     crate::run_with(topology, config, registry, shutdown).await?;
     Ok(())

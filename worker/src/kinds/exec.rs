@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use claw_proto::kinds::{ExecInput, parse_input};
+use claw_proto::kinds::ExecInput;
 use claw_proto::{Class, TaskError, TaskRecord};
 use futures::FutureExt;
 use futures::future::BoxFuture;
@@ -61,8 +61,7 @@ impl Handler for Exec {
         ctx: &'a Context,
     ) -> BoxFuture<'a, Result<Value, TaskError>> {
         async move {
-            let input: ExecInput = parse_input(&task.input)
-                .map_err(|e| TaskError::new("invalid_input", e.to_string(), false))?;
+            let input: ExecInput = super::input(task)?;
             let spawn = self.spawn_of(input)?;
             process::run(spawn, ctx, self.kill_grace).await
         }

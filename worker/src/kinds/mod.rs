@@ -17,3 +17,12 @@ pub fn builtin(config: &Config) -> Registry {
         None => registry,
     }
 }
+
+/// A built-in kind's typed input; a malformed one fails the task for good (`invalid_input`),
+/// since retrying the same input cannot help.
+pub(crate) fn input<T: serde::de::DeserializeOwned>(
+    task: &claw_proto::TaskRecord,
+) -> Result<T, claw_proto::TaskError> {
+    claw_proto::kinds::parse_input(&task.input)
+        .map_err(|e| claw_proto::TaskError::new("invalid_input", e.to_string(), false))
+}

@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use claw_proto::kinds::{SleepInput, parse_input};
+use claw_proto::kinds::SleepInput;
 use claw_proto::{TaskError, TaskRecord};
 use futures::FutureExt;
 use futures::future::BoxFuture;
@@ -28,8 +28,7 @@ impl Handler for Sleep {
         ctx: &'a Context,
     ) -> BoxFuture<'a, Result<Value, TaskError>> {
         async move {
-            let input: SleepInput = parse_input(&task.input)
-                .map_err(|e| TaskError::new("invalid_input", e.to_string(), false))?;
+            let input: SleepInput = super::input(task)?;
             if task.attempt <= input.fail_attempts {
                 let message = format!("planned failure of attempt {}", task.attempt);
                 return Err(TaskError::new("planned_failure", message, input.retryable));
