@@ -337,8 +337,9 @@ impl TaskRecord {
         IllegalTransition { verb, from: self.status }
     }
 
-    /// A worker starts attempt `attempt`. Allowed from `queued` and `retrying`, and from
-    /// `running` when the message was redelivered after the previous holder's lease ran out.
+    /// A worker starts attempt `attempt` (the record's `attempt + 1`: attempts are counted
+    /// here). Allowed from `queued` and `retrying`, and from `running` when the message was
+    /// redelivered after the previous holder died or lost its lease.
     pub fn start(
         &mut self,
         attempt: u32,
@@ -477,6 +478,8 @@ impl TaskRecord {
         }
         self.deadline = now + (self.deadline - self.created_at);
         self.status = Status::Queued;
+        // A new round: the next start is attempt 1 again, with all of max_attempts ahead.
+        self.attempt = 0;
         self.cause = Some(Cause::User);
         self.result = None;
         self.finished_at = None;
@@ -548,6 +551,16 @@ mod tests {
             assert!(r.pause().is_err());
             assert_eq!(r.requeue(now).is_ok(), s != Status::Succeeded);
         }
+    }
+
+    #[test]
+    fn an_explicit_retry_starts_a_new_round_of_attempts() {
+        let now = OffsetDateTime::now_utc();
+        let mut r = record(Status::Queued);
+        r.start(1, "w", now).unwrap();
+        r.fail(TaskError::new("x", "y", false), Cause::Error, now).unwrap();
+        r.requeue(now).unwrap();
+        assert_eq!((r.status, r.attempt), (Status::Queued, 0));
     }
 
     #[test]

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream;
 use claw_proto::Status;
 use claw_proto::topology::Settings;
-use claw_tests::{Cluster, Gateway, archived_rows, record, start_archiver, start_worker, wait_for};
+use claw_tests::{Cluster, Gateway, archived_ids, record, start_archiver, start_worker, wait_for};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
@@ -43,14 +43,7 @@ async fn replicas_current(js: &jetstream::Context, stream: &str) -> bool {
     })
 }
 
-// Known flaky (2 failures in about 8 runs, once on a clean CI clone): now and then one
-// accepted task is not `succeeded` 60 s after the TASKS leader was killed, while the KV_tasks
-// stream also lost its leader for ~10 s (workers log "no stream found for given subject" on
-// record reads). Whether that task is lost or only slow is not known yet; until it is, the
-// test stays out of the default run so CI stays meaningful. Run it with
-// `cargo nextest run -p claw-tests --run-ignored only -E 'test(/^cluster::/)'`.
 #[tokio::test]
-#[ignore = "flaky: one task sometimes not done 60 s after the leader kill; see comment"]
 async fn tasks_survive_a_sigkilled_stream_leader() {
     let mut cluster = Cluster::start();
     let settings = Settings { replicas: 3, ack_wait_s: Some(2.0), ..Settings::standard() };
@@ -161,18 +154,36 @@ async fn tasks_survive_a_sigkilled_stream_leader() {
     ids.sort();
     ids.dedup();
     assert_eq!(ids.len(), load.accepted.len(), "an id was accepted twice");
+    // One deadline for all: a task still not terminal then is reported with its record.
+    let all_done = Instant::now() + Duration::from_secs(60);
+    let mut late = Vec::new();
     for id in &ids {
-        wait_for(&format!("task {id} to succeed"), Duration::from_secs(60), || async {
-            record(&topo, id).await.filter(|r| r.status.is_terminal())
-        })
-        .await;
-        let r = record(&topo, id).await.unwrap();
-        assert_eq!(r.status, Status::Succeeded, "task {id}: {r:?}");
+        loop {
+            let r = record(&topo, id).await;
+            if let Some(r) = r.as_ref().filter(|r| r.status.is_terminal()) {
+                assert_eq!(r.status, Status::Succeeded, "task {id}: {r:?}");
+                break;
+            }
+            if Instant::now() > all_done {
+                late.push(format!("{id}: {r:?}"));
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
-    wait_for("one archive row per accepted task", Duration::from_secs(60), || async {
-        (archived_rows(&db).await == ids.len() as i64).then_some(())
+    assert!(late.is_empty(), "accepted tasks not done 60 s on: {late:#?}");
+
+    // One archive row per accepted task. A 503 whose publish timed out may still have been
+    // stored (the ack was lost with the leader): such a task runs too, as its own row, which is
+    // why a client resubmits with an Idempotency-Key. So at most `unavailable` extra rows.
+    let accepted: std::collections::HashSet<&str> = ids.iter().map(String::as_str).collect();
+    let extra = wait_for("an archive row per accepted task", Duration::from_secs(60), || async {
+        let rows = archived_ids(&db).await;
+        let missing = accepted.iter().filter(|id| !rows.contains(**id)).count();
+        (missing == 0).then(|| rows.len() - accepted.len())
     })
     .await;
+    assert!(extra <= load.unavailable, "{extra} archived tasks were neither accepted nor 503");
     wait_for("the queue to drain", Duration::from_secs(30), || async {
         let mut s = js.get_stream("TASKS").await.ok()?;
         (s.info().await.ok()?.state.messages == 0).then_some(())

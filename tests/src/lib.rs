@@ -221,6 +221,19 @@ pub fn start_archiver(topology: &Topology, db: &Path) -> Running {
     Running { token, handle }
 }
 
+/// The task ids in the archive's `tasks` table (read-only; only the archiver writes).
+pub async fn archived_ids(db: &Path) -> std::collections::HashSet<String> {
+    let options = sqlx::sqlite::SqliteConnectOptions::new().filename(db).read_only(true);
+    let Ok(mut conn) = sqlx::ConnectOptions::connect(&options).await else {
+        return Default::default();
+    };
+    sqlx::query_scalar("SELECT id FROM tasks")
+        .fetch_all(&mut conn)
+        .await
+        .map(|ids| ids.into_iter().collect())
+        .unwrap_or_default()
+}
+
 /// Rows in the archive's `tasks` table (read-only; only the archiver writes).
 pub async fn archived_rows(db: &Path) -> i64 {
     let options = sqlx::sqlite::SqliteConnectOptions::new().filename(db).read_only(true);

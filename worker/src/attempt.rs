@@ -15,8 +15,12 @@
 //! naming another attempt means this one is superseded; a newer revision of its own is simply
 //! the gateway's word to follow.
 //!
-//! The attempt number is the message's delivery count, so a task whose worker dies on every
-//! attempt still ends, dead-lettered, after `max_attempts` deliveries.
+//! Attempts are counted in the record: starting one is the CAS that writes `running` with
+//! `attempt + 1`, before the handler runs. A worker that dies mid-attempt leaves that write
+//! behind, so a task that kills its worker every time still ends, dead-lettered, after
+//! `max_attempts`. A delivery that never got as far as that write (the record could not be
+//! read or written while JetStream elected a leader) is not an attempt: it is NAKed with a
+//! growing delay and costs the task nothing.
 
 use std::path::PathBuf;
 use std::pin::Pin;
@@ -50,8 +54,16 @@ use crate::record::{self, KvError};
 /// A conflict means someone else wrote (the gateway's create or a control verb); a few rounds
 /// settle any ordinary race, more means something is wrong and redelivery is the better retry.
 const CAS_ROUNDS: usize = 8;
-/// A KV read or write failed: let the message come back soon rather than after the deadline.
+/// A KV read or write failed before the attempt started: the message comes back after this,
+/// doubled per delivery up to [`NATS_RETRY_MAX`], rather than after the ack deadline.
 const NATS_RETRY: Duration = Duration::from_secs(1);
+const NATS_RETRY_MAX: Duration = Duration::from_secs(15);
+/// How long a finished attempt keeps trying to write its outcome (holding the lease meanwhile)
+/// while the bucket is unavailable, e.g. during a leader election, before it leaves the task
+/// to redelivery, which would run it again.
+const FINAL_WRITE_PATIENCE: Duration = Duration::from_secs(60);
+/// Longest pause between two tries of that write.
+const FINAL_WRITE_RETRY_MAX: Duration = Duration::from_secs(2);
 /// How long a message waits before it is looked at again when its record is in a state this
 /// code does not know (one added to the state machine later).
 const UNKNOWN_RECHECK: Duration = Duration::from_secs(5);
@@ -93,7 +105,7 @@ pub(crate) async fn handle(
     msg: jetstream::Message,
     _permit: OwnedSemaphorePermit,
 ) {
-    let (attempt, stream_seq, published) = match msg.info() {
+    let (delivered, stream_seq, published) = match msg.info() {
         Ok(i) => {
             (u32::try_from(i.delivered).unwrap_or(u32::MAX).max(1), i.stream_sequence, i.published)
         }
@@ -121,14 +133,16 @@ pub(crate) async fn handle(
         .and_then(|h| h.get(claw_proto::trace::TRACEPARENT))
         .and_then(|v| claw_proto::trace::TraceParent::parse(v.as_str()))
         .map(|t| t.trace_id);
-    if attempt > 1 {
+    if delivered > 1 {
         // Decided here: the delivery count is the server's word that this message came back.
         metrics::counter!("claw_worker_redeliveries_total", "class" => lane.class.as_str())
             .increment(1);
     }
-    let span = tracing::info_span!("task", task_id = %id, attempt, lane = %lane.consumer(),
+    // `attempt` is filled in once the record says which attempt this delivery starts.
+    let span = tracing::info_span!("task", task_id = %id, delivered,
+        attempt = tracing::field::Empty, lane = %lane.consumer(),
         trace_id = trace_id.as_deref().unwrap_or(""));
-    let delivery = Delivery { worker, lane, msg, attempt, id, published, stream_seq };
+    let delivery = Delivery { worker, lane, msg, delivered, id, published, stream_seq };
     delivery.run(spec, given_id.is_some()).instrument(span).await
 }
 
@@ -136,7 +150,8 @@ struct Delivery {
     worker: Arc<Worker>,
     lane: Lane,
     msg: jetstream::Message,
-    attempt: u32,
+    /// JetStream's delivery count of this message (not the attempt: see the module docs).
+    delivered: u32,
     id: TaskId,
     published: OffsetDateTime,
     /// This message's sequence in `TASKS`; the record names the live one (`message_seq`).
@@ -176,7 +191,7 @@ impl Delivery {
             Err(Load::Invalid(problem)) => return self.invalid(Some(&spec), true, &problem).await,
             Err(Load::Nats(e)) => {
                 tracing::warn!(error = %e, "cannot read or create the record; retrying soon");
-                return self.ack(AckKind::Nak(Some(NATS_RETRY))).await;
+                return self.ack(AckKind::Nak(Some(self.nats_retry()))).await;
             }
         };
         // Registered before the claim: the gateway only wakes a worker for a record that is
@@ -346,33 +361,39 @@ impl Delivery {
                 return None;
             }
             let now = now();
+            let attempt = record.attempt.saturating_add(1);
             let refusal = if now > record.deadline {
                 let error = TaskError::new(
                     "deadline_exceeded",
                     format!(
-                        "the task's deadline {} passed before attempt {}",
-                        record.deadline, self.attempt
+                        "the task's deadline {} passed before attempt {attempt}",
+                        record.deadline
                     ),
                     false,
                 );
                 Some((error, Cause::Timeout, reason::DEADLINE))
-            } else if self.attempt > record.max_attempts {
-                let error = TaskError::new(
-                    "max_attempts",
+            } else if attempt > record.max_attempts {
+                let message = if record.status == Status::Running {
+                    // Its holder died (or lost its lease) during the last attempt.
                     format!(
-                        "delivered {} times; at most {} attempts",
-                        self.attempt, record.max_attempts
-                    ),
-                    false,
-                );
-                Some((error, Cause::DeadLetter, reason::MAX_ATTEMPTS))
+                        "attempt {} of {} ended with its worker; no attempts left",
+                        record.attempt, record.max_attempts
+                    )
+                } else {
+                    format!("{} of {} attempts made", record.attempt, record.max_attempts)
+                };
+                Some((
+                    TaskError::new("max_attempts", message, false),
+                    Cause::DeadLetter,
+                    reason::MAX_ATTEMPTS,
+                ))
             } else {
                 None
             };
             let mut next = record.clone();
             let moved = match &refusal {
                 Some((error, cause, _)) => next.fail(error.clone(), *cause, now),
-                None => next.start(self.attempt, &w.config.name, now),
+                None => next.start(attempt, &w.config.name, now),
             };
             next.message_seq = Some(self.stream_seq);
             if let Err(illegal) = moved {
@@ -384,6 +405,7 @@ impl Delivery {
             match record::update(&w.kv, &next, revision).await {
                 Ok(revision) => {
                     let Some((error, _, reason)) = refusal else {
+                        tracing::Span::current().record("attempt", attempt);
                         return Some(Held { record: next, revision });
                     };
                     tracing::warn!(reason, %error, "task cannot run; dead-lettering it");
@@ -404,8 +426,15 @@ impl Delivery {
                 }
             }
         }
-        self.ack(AckKind::Nak(Some(NATS_RETRY))).await;
+        self.ack(AckKind::Nak(Some(self.nats_retry()))).await;
         None
+    }
+
+    /// How long a delivery that could not reach the record waits before it comes back: one
+    /// second, doubled per delivery, at most [`NATS_RETRY_MAX`].
+    fn nats_retry(&self) -> Duration {
+        let doublings = self.delivered.saturating_sub(1).min(4);
+        (NATS_RETRY * 2u32.pow(doublings)).min(NATS_RETRY_MAX)
     }
 
     /// Runs the handler (in-process, or in a child for the long class) until it returns or the
@@ -748,53 +777,94 @@ impl Delivery {
     }
 
     /// CAS-writes the decision's transition on the revision this attempt holds, following
-    /// newer revisions of its own record.
+    /// newer revisions of its own record. While the bucket is unavailable (a leader election)
+    /// it keeps trying, and keeps the lease, for up to [`FINAL_WRITE_PATIENCE`]: giving up
+    /// means redelivery, and redelivery means running the task again.
     async fn write_final(&self, held: &mut Held, decision: &Decision) -> Written {
         let w = &self.worker;
-        for _ in 0..CAS_ROUNDS {
-            let mut next = held.record.clone();
-            let now = now();
-            let moved = match decision {
-                Decision::Succeed(value) => next.succeed(value.clone(), now),
-                Decision::Retry { error, cause, .. } => next.retry_later(error.clone(), *cause),
-                Decision::GiveUp { error, cause, .. } => next.fail(error.clone(), *cause, now),
-                Decision::Release | Decision::HandBack | Decision::Withdraw => {
-                    return Written::Settled(decision.clone());
-                }
-            };
-            if let Err(illegal) = moved {
-                if held.record.paused_while_running() {
-                    return Written::Paused;
-                }
-                // Moved by someone else while it ran (a user's cancel, maybe already retried):
-                // the message is of no further use, whatever the new state.
-                tracing::info!(%illegal, "the record moved on while the attempt ran");
-                self.ack(AckKind::Term).await;
-                return Written::Settled(Decision::Withdraw);
-            }
-            match record::update(&w.kv, &next, held.revision).await {
-                Ok(revision) => {
-                    *held = Held { record: next, revision };
-                    return Written::Done;
-                }
-                Err(KvError::Conflict) => match record::read(&w.kv, &self.id).await {
+        let patience = Instant::now() + FINAL_WRITE_PATIENCE;
+        let lease_limit = w.ack_deadline * 2 / 3;
+        let mut wait = Duration::from_millis(100);
+        let mut conflicts = 0;
+        // Set after a conflict: the record is read again before the next write.
+        let mut stale = false;
+        loop {
+            let failure = if stale {
+                match record::read(&w.kv, &self.id).await {
                     Ok(Some((fresh, rev))) if same_attempt(&fresh, &held.record) => {
                         *held = Held { record: fresh, revision: rev };
+                        stale = false;
+                        continue;
                     }
                     Ok(Some(_)) => {
                         tracing::info!("another attempt took the task over; dropping this outcome");
                         return Written::Settled(Decision::Release);
                     }
-                    _ => break,
-                },
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot record the outcome; retrying");
-                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    Ok(None) | Err(KvError::Corrupt(_)) => {
+                        tracing::warn!(
+                            "the record is gone or unreadable; leaving the task to redelivery"
+                        );
+                        return Written::Settled(Decision::Release);
+                    }
+                    Err(e) => e,
+                }
+            } else {
+                let mut next = held.record.clone();
+                let now = now();
+                let moved = match decision {
+                    Decision::Succeed(value) => next.succeed(value.clone(), now),
+                    Decision::Retry { error, cause, .. } => next.retry_later(error.clone(), *cause),
+                    Decision::GiveUp { error, cause, .. } => next.fail(error.clone(), *cause, now),
+                    Decision::Release | Decision::HandBack | Decision::Withdraw => {
+                        return Written::Settled(decision.clone());
+                    }
+                };
+                if let Err(illegal) = moved {
+                    if held.record.paused_while_running() {
+                        return Written::Paused;
+                    }
+                    // Moved by someone else while it ran (a user's cancel, maybe already
+                    // retried): the message is of no further use, whatever the new state.
+                    tracing::info!(%illegal, "the record moved on while the attempt ran");
+                    self.ack(AckKind::Term).await;
+                    return Written::Settled(Decision::Withdraw);
+                }
+                match record::update(&w.kv, &next, held.revision).await {
+                    Ok(revision) => {
+                        *held = Held { record: next, revision };
+                        return Written::Done;
+                    }
+                    Err(KvError::Conflict) => {
+                        conflicts += 1;
+                        if conflicts >= CAS_ROUNDS {
+                            tracing::warn!(
+                                "the record keeps changing; leaving the task to redelivery"
+                            );
+                            return Written::Settled(Decision::Release);
+                        }
+                        stale = true;
+                        continue;
+                    }
+                    Err(e) => e,
+                }
+            };
+            // JetStream did not answer or refused for now: keep the message and try again.
+            if Instant::now() + wait > patience || w.contact.silence() > lease_limit {
+                tracing::warn!(error = %failure, "could not record the outcome; leaving the task to redelivery");
+                return Written::Settled(Decision::Release);
+            }
+            tracing::warn!(error = %failure, ?wait, "cannot record the outcome yet; retrying");
+            self.ack(AckKind::Progress).await;
+            tokio::select! {
+                () = tokio::time::sleep(wait) => {}
+                () = w.hand_back.cancelled() => {
+                    tracing::warn!("drain deadline passed with the outcome unrecorded; handing it back");
+                    self.ack(AckKind::Nak(None)).await;
+                    return Written::Settled(Decision::HandBack);
                 }
             }
+            wait = (wait * 2).min(FINAL_WRITE_RETRY_MAX);
         }
-        tracing::warn!("could not record the outcome; leaving the task to redelivery");
-        Written::Settled(Decision::Release)
     }
 
     /// Stores the message in DLQ, trying until JetStream takes it: the caller terminates the
@@ -857,8 +927,8 @@ enum Look {
 enum Written {
     /// Written: `held` is the new record.
     Done,
-    /// Not written, and the message already dealt with: terminated (`Withdraw`) or left to
-    /// redelivery (`Release`); what the attempt's outcome is counted as.
+    /// Not written, and the message already dealt with: terminated (`Withdraw`), handed back
+    /// (`HandBack`) or left to redelivery (`Release`); what the attempt's outcome is counted as.
     Settled(Decision),
     /// Not written: the record is paused (with this attempt holding it).
     Paused,
