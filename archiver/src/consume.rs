@@ -1,5 +1,7 @@
 //! The consumer loop: pulls record revisions from the durable `archiver` consumer on `KV_tasks`,
-//! writes the terminal ones to the [`Store`] one transaction per batch, then acks the batch.
+//! writes the terminal ones to the [`Store`] one transaction per batch, then acks the batch with
+//! one cumulative ack (the consumer's `ack_policy` is `all`), which is why only one archiver
+//! may run per bucket.
 //!
 //! Acks follow the commit, never precede it: a crash between the two means redelivery, which the
 //! store's revision guard makes harmless. Because the consumer is durable, a restarted archiver
@@ -210,10 +212,12 @@ async fn write_then_ack(
         }
     }
 
-    for message in batch {
+    // The consumer acks cumulatively (`ack_policy: all`): acking the batch's last message
+    // acks the whole batch, which came in stream order from this one puller.
+    if let Some(last) = batch.last() {
         // An ack that does not arrive means one redelivery, absorbed by the revision guard.
-        if let Err(e) = message.ack().await {
-            tracing::warn!(subject = %message.subject, error = %e, "ack failed");
+        if let Err(e) = last.ack().await {
+            tracing::warn!(subject = %last.subject, error = %e, "ack failed");
         }
     }
 }

@@ -279,9 +279,12 @@ pub async fn ensure(js: &jetstream::Context, settings: &Settings) -> Result<Topo
             }
             None => true,
         };
-        ensure_consumer(js, TASKS_STREAM, desired, keep_existing_ack_wait).await?;
+        ensure_consumer(js, TASKS_STREAM, desired, keep_existing_ack_wait, OnConflict::Fail)
+            .await?;
     }
-    ensure_consumer(js, TASKS_KV_STREAM, ARCHIVER.parse()?, false).await?;
+    // The archiver's position is recoverable: a recreated consumer replays the bucket's
+    // retained revisions, and the archive takes each revision once.
+    ensure_consumer(js, TASKS_KV_STREAM, ARCHIVER.parse()?, false, OnConflict::Recreate).await?;
     let tasks_kv = js
         .get_key_value(TASKS_BUCKET)
         .await
@@ -375,11 +378,22 @@ async fn ensure_stream(js: &jetstream::Context, desired: Map<String, Value>) -> 
     }
 }
 
+/// What to do with an existing consumer whose definition changed in a way the server cannot
+/// update in place (its ack policy, say).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum OnConflict {
+    /// Refuse, saying why: deleting it would lose acks in flight or its position.
+    Fail,
+    /// Delete it and create it anew: its position can be rebuilt from the stream.
+    Recreate,
+}
+
 async fn ensure_consumer(
     js: &jetstream::Context,
     stream_name: &str,
     mut desired: Map<String, Value>,
     keep_existing_ack_wait: bool,
+    on_conflict: OnConflict,
 ) -> Result<(), Error> {
     let name = desired.get("durable_name").and_then(Value::as_str).unwrap_or_default().to_owned();
     let what = format!("consumer {stream_name}/{name}");
@@ -396,15 +410,27 @@ async fn ensure_consumer(
                 return Ok(());
             }
             let mut merged = existing;
-            merged.extend(desired);
+            merged.extend(desired.clone());
             let config: consumer::Config = from_map(&what, merged)?;
-            stream.update_consumer(config).await.map_err(|e| Error::Conflict {
-                what: what.clone(),
-                diffs: diffs.join(", "),
-                reason: e.to_string(),
-            })?;
-            tracing::info!(consumer = %name, changes = %diffs.join(", "), "updated consumer");
-            Ok(())
+            match stream.update_consumer(config).await {
+                Ok(_) => {
+                    tracing::info!(consumer = %name, changes = %diffs.join(", "), "updated consumer");
+                    Ok(())
+                }
+                Err(e) if on_conflict == OnConflict::Recreate => {
+                    tracing::warn!(consumer = %name, changes = %diffs.join(", "), reason = %e,
+                        "consumer cannot be updated in place; recreating it");
+                    stream.delete_consumer(&name).await.map_err(|e| nats(e.into()))?;
+                    let config: consumer::Config = from_map(&what, desired)?;
+                    stream.create_consumer(config).await.map_err(|e| nats(e.into()))?;
+                    Ok(())
+                }
+                Err(e) => Err(Error::Conflict {
+                    what: what.clone(),
+                    diffs: diffs.join(", "),
+                    reason: e.to_string(),
+                }),
+            }
         }
         Err(e) if e.kind() == jetstream::context::ConsumerInfoErrorKind::NotFound => {
             let config: consumer::Config = from_map(&what, desired)?;

@@ -30,3 +30,31 @@ async fn ensure_creates_then_is_idempotent_then_updates() {
     let info = tasks.info().await.unwrap();
     assert_eq!(info.config.max_messages, 7);
 }
+
+/// A consumer the server cannot update in place (the archiver's, from before its ack policy
+/// became cumulative) is recreated, and the archiver catches up from the bucket: no record that
+/// finished meanwhile is missed.
+#[tokio::test]
+async fn an_archiver_consumer_with_an_old_ack_policy_is_recreated() {
+    use async_nats::jetstream::consumer::{self, AckPolicy};
+    let nats = Nats::start();
+    let js = nats.jetstream().await;
+    let topo = topology::ensure(&js, &test_settings()).await.unwrap();
+    topo.tasks_kv.put("t1", "{}".into()).await.unwrap();
+    let kv_stream = js.get_stream(topology::TASKS_KV_STREAM).await.unwrap();
+    kv_stream.delete_consumer(topology::ARCHIVER_CONSUMER).await.unwrap();
+    let old = consumer::pull::Config {
+        durable_name: Some(topology::ARCHIVER_CONSUMER.into()),
+        filter_subject: format!("{}>", topology::KV_SUBJECT_PREFIX),
+        ack_policy: AckPolicy::Explicit,
+        ..Default::default()
+    };
+    kv_stream.create_consumer(old).await.unwrap();
+
+    topology::ensure(&js, &test_settings()).await.unwrap();
+    let mut kv_stream = kv_stream;
+    let info = kv_stream.consumer_info(topology::ARCHIVER_CONSUMER).await.unwrap();
+    assert_eq!(info.config.ack_policy, AckPolicy::All);
+    // Everything the bucket holds is pending again, for the archiver to (re)take.
+    assert_eq!(info.num_pending, 1);
+}
