@@ -52,7 +52,6 @@ async fn an_archiver_consumer_with_an_old_ack_policy_is_recreated() {
     kv_stream.create_consumer(old).await.unwrap();
 
     topology::ensure(&js, &test_settings()).await.unwrap();
-    let mut kv_stream = kv_stream;
     let info = kv_stream.consumer_info(topology::ARCHIVER_CONSUMER).await.unwrap();
     assert_eq!(info.config.ack_policy, AckPolicy::All);
     // Everything the bucket holds is pending again, for the archiver to (re)take.
