@@ -11,7 +11,18 @@ use anyhow::{Context, bail};
 
 pub struct Cluster {
     nodes: Vec<Node>,
+    /// The HTTP monitoring port of a [`Cluster::single_monitored`] server.
+    monitor: Option<u16>,
     _dir: tempfile::TempDir,
+}
+
+/// The server's message and byte counters (`/varz`), client traffic included.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Traffic {
+    pub in_msgs: u64,
+    pub out_msgs: u64,
+    pub in_bytes: u64,
+    pub out_bytes: u64,
 }
 
 /// One nats-server child; dropping it kills it.
@@ -129,9 +140,43 @@ impl Cluster {
                 .with_context(|| format!("starting cluster node n{}", i + 1))?;
             nodes.push(started);
         }
-        let cluster = Cluster { nodes, _dir: dir };
+        let cluster = Cluster { nodes, monitor: None, _dir: dir };
         cluster.wait_for_leader().await?;
         Ok(cluster)
+    }
+
+    /// One server with HTTP monitoring on, for the per-task traffic figures ([`Cluster::varz`]).
+    pub async fn single_monitored() -> anyhow::Result<Cluster> {
+        let dir = tempfile::Builder::new().prefix("claw-bench-single-").tempdir()?;
+        let monitor = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let node = dir.path().join("n1");
+        std::fs::create_dir_all(&node)?;
+        let config = node.join("node.conf");
+        std::fs::write(&config, format!("server_name: n1\nhttp: 127.0.0.1:{monitor}\n"))?;
+        let bin = nats_server_bin();
+        let started = tokio::task::spawn_blocking(move || start_node(&bin, &node, &config))
+            .await?
+            .context("starting the monitored nats-server")?;
+        Ok(Cluster { nodes: vec![started], monitor: Some(monitor), _dir: dir })
+    }
+
+    /// How many servers: the replicas `claw up` should ask for.
+    pub fn replicas(&self) -> usize {
+        self.nodes.len()
+    }
+
+    /// The counters of a [`Cluster::single_monitored`] server.
+    pub async fn varz(&self) -> anyhow::Result<Traffic> {
+        let port = self.monitor.context("this server has no monitoring port")?;
+        let v: serde_json::Value =
+            reqwest::get(format!("http://127.0.0.1:{port}/varz")).await?.json().await?;
+        let n = |k: &str| v[k].as_u64().with_context(|| format!("varz has no {k}"));
+        Ok(Traffic {
+            in_msgs: n("in_msgs")?,
+            out_msgs: n("out_msgs")?,
+            in_bytes: n("in_bytes")?,
+            out_bytes: n("out_bytes")?,
+        })
     }
 
     /// Every node's client URL, comma separated (what `claw up --nats-url` takes).

@@ -60,6 +60,9 @@ struct Args {
     /// Events published to that session for the fan-out figure.
     #[arg(long, default_value_t = 10000)]
     fanout_events: usize,
+    /// No-op tasks for each per-task traffic figure.
+    #[arg(long, default_value_t = 5000)]
+    traffic: usize,
     /// Concurrent I/O-bound tasks in one worker for the concurrency figure.
     #[arg(long, default_value_t = 10000)]
     concurrent: usize,
@@ -67,7 +70,7 @@ struct Args {
     #[arg(long, default_value_t = 10.0)]
     sleep_s: f64,
     /// Run only these groups of figures (comma separated; default: all, in this order).
-    #[arg(long, value_delimiter = ',', value_parser = ["tasks", "concurrency", "ws", "cluster"])]
+    #[arg(long, value_delimiter = ',', value_parser = ["tasks", "concurrency", "ws", "cluster", "traffic"])]
     only: Vec<String>,
 }
 
@@ -78,7 +81,7 @@ struct System {
     db: PathBuf,
     _dir: tempfile::TempDir,
     /// The external cluster `claw up` is connected to, if any; dropped (killed) after `claw up`.
-    _cluster: Option<cluster::Cluster>,
+    servers: Option<cluster::Cluster>,
 }
 
 impl Drop for System {
@@ -130,7 +133,7 @@ async fn start_claw(
     let nats_url = match &cluster {
         Some(cluster) => {
             let url = cluster.url();
-            command.args(["--nats-url", &url, "--replicas", "3"]);
+            command.args(["--nats-url", &url, "--replicas", &cluster.replicas().to_string()]);
             url
         }
         None => {
@@ -141,7 +144,7 @@ async fn start_claw(
     let child = command.env("RUST_LOG", "warn").stdout(Stdio::null()).spawn()?;
     let url = format!("http://127.0.0.1:{port}");
     let db = dir.path().join("archive.sqlite");
-    let mut system = System { child, url, nats_url, db, _dir: dir, _cluster: cluster };
+    let mut system = System { child, url, nats_url, db, _dir: dir, servers: cluster };
     let client = reqwest::Client::new();
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
@@ -276,11 +279,9 @@ async fn wait_archived(db: &Path, target: i64, n: usize) -> anyhow::Result<()> {
 }
 
 /// Publishes `n` tasks straight to a lane, keeping up to 4096 acks in flight.
-async fn end_to_end_nats(system: &System, n: usize, label: &str) -> anyhow::Result<()> {
-    let client = cluster::connect(&system.nats_url).await?;
-    let js = async_nats::jetstream::new(client);
-    let before = archived(&system.db).await.unwrap_or(0);
-    let started = Instant::now();
+/// Publishes `n` no-op tasks straight to `tasks.short.normal`, up to 4096 acks in flight.
+async fn publish_pipelined(nats_url: &str, n: usize) -> anyhow::Result<()> {
+    let js = async_nats::jetstream::new(cluster::connect(nats_url).await?);
     let mut acks = futures::stream::FuturesUnordered::new();
     for _ in 0..n {
         if acks.len() >= 4096 {
@@ -293,6 +294,13 @@ async fn end_to_end_nats(system: &System, n: usize, label: &str) -> anyhow::Resu
     while let Some(ack) = futures::StreamExt::next(&mut acks).await {
         ack?;
     }
+    Ok(())
+}
+
+async fn end_to_end_nats(system: &System, n: usize, label: &str) -> anyhow::Result<()> {
+    let before = archived(&system.db).await.unwrap_or(0);
+    let started = Instant::now();
+    publish_pipelined(&system.nats_url, n).await?;
     let published = started.elapsed();
     wait_archived(&system.db, before + n as i64, n).await?;
     let elapsed = started.elapsed();
@@ -326,6 +334,42 @@ async fn main() -> anyhow::Result<()> {
     }
     if run("cluster") {
         cluster_tasks(&args).await?;
+    }
+    if run("traffic") {
+        traffic(&args).await?;
+    }
+    Ok(())
+}
+
+/// What one no-op task costs the server, in client messages and bytes each way (nats-server's
+/// `/varz` before and after `n` tasks, on a server of its own with monitoring on). Unlike the
+/// rates, these counts do not depend on what else the machine is doing.
+async fn traffic(args: &Args) -> anyhow::Result<()> {
+    let n = args.traffic;
+    for over_http in [true, false] {
+        let server = cluster::Cluster::single_monitored().await?;
+        let system = start_claw("", Some(server)).await?;
+        let server = system.servers.as_ref().context("the monitored server")?;
+        let before = server.varz().await?;
+        let rows = archived(&system.db).await.unwrap_or(0);
+        if over_http {
+            flood(&system, n, args.connections).await?;
+        } else {
+            publish_pipelined(&system.nats_url, n).await?;
+        }
+        wait_archived(&system.db, rows + n as i64, n).await?;
+        // Trailing acks (the archiver's last batch, the last tasks') land within a moment.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let after = server.varz().await?;
+        let per = |a: u64, b: u64| (b - a) as f64 / n as f64;
+        println!(
+            "| server traffic per no-op task, {} | {n} | {:.2} msgs in, {:.2} msgs out | {:.0} bytes in, {:.0} bytes out | |",
+            if over_http { "submitted over HTTP" } else { "published straight to NATS" },
+            per(before.in_msgs, after.in_msgs),
+            per(before.out_msgs, after.out_msgs),
+            per(before.in_bytes, after.in_bytes),
+            per(before.out_bytes, after.out_bytes),
+        );
     }
     Ok(())
 }

@@ -169,6 +169,15 @@ enum Load {
     Nats(String),
 }
 
+/// What [`Delivery::load_or_admit`] found.
+enum Loaded {
+    /// The record (the gateway's, or an earlier delivery's) and its revision.
+    Found(TaskRecord, u64),
+    /// There was none: the record was created already running as attempt 1 (the `queued`
+    /// state it skipped was announced).
+    Started(Held),
+}
+
 fn describe(invalid: Invalid) -> String {
     match invalid.field {
         Some(field) => format!("{field}: {}", invalid.message),
@@ -186,18 +195,21 @@ impl Delivery {
             Ok(spec) => spec,
             Err(invalid) => return self.invalid(None, id_was_given, &describe(invalid)).await,
         };
-        let (record, revision) = match self.load_or_admit(&spec).await {
-            Ok(found) => found,
+        // Registered before the claim: the gateway only wakes a worker for a record that is
+        // running, so every wake-up for this attempt comes after registration and is kept.
+        let control = self.worker.controls.register(&self.id);
+        let mut held = match self.load_or_admit(&spec).await {
+            Ok(Loaded::Found(record, revision)) => {
+                let Some(held) = self.start(record, revision).await else { return };
+                held
+            }
+            Ok(Loaded::Started(held)) => held,
             Err(Load::Invalid(problem)) => return self.invalid(Some(&spec), true, &problem).await,
             Err(Load::Nats(e)) => {
                 tracing::warn!(error = %e, "cannot read or create the record; retrying soon");
                 return self.ack(AckKind::Nak(Some(self.nats_retry()))).await;
             }
         };
-        // Registered before the claim: the gateway only wakes a worker for a record that is
-        // running, so every wake-up for this attempt comes after registration and is kept.
-        let control = self.worker.controls.register(&self.id);
-        let Some(mut held) = self.start(record, revision).await else { return };
         events::status(&self.worker.client, &held.record).await;
         tracing::debug!("attempt started");
         let class = self.lane.class.as_str();
@@ -282,25 +294,44 @@ impl Delivery {
         }
     }
 
-    /// The record of this task, created from the spec (and announced) when there is none yet:
-    /// the task was published straight to NATS, or the gateway's create is still in flight.
-    async fn load_or_admit(&self, spec: &TaskSpec) -> Result<(TaskRecord, u64), Load> {
+    /// The record of this task. When there is none yet (the task was published straight to
+    /// NATS, or the gateway's create is still in flight) it is admitted from the spec and
+    /// created in one write already `running` as this delivery's attempt 1: one write instead
+    /// of a `queued` create and a `running` update. Both states are announced, as if written.
+    async fn load_or_admit(&self, spec: &TaskSpec) -> Result<Loaded, Load> {
         let w = &self.worker;
         for _ in 0..CAS_ROUNDS {
             match record::read(&w.kv, &self.id).await {
-                Ok(Some(found)) => return Ok(found),
+                Ok(Some((record, revision))) => return Ok(Loaded::Found(record, revision)),
                 Ok(None) => {}
                 Err(KvError::Corrupt(e)) => return Err(Load::Invalid(format!("record: {e}"))),
                 Err(e) => return Err(Load::Nats(e.to_string())),
             }
             let lane = Some((self.lane.class, self.lane.priority));
-            let record = spec
+            let queued = spec
                 .admit(self.id.clone(), self.published, lane, &w.catalog, &w.limits)
                 .map_err(|e| Load::Invalid(describe(e)))?;
-            match record::create(&w.kv, &record).await {
+            let now = now();
+            if now > queued.deadline {
+                // Too late to start: created `queued`, and `start` dead-letters it.
+                match record::create(&w.kv, &queued).await {
+                    Ok(revision) => {
+                        events::status(&w.client, &queued).await;
+                        return Ok(Loaded::Found(queued, revision));
+                    }
+                    Err(KvError::Conflict) => continue,
+                    Err(e) => return Err(Load::Nats(e.to_string())),
+                }
+            }
+            let mut running = queued.clone();
+            running.start(1, &w.config.name, now).map_err(|e| Load::Invalid(e.to_string()))?;
+            running.message_seq = Some(self.stream_seq);
+            match record::create(&w.kv, &running).await {
                 Ok(revision) => {
-                    events::status(&w.client, &record).await;
-                    return Ok((record, revision));
+                    // `queued` here; `running` once the caller has the attempt in hand.
+                    events::status(&w.client, &queued).await;
+                    tracing::Span::current().record("attempt", 1);
+                    return Ok(Loaded::Started(Held { record: running, revision }));
                 }
                 Err(KvError::Conflict) => continue,
                 Err(e) => return Err(Load::Nats(e.to_string())),
