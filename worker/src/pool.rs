@@ -7,6 +7,11 @@
 //! other workers). When a sweep finds nothing, the loop sleeps until a publish to the class
 //! rings the doorbell (a core subscription to `tasks.<class>.*`), or [`IDLE_RESWEEP`] passes,
 //! which catches what a publish does not announce: NAK-delayed retries and redeliveries.
+//!
+//! The doorbell is a copy of every task message, so it is only subscribed while it can help:
+//! from the first empty sweep (followed by one more sweep, for what was published before the
+//! subscription took effect) until a sweep fills every free slot. A saturated pool waits for
+//! slots, not for publishes, and does not pay for a second delivery of each task.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -41,8 +46,9 @@ pub(crate) struct Pool {
     slots: Arc<Slots>,
     lanes: [(Lane, PullConsumer); 3],
     doorbell: Arc<Notify>,
-    /// The task draining the doorbell subscription; ends (unsubscribing) with the pool.
-    _ringer: AbortOnDropHandle<()>,
+    /// The task draining the doorbell subscription while there is one; dropping it
+    /// unsubscribes.
+    ringer: Option<AbortOnDropHandle<()>>,
     /// Consecutive sweeps each lane (high, normal, low) was passed over while it may have had
     /// messages.
     skipped: [u32; 3],
@@ -65,27 +71,13 @@ impl Pool {
             Error::Config("a class has exactly three lanes".into()) // unreachable by construction
         })?;
         let doorbell = Arc::new(Notify::new());
-        let subject = topology::class_subjects(class);
-        let mut sub = worker
-            .client
-            .subscribe(subject.clone())
-            .await
-            .map_err(|e| Error::nats(format!("subscribe {subject}"), e))?;
-        let ring = doorbell.clone();
-        // Drained continuously so the subscription never backs up; `notify_one` stores one
-        // wake-up when nobody waits, so a publish during a sweep is not lost.
-        let ringer = AbortOnDropHandle::new(tokio::spawn(async move {
-            while sub.next().await.is_some() {
-                ring.notify_one();
-            }
-        }));
         Ok(Pool {
             class,
             worker,
             slots: Slots::new(class, min, max),
             lanes,
             doorbell,
-            _ringer: ringer,
+            ringer: None,
             skipped: [0; 3],
             maybe_pending: [true; 3],
         })
@@ -123,9 +115,18 @@ impl Pool {
             if permits.is_empty() {
                 continue;
             }
+            let free = permits.len();
             let started = self.sweep(&mut permits, &tracker).await;
             drop(permits);
-            if started == 0 {
+            if started == free {
+                // Saturated: the next wait is for a slot, and a doorbell would be wasted.
+                self.ringer = None;
+            } else if started == 0 {
+                if self.ringer.is_none() && self.listen().await {
+                    // Sweep once more now that it listens: a publish between the empty fetches
+                    // and the subscription rang no bell.
+                    continue;
+                }
                 tokio::select! {
                     () = shutdown.cancelled() => break,
                     () = self.doorbell.notified() => {}
@@ -134,6 +135,28 @@ impl Pool {
             }
         }
         tracing::info!(class = %self.class, "pool stopped pulling");
+    }
+
+    /// Subscribes the doorbell to the class's lanes; false if that failed. Without it the pool
+    /// still finds every message, within [`IDLE_RESWEEP`].
+    async fn listen(&mut self) -> bool {
+        let subject = topology::class_subjects(self.class);
+        let mut sub = match self.worker.client.subscribe(subject.clone()).await {
+            Ok(sub) => sub,
+            Err(e) => {
+                tracing::warn!(%subject, error = %e, "doorbell not subscribed; polling instead");
+                return false;
+            }
+        };
+        let ring = self.doorbell.clone();
+        // Drained continuously so the subscription never backs up; `notify_one` stores one
+        // wake-up when nobody waits, so a publish during a sweep is not lost.
+        self.ringer = Some(AbortOnDropHandle::new(tokio::spawn(async move {
+            while sub.next().await.is_some() {
+                ring.notify_one();
+            }
+        })));
+        true
     }
 
     /// One sweep over the lanes with `permits.len()` free slots; returns the attempts started.
