@@ -25,8 +25,9 @@ pub struct Inner {
     pub kv_stream: stream::Stream<()>,
     /// API tokens, or none (every caller anonymous).
     pub auth: Auth,
-    /// Session owners (the `sessions` bucket and its cache); used only with tokens.
-    pub sessions: Owners,
+    /// Session owners (the `sessions` bucket and its cache): only with tokens, as nobody
+    /// owns a session without them.
+    pub sessions: Option<Owners>,
     pub catalog: Catalog,
     pub limits: Limits,
     pub config: Config,
@@ -42,9 +43,14 @@ impl std::ops::Deref for App {
 impl App {
     pub async fn new(topology: Topology, config: Config) -> Result<App, Error> {
         let auth = Auth::load(config.tokens.as_deref())?;
-        let sessions = topology.js.get_key_value(topology::SESSIONS_BUCKET).await.map_err(|e| {
-            Error::Unavailable(format!("bucket {}: {e}", topology::SESSIONS_BUCKET))
-        })?;
+        let sessions = if auth.is_on() {
+            let kv = topology.js.get_key_value(topology::SESSIONS_BUCKET).await.map_err(|e| {
+                Error::Unavailable(format!("bucket {}: {e}", topology::SESSIONS_BUCKET))
+            })?;
+            Some(Owners::new(kv))
+        } else {
+            None
+        };
         let kv_stream =
             topology.js.get_stream_no_info(topology::TASKS_KV_STREAM).await.map_err(|e| {
                 Error::Unavailable(format!("stream {}: {e}", topology::TASKS_KV_STREAM))
@@ -55,7 +61,7 @@ impl App {
             kv: topology.tasks_kv,
             kv_stream,
             auth,
-            sessions: Owners::new(sessions),
+            sessions,
             catalog: config.catalog(),
             limits: config.limits(),
             config,
