@@ -8,6 +8,12 @@
 // 1012) it reconnects with backoff and `since=<seq>` and misses nothing; on every (re)connect it
 // also re-reads the records of the unfinished tasks it shows, so a row is never left stale.
 //
+// With API tokens (the gateway's --tokens), the first 401 shows a sign-in form; the token is
+// kept in localStorage and sent as `Authorization: Bearer` on every fetch and as the WebSocket
+// subprotocol `claw.bearer.<token>` next to `claw.v1` (browsers cannot set headers on a
+// WebSocket). "Sign out" forgets it. A gateway without tokens never answers 401, so the page
+// then behaves as if none of this existed.
+//
 // Rendering is incremental: one <li> per task in a Map id → row, events only mark a row dirty,
 // and dirty rows are redrawn once per animation frame. A thousand tasks with a burst of
 // progress events cost one frame, not a thousand re-renders of the list.
@@ -67,6 +73,10 @@ const state = {
   history: { cursor: null, paged: false, timer: 0 },
   lanes: new Map(),
   inputEdited: false,
+  /** The API token, when the gateway has tokens and the user gave one. */
+  token: null,
+  /** The gateway answered 401: it has tokens, so the socket waits for one. */
+  authRequired: false,
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -86,6 +96,7 @@ class ApiError extends Error {
  *  `{"error": {"code", "message", "field"?}}`. */
 async function api(method, path, body) {
   const init = { method, headers: {} };
+  if (state.token) init.headers.authorization = `Bearer ${state.token}`;
   if (body !== undefined) {
     init.headers['content-type'] = 'application/json';
     init.body = JSON.stringify(body);
@@ -103,12 +114,51 @@ async function api(method, path, body) {
   } catch {
     json = null;
   }
+  if (response.status === 401) signedOut(state.token ? 'That token was not accepted.' : '');
   if (!response.ok) {
     const e = (json && json.error) || {};
     throw new ApiError(response.status, e.code || `http_${response.status}`,
       e.message || text || response.statusText, e.field, json);
   }
   return json;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Sign-in (only when the gateway has API tokens)
+
+/** The gateway wants a token: forget a refused one, stop the socket, show the form. */
+function signedOut(message) {
+  const first = !state.authRequired || state.token;
+  state.authRequired = true;
+  state.token = null;
+  storageRemove('claw.token');
+  $('#sign-out').hidden = true;
+  $('#auth-card').hidden = false;
+  if (message || first) $('#auth-error').textContent = message;
+  if (first) {
+    const old = state.ws;
+    state.ws = null;
+    if (old) old.close(1000, 'signed out');
+    clearTimeout(state.reconnectTimer);
+    setConnection('signed-out', 'signed out');
+    $('#auth-token').focus();
+  }
+}
+
+function signIn(token) {
+  state.token = token;
+  storageSet('claw.token', token);
+  $('#auth-card').hidden = true;
+  $('#auth-error').textContent = '';
+  $('#sign-out').hidden = false;
+  loadLanes();
+  reconnectNow();
+}
+
+function signOut() {
+  signedOut('');
+  for (const t of [...state.tasks.values()]) removeTask(t);
+  updateCount();
 }
 
 const taskPath = (id) => `/v1/tasks/${encodeURIComponent(id)}`;
@@ -142,6 +192,14 @@ function storageGet(key) {
     return localStorage.getItem(key);
   } catch {
     return null;
+  }
+}
+
+function storageRemove(key) {
+  try {
+    localStorage.removeItem(key);
+  } catch {
+    // Nothing was stored.
   }
 }
 
@@ -582,9 +640,13 @@ function socketUrl() {
 
 function connect() {
   clearTimeout(state.reconnectTimer);
+  if (state.authRequired && !state.token) return;
   let ws;
   try {
-    ws = new WebSocket(socketUrl());
+    // The token rides as a subprotocol; the gateway echoes only `claw.v1`.
+    ws = state.token
+      ? new WebSocket(socketUrl(), ['claw.v1', `claw.bearer.${state.token}`])
+      : new WebSocket(socketUrl());
   } catch {
     scheduleReconnect();
     return;
@@ -809,9 +871,19 @@ function start() {
   });
   $('#history-more').addEventListener('click', () => loadHistory(true));
 
+  $('#auth-form').addEventListener('submit', (ev) => {
+    ev.preventDefault();
+    const token = $('#auth-token').value.trim();
+    $('#auth-token').value = '';
+    if (token) signIn(token);
+  });
+  $('#sign-out').addEventListener('click', signOut);
+  state.token = storageGet('claw.token');
+  $('#sign-out').hidden = !state.token;
+
   setInterval(tick, 1000);
   setInterval(() => {
-    if (!document.hidden) loadLanes();
+    if (!document.hidden && !(state.authRequired && !state.token)) loadLanes();
   }, LANES_EVERY_MS);
   loadLanes();
 

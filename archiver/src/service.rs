@@ -191,7 +191,14 @@ fn parse_list(payload: &[u8]) -> Result<Filter, Failure> {
             Failure::invalid(Some("cursor".into()), "not a cursor this archive gave out")
         })?),
     };
-    Ok(Filter { session: query.session, status: query.status, kind: query.kind, limit, after })
+    Ok(Filter {
+        session: query.session,
+        status: query.status,
+        kind: query.kind,
+        owner: query.owner,
+        limit,
+        after,
+    })
 }
 
 /// Parses JSON, naming the field at fault the way the gateway's HTTP errors do.

@@ -68,6 +68,8 @@ pub struct Filter {
     pub session: Option<Session>,
     pub status: Option<Status>,
     pub kind: Option<String>,
+    /// Only this owner's tasks; rows without an owner never match.
+    pub owner: Option<String>,
     /// Rows per page, already checked against `MAX_PAGE`.
     pub limit: u32,
     /// Start strictly after this position.
@@ -112,13 +114,14 @@ impl Store {
             let r = &entry.record;
             let done = sqlx::query(
                 "INSERT INTO tasks (id, revision, session, kind, status, class, priority,
-                                    created_at, finished_at, record)
-                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                                    created_at, finished_at, record, owner)
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
                  ON CONFLICT (id) DO UPDATE SET
                     revision = excluded.revision, session = excluded.session,
                     kind = excluded.kind, status = excluded.status, class = excluded.class,
                     priority = excluded.priority, created_at = excluded.created_at,
-                    finished_at = excluded.finished_at, record = excluded.record
+                    finished_at = excluded.finished_at, record = excluded.record,
+                    owner = excluded.owner
                  WHERE excluded.revision > tasks.revision",
             )
             .bind(r.id.as_str())
@@ -132,6 +135,7 @@ impl Store {
             .bind(micros(r.created_at))
             .bind(r.finished_at.map(micros))
             .bind(&entry.json)
+            .bind(r.owner.as_deref())
             .execute(&mut *tx)
             .await?;
             changed += done.rows_affected();
@@ -164,6 +168,10 @@ impl Store {
         }
         if let Some(kind) = &filter.kind {
             query.push(sep).push("kind = ").push_bind(kind.clone());
+            sep = " AND ";
+        }
+        if let Some(owner) = &filter.owner {
+            query.push(sep).push("owner = ").push_bind(owner.clone());
             sep = " AND ";
         }
         if let Some(after) = &filter.after {
@@ -352,6 +360,24 @@ mod tests {
         assert_eq!(ids(all_three).await, [id(1)]);
         let running = Filter { status: Some(Status::Running), ..Filter::default() };
         assert!(ids(running).await.is_empty());
+    }
+
+    #[sqlx::test]
+    async fn list_filters_by_owner_and_unowned_rows_never_match(pool: SqlitePool) {
+        let store = Store::migrated(pool).await.unwrap();
+        let mut alices = terminal("s", "sleep", Status::Succeeded, 1);
+        alices.owner = Some("alice".into());
+        let mut bobs = terminal("s", "sleep", Status::Succeeded, 2);
+        bobs.owner = Some("bob".into());
+        let nobodys = terminal("s", "sleep", Status::Succeeded, 3);
+        store.upsert(&[entry(1, &alices), entry(2, &bobs), entry(3, &nobodys)]).await.unwrap();
+
+        let owned = |owner: &str| Filter { owner: Some(owner.into()), ..all(DEFAULT_PAGE) };
+        let page = store.list(&owned("alice")).await.unwrap();
+        assert_eq!(page.tasks, [alices]);
+        let page = store.list(&owned("carol")).await.unwrap();
+        assert!(page.tasks.is_empty());
+        assert_eq!(store.list(&all(DEFAULT_PAGE)).await.unwrap().tasks.len(), 3);
     }
 
     #[sqlx::test]

@@ -28,6 +28,9 @@ pub struct ClientArgs {
     /// The gateway's base URL.
     #[arg(long, env = "CLAW_URL", default_value = "http://127.0.0.1:8080", global = true)]
     pub url: String,
+    /// The gateway's API token (sent as `Authorization: Bearer`), when it runs with --tokens.
+    #[arg(long, env = "CLAW_TOKEN", hide_env_values = true, global = true)]
+    pub token: Option<String>,
     /// Talk straight to NATS (request/reply and streams) instead of the gateway's HTTP API.
     #[arg(long = "nats-url", env = "NATS_URL", global = true)]
     pub nats_url: Option<String>,
@@ -104,7 +107,7 @@ impl Client {
     pub async fn connect(args: &ClientArgs) -> Result<Client, Error> {
         match &args.nats_url {
             Some(url) => Ok(Client::Nats(Nats::connect(args, url).await?)),
-            None => Ok(Client::Http(Http::new(&args.url)?)),
+            None => Ok(Client::Http(Http::new(&args.url, args.token.as_deref())?)),
         }
     }
 
@@ -145,12 +148,23 @@ const HTTP_TIMEOUT: Duration = Duration::from_secs(30);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl Http {
-    pub fn new(base: &str) -> Result<Http, Error> {
+    /// A client of the gateway at `base`, sending `token` as `Authorization: Bearer` with
+    /// every request.
+    pub fn new(base: &str, token: Option<&str>) -> Result<Http, Error> {
         let base = reqwest::Url::parse(base)
             .ok()
             .filter(|u| !u.cannot_be_a_base())
             .ok_or_else(|| Error::Usage(format!("--url {base:?} is not an http:// URL")))?;
+        let mut headers = reqwest::header::HeaderMap::new();
+        if let Some(token) = token {
+            let mut value = reqwest::header::HeaderValue::from_str(&format!("Bearer {token}"))
+                .map_err(|_| Error::Usage("--token has characters a header cannot carry".into()))?;
+            // Kept out of debug output and HTTP/2 header compression tables.
+            value.set_sensitive(true);
+            headers.insert(reqwest::header::AUTHORIZATION, value);
+        }
         let http = reqwest::Client::builder()
+            .default_headers(headers)
             .connect_timeout(CONNECT_TIMEOUT)
             .timeout(HTTP_TIMEOUT)
             .build()

@@ -8,8 +8,8 @@ use claw_proto::api::{ApiError, ErrorBody};
 
 /// Success; for `watch` (and `submit --watch`), the task succeeded.
 pub const EXIT_OK: u8 = 0;
-/// The request was refused (a 4xx: not found, invalid, conflict), or the watched task failed or
-/// was cancelled.
+/// The request was refused (a 4xx: not found, invalid, conflict, no or a wrong API token), or
+/// the watched task failed or was cancelled.
 pub const EXIT_REFUSED: u8 = 1;
 /// A usage error: clap's own code for bad flags, reused for the mistakes only we can see.
 pub const EXIT_USAGE: u8 = 2;
@@ -60,6 +60,9 @@ fn api_line(error: &ApiError) -> String {
     match (code.as_str(), field) {
         ("invalid_request", Some(field)) => format!("invalid request: {field}: {message} ({code})"),
         ("invalid_request", None) => format!("invalid request: {message} ({code})"),
+        ("unauthorized", _) => {
+            format!("{message} ({code}); give the gateway's API token with --token or CLAW_TOKEN")
+        }
         _ => format!("{message} ({code})"),
     }
 }
@@ -101,6 +104,9 @@ mod tests {
         assert_eq!(api(503, "unavailable", None).exit_code(), EXIT_UNAVAILABLE);
         assert_eq!(api(500, "internal", None).exit_code(), EXIT_UNAVAILABLE);
         assert_eq!(Error::Usage("u".into()).exit_code(), EXIT_USAGE);
+        let e = api(401, "unauthorized", None);
+        assert_eq!(e.exit_code(), EXIT_REFUSED);
+        assert!(e.to_string().contains("--token or CLAW_TOKEN"), "{e}");
     }
 
     #[test]

@@ -14,13 +14,14 @@ use clap::{Parser, Subcommand};
     version,
     about = "OpenClaw: an asynchronous task gateway on NATS JetStream",
     after_help = "\
-Client verbs talk to the gateway at --url (env CLAW_URL), or straight to NATS with --nats-url
-(env NATS_URL); --json prints the raw JSON replies.
+Client verbs talk to the gateway at --url (env CLAW_URL), with its API token --token (env
+CLAW_TOKEN) when it has tokens, or straight to NATS with --nats-url (env NATS_URL); --json
+prints the raw JSON replies.
 
 Exit codes:
   0  success; for watch and submit --watch: the task succeeded
-  1  the request was refused (not found, invalid, conflict), or the watched task failed or
-     was cancelled
+  1  the request was refused (not found, invalid, conflict, a missing or wrong API token), or
+     the watched task failed or was cancelled
   2  usage error
   3  the gateway or NATS cannot be reached or is unavailable
   130  watch interrupted by Ctrl-C (the task goes on)"
@@ -34,6 +35,9 @@ struct Cli {
 enum Command {
     /// Run everything on this machine: nats-server, gateway, worker, archiver, web UI.
     Up(claw_cli::up::UpArgs),
+    /// Make API tokens for the gateway's tokens file (--tokens).
+    #[command(subcommand)]
+    Token(claw_cli::token::TokenCommand),
     #[command(flatten)]
     Client(claw_cli::commands::Command),
 }
@@ -53,6 +57,7 @@ fn main() -> anyhow::Result<ExitCode> {
             })?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Token(command) => Ok(ExitCode::from(claw_cli::token::run(command))),
         Command::Client(command) => {
             // A client's stderr is for its one-line error; logs only when asked for.
             if let Ok(filter) = tracing_subscriber::EnvFilter::try_from_env("RUST_LOG") {

@@ -43,6 +43,9 @@ pub struct UpArgs {
 const STOP_DEADLINE: Duration = Duration::from_secs(45);
 
 pub async fn run(args: UpArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
+    // Before starting anything: a public address without tokens, or a bad tokens file.
+    args.gateway.check_exposure(args.http)?;
+    claw_gateway::auth::Auth::load(args.gateway.tokens.as_deref())?;
     std::fs::create_dir_all(&args.data)
         .with_context(|| format!("creating data directory {}", args.data.display()))?;
     let data = args.data.canonicalize()?;

@@ -9,7 +9,9 @@ use claw_proto::spec::Limits;
 use claw_proto::topology::{self, Topology};
 
 use crate::Config;
+use crate::auth::Auth;
 use crate::error::Error;
+use crate::sessions::Owners;
 
 #[derive(Clone, Debug)]
 pub struct App(Arc<Inner>);
@@ -21,6 +23,11 @@ pub struct Inner {
     pub kv: kv::Store,
     /// The stream behind `kv`, to remove a record by revision when its submit is refused.
     pub kv_stream: stream::Stream<()>,
+    /// API tokens, or none (every caller anonymous).
+    pub auth: Auth,
+    /// Session owners (the `sessions` bucket and its cache): only with tokens, as nobody
+    /// owns a session without them.
+    pub sessions: Option<Owners>,
     pub catalog: Catalog,
     pub limits: Limits,
     pub config: Config,
@@ -35,6 +42,15 @@ impl std::ops::Deref for App {
 
 impl App {
     pub async fn new(topology: Topology, config: Config) -> Result<App, Error> {
+        let auth = Auth::load(config.tokens.as_deref())?;
+        let sessions = if auth.is_on() {
+            let kv = topology.js.get_key_value(topology::SESSIONS_BUCKET).await.map_err(|e| {
+                Error::Unavailable(format!("bucket {}: {e}", topology::SESSIONS_BUCKET))
+            })?;
+            Some(Owners::new(kv))
+        } else {
+            None
+        };
         let kv_stream =
             topology.js.get_stream_no_info(topology::TASKS_KV_STREAM).await.map_err(|e| {
                 Error::Unavailable(format!("stream {}: {e}", topology::TASKS_KV_STREAM))
@@ -44,6 +60,8 @@ impl App {
             js: topology.js,
             kv: topology.tasks_kv,
             kv_stream,
+            auth,
+            sessions,
             catalog: config.catalog(),
             limits: config.limits(),
             config,

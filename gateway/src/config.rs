@@ -1,12 +1,26 @@
 //! The gateway's configuration: clap flags with environment equivalents, parsed once in `main`
 //! (or by `claw up`) and passed to [`crate::run`].
 
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
 use claw_proto::kinds::Catalog;
 use claw_proto::spec::Limits;
 use claw_proto::task::Class;
 
+use crate::error::Error;
+
 #[derive(Clone, Debug, clap::Args)]
 pub struct Config {
+    /// API tokens: a TOML file mapping principals to tokens (`[principals.alice] tokens =
+    /// ["sha256:..."]`, optional `admin = true`; `claw token new` makes one). Without it the
+    /// API has no authentication and the gateway serves loopback addresses only.
+    #[arg(long = "tokens", env = "CLAW_TOKENS_FILE", value_name = "FILE")]
+    pub tokens: Option<PathBuf>,
+    /// Serve a non-loopback address without API tokens: whoever reaches it sees and controls
+    /// every task. Only behind something else that authenticates.
+    #[arg(long, env = "CLAW_INSECURE_NO_AUTH")]
+    pub insecure_no_auth: bool,
     /// Largest accepted request body in bytes (the task spec with its input).
     #[arg(long, env = "CLAW_BODY_LIMIT", default_value_t = 1024 * 1024)]
     pub body_limit: usize,
@@ -74,6 +88,20 @@ impl Config {
         <Wrapper as clap::Parser>::try_parse_from(argv).map(|w| w.config)
     }
 
+    /// Refuses to serve `addr` beyond loopback without API tokens (unless `--insecure-no-auth`),
+    /// because every caller would then be the one anonymous principal that sees everything.
+    pub fn check_exposure(&self, addr: SocketAddr) -> Result<(), Error> {
+        if self.tokens.is_some() || self.insecure_no_auth || addr.ip().is_loopback() {
+            return Ok(());
+        }
+        Err(Error::Config(format!(
+            "refusing to serve {addr} without API tokens: anyone who reaches it could see and \
+             control every task. Give --tokens FILE (CLAW_TOKENS_FILE; `claw token new` makes a \
+             token), bind a loopback address, or pass --insecure-no-auth if something in front \
+             authenticates"
+        )))
+    }
+
     pub fn catalog(&self) -> Catalog {
         self.kinds.iter().fold(Catalog::builtin(), |c, (k, class)| c.with(k, *class))
     }
@@ -86,5 +114,25 @@ impl Config {
             default_max_attempts: self.default_max_attempts,
             ..Limits::STANDARD
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn public_addresses_need_tokens_or_the_escape_hatch() {
+        let public: SocketAddr = "0.0.0.0:8080".parse().unwrap();
+        let loopback: SocketAddr = "127.0.0.1:8080".parse().unwrap();
+        let v6: SocketAddr = "[::1]:8080".parse().unwrap();
+        let none = Config::from_args::<_, &str>([]).unwrap();
+        assert!(none.check_exposure(loopback).is_ok() && none.check_exposure(v6).is_ok());
+        let e = none.check_exposure(public).unwrap_err().to_string();
+        assert!(e.contains("--tokens") && e.contains("0.0.0.0:8080"), "{e}");
+        let tokens = Config::from_args(["--tokens", "t.toml"]).unwrap();
+        assert!(tokens.check_exposure(public).is_ok());
+        let insecure = Config::from_args(["--insecure-no-auth"]).unwrap();
+        assert!(insecure.check_exposure(public).is_ok());
     }
 }

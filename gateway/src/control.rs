@@ -22,6 +22,7 @@ use claw_proto::topology::{self, Lane, headers};
 use time::OffsetDateTime;
 
 use crate::app::App;
+use crate::auth::Caller;
 use crate::error::Error;
 use crate::tasks;
 
@@ -95,9 +96,10 @@ pub fn plan(verb: Verb, record: &TaskRecord, now: OffsetDateTime) -> Plan {
 /// faster than a person can click, and the caller is better served by an error to retry.
 const CAS_ROUNDS: usize = 8;
 
-/// Applies `verb` to task `id` and returns the record as it is afterwards.
-pub async fn apply(app: &App, id: &str, verb: Verb) -> Result<TaskRecord, Error> {
-    let id = TaskId::parse(id).map_err(|_| Error::NotFound(format!("no task {id}")))?;
+/// Applies `verb` to task `id` on behalf of `caller` and returns the record as it is
+/// afterwards. A task the caller may not see is 404, as if it did not exist.
+pub async fn apply(app: &App, caller: &Caller, id: &str, verb: Verb) -> Result<TaskRecord, Error> {
+    let id = TaskId::parse(id).map_err(|_| tasks::not_found(id))?;
     app.ensure_connected()?;
     for _ in 0..CAS_ROUNDS {
         let entry = app
@@ -107,10 +109,13 @@ pub async fn apply(app: &App, id: &str, verb: Verb) -> Result<TaskRecord, Error>
             .map_err(|e| Error::Unavailable(format!("reading record {id}: {e}")))?
             .filter(|e| e.operation == Operation::Put);
         let Some(entry) = entry else {
-            return not_live(app, &id, verb).await;
+            return not_live(app, caller, &id, verb).await;
         };
         let record: TaskRecord = serde_json::from_slice(&entry.value)
             .map_err(|e| Error::Internal(format!("record {id} does not parse: {e}")))?;
+        if !caller.may_see(record.owner.as_deref()) {
+            return Err(tasks::not_found(id.as_str()));
+        }
         let (next, effects) = match plan(verb, &record, OffsetDateTime::now_utc()) {
             Plan::Unchanged => return Ok(record),
             Plan::Refused => return Err(refused(verb, &record)),
@@ -139,8 +144,13 @@ pub async fn apply(app: &App, id: &str, verb: Verb) -> Result<TaskRecord, Error>
 
 /// The record has left the bucket (expired after its TTL): it may still be in the archive,
 /// finished. Retry brings such a task back; the other verbs have nothing to act on.
-async fn not_live(app: &App, id: &TaskId, verb: Verb) -> Result<TaskRecord, Error> {
-    let archived = tasks::get(app, id.as_str()).await?;
+async fn not_live(
+    app: &App,
+    caller: &Caller,
+    id: &TaskId,
+    verb: Verb,
+) -> Result<TaskRecord, Error> {
+    let archived = tasks::get(app, caller, id.as_str()).await?;
     if verb != Verb::Retry {
         return match plan(verb, &archived, OffsetDateTime::now_utc()) {
             Plan::Unchanged => Ok(archived),

@@ -19,7 +19,11 @@ pub enum Error {
     /// The sentence names what was not found ("no task abc", "no lane huge/low").
     #[error("{0}")]
     NotFound(String),
-    /// The request is understood but not allowed (a WebSocket from a foreign `Origin`).
+    /// No API token, or one the gateway does not know (401, with `WWW-Authenticate: Bearer`).
+    #[error("{0}")]
+    Unauthorized(String),
+    /// The request is understood but not allowed (a WebSocket from a foreign `Origin`, a lane
+    /// pause by a principal who is not an admin).
     #[error("{0}")]
     Forbidden(String),
     /// The verb does not apply to the task's current state (409, with that state).
@@ -32,6 +36,10 @@ pub enum Error {
     /// NATS, JetStream or the archive cannot be reached; nothing was stored.
     #[error("{0}")]
     Unavailable(String),
+    /// The gateway's configuration cannot be used (a tokens file that does not parse, a public
+    /// address without tokens): a startup error, never a response.
+    #[error("{0}")]
+    Config(String),
     /// A bug or an unexpected reply; the detail goes to the log, not to the caller.
     #[error("internal error")]
     Internal(String),
@@ -58,12 +66,13 @@ impl Error {
             Error::MalformedJson(_) => StatusCode::BAD_REQUEST,
             Error::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
             Error::NotFound(_) => StatusCode::NOT_FOUND,
+            Error::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             Error::Forbidden(_) => StatusCode::FORBIDDEN,
             Error::Conflict { .. } => StatusCode::CONFLICT,
             Error::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Error::QueueFull { .. } => StatusCode::TOO_MANY_REQUESTS,
             Error::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
-            Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            Error::Config(_) | Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 
@@ -72,19 +81,22 @@ impl Error {
             Error::MalformedJson(_) => "malformed_json",
             Error::Invalid(_) => "invalid_request",
             Error::NotFound(_) => "not_found",
+            Error::Unauthorized(_) => "unauthorized",
             Error::Forbidden(_) => "forbidden",
             Error::Conflict { .. } => "conflict",
             Error::TooLarge(_) => "payload_too_large",
             Error::QueueFull { .. } => "queue_full",
             Error::Unavailable(_) => "unavailable",
-            Error::Internal(_) => "internal",
+            Error::Config(_) | Error::Internal(_) => "internal",
         }
     }
 
     /// The body sent to the caller (HTTP or NATS), logging internal errors once.
     pub fn body(&self) -> ErrorBody {
         match self {
-            Error::Internal(detail) => tracing::error!(%detail, "internal error"),
+            Error::Internal(detail) | Error::Config(detail) => {
+                tracing::error!(%detail, "internal error")
+            }
             Error::Unavailable(detail) => tracing::warn!(%detail, "dependency unavailable"),
             _ => {}
         }
@@ -105,8 +117,19 @@ impl Error {
 impl IntoResponse for Error {
     fn into_response(self) -> Response {
         let mut response = (self.status(), axum::Json(self.body())).into_response();
-        if let Error::QueueFull { retry_after_s } = self {
-            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(retry_after_s));
+        match self {
+            Error::QueueFull { retry_after_s } => {
+                response
+                    .headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from(retry_after_s));
+            }
+            Error::Unauthorized(_) => {
+                response.headers_mut().insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Bearer realm=\"claw\""),
+                );
+            }
+            _ => {}
         }
         response
     }

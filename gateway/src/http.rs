@@ -3,15 +3,21 @@
 //! Bodies are read as bytes and parsed by `TaskSpec::parse`, so a malformed body gets our error
 //! shape with the offending field instead of axum's plain-text rejection; the body limit turns
 //! into 413 the same way.
+//!
+//! With API tokens, every `/v1/*` route and `/metrics` pass through [`authenticate`], which puts
+//! the request's [`Caller`] in its extensions or answers 401. `/`, `/ui/*`, `/healthz` and
+//! `/readyz` stay open: the page is static and asks for a token itself. `/v1/ws` checks its
+//! token in the upgrade, because browsers send it as a subprotocol.
 
 use std::collections::HashMap;
 
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
 use axum::http::{HeaderMap, StatusCode};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use bytes::Bytes;
 use claw_proto::api::{self, ListQuery};
 use claw_proto::spec::Invalid;
@@ -19,31 +25,48 @@ use claw_proto::task::{Session, Status};
 use claw_proto::topology;
 
 use crate::app::App;
+use crate::auth::Caller;
 use crate::error::Error;
 use crate::tasks;
 
 /// The gateway's HTTP routes, for `run` and for tests (`router(app).oneshot(request)`).
 pub fn router(app: App) -> Router {
     let body_limit = app.config.body_limit;
-    Router::new()
-        .route("/", get(crate::ui::index))
-        .route("/ui/{name}", get(crate::ui::asset))
-        .route("/v1/ws", get(crate::ws::upgrade))
+    let authenticated = Router::new()
         .route("/v1/tasks", post(submit).get(list))
         .route("/v1/tasks/{id}", get(get_task))
         .route("/v1/tasks/{id}/{verb}", post(control))
         .route("/v1/lanes", get(lanes))
         .route("/v1/lanes/{class}/{priority}/{action}", post(lane_control))
+        .route("/metrics", get(metrics))
+        .route_layer(middleware::from_fn_with_state(app.clone(), authenticate));
+    Router::new()
+        .route("/", get(crate::ui::index))
+        .route("/ui/{name}", get(crate::ui::asset))
+        .route("/v1/ws", get(crate::ws::upgrade))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
+        .merge(authenticated)
         .layer(DefaultBodyLimit::max(body_limit))
         .layer(tower_http::trace::TraceLayer::new_for_http())
         .with_state(app)
 }
 
+/// Resolves the request's caller from `Authorization: Bearer` (401 without a known token when
+/// the gateway has tokens) and hands it to the handler as an extension.
+async fn authenticate(
+    State(app): State<App>,
+    mut request: Request,
+    next: Next,
+) -> Result<Response, Error> {
+    let caller = app.auth.caller(request.headers(), false)?;
+    request.extensions_mut().insert(caller);
+    Ok(next.run(request).await)
+}
+
 async fn submit(
     State(app): State<App>,
+    Extension(caller): Extension<Caller>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, Error> {
@@ -58,7 +81,7 @@ async fn submit(
         ),
     };
     let trace = headers.get(claw_proto::trace::TRACEPARENT).and_then(|v| v.to_str().ok());
-    let submitted = tasks::submit(&app, &body, key, trace).await?;
+    let submitted = tasks::submit(&app, &caller, &body, key, trace).await?;
     let status = if submitted.created { StatusCode::ACCEPTED } else { StatusCode::OK };
     Ok((status, Json(submitted.record)).into_response())
 }
@@ -67,23 +90,29 @@ async fn submit(
 /// current status.
 async fn control(
     State(app): State<App>,
+    Extension(caller): Extension<Caller>,
     Path((id, verb)): Path<(String, String)>,
 ) -> Result<Response, Error> {
     let verb = api::Verb::ALL
         .into_iter()
         .find(|v| v.as_str() == verb)
         .ok_or_else(|| Error::NotFound(format!("no verb {verb:?}")))?;
-    Ok(Json(crate::control::apply(&app, &id, verb).await?).into_response())
+    Ok(Json(crate::control::apply(&app, &caller, &id, verb).await?).into_response())
 }
 
 async fn lanes(State(app): State<App>) -> Result<Response, Error> {
     Ok(Json(api::Lanes { lanes: crate::lanes::list(&app).await? }).into_response())
 }
 
+/// Pausing a lane stops everyone's tasks in it, so with tokens only an admin may.
 async fn lane_control(
     State(app): State<App>,
+    Extension(caller): Extension<Caller>,
     Path((class, priority, action)): Path<(String, String, String)>,
 ) -> Result<Response, Error> {
+    if !caller.sees_all() {
+        return Err(Error::Forbidden("pausing or resuming a lane needs an admin principal".into()));
+    }
     let lane = crate::lanes::parse(&class, &priority)?;
     let paused = match action.as_str() {
         "pause" => true,
@@ -93,18 +122,24 @@ async fn lane_control(
     Ok(Json(crate::lanes::set_paused(&app, lane, paused).await?).into_response())
 }
 
-async fn get_task(State(app): State<App>, Path(id): Path<String>) -> Result<Response, Error> {
-    Ok(Json(tasks::get(&app, &id).await?).into_response())
+async fn get_task(
+    State(app): State<App>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> Result<Response, Error> {
+    Ok(Json(tasks::get(&app, &caller, &id).await?).into_response())
 }
 
 /// `GET /v1/tasks?session=&status=&kind=&limit=&cursor=`. Empty parameters count as absent,
-/// which is what an HTML form with an unset filter sends.
+/// which is what an HTML form with an unset filter sends. There is no `owner` parameter: the
+/// owner filter is the caller's (an unknown parameter, 422).
 async fn list(
     State(app): State<App>,
+    Extension(caller): Extension<Caller>,
     Query(params): Query<HashMap<String, String>>,
 ) -> Result<Response, Error> {
     let query = list_query(params)?;
-    Ok(Json(tasks::list(&app, &query).await?).into_response())
+    Ok(Json(tasks::list(&app, &caller, &query).await?).into_response())
 }
 
 fn list_query(params: HashMap<String, String>) -> Result<ListQuery, Error> {
@@ -182,5 +217,7 @@ mod tests {
             }
         }
         assert!(list_query(params(&[("colour", "red")])).is_err());
+        // The owner filter is the caller's, never the query string's.
+        assert!(list_query(params(&[("owner", "alice")])).is_err());
     }
 }

@@ -2,13 +2,15 @@
 //! stores it in JetStream, and answers with the task's id as soon as JetStream has it; it never
 //! waits for the work itself.
 //!
-//! Reading order: [`config`], [`app`] (shared state), [`tasks`] (the operations, the submit hot
+//! Reading order: [`config`], [`app`] (shared state), [`auth`] (API tokens, principals, who
+//! sees what), [`sessions`] (who owns a session), [`tasks`] (the operations, the submit hot
 //! path), [`control`] (cancel, pause, resume, retry), [`lanes`] (lane depth and pause), [`http`]
 //! (axum routes), [`nats_api`] (the same operations as a NATS service), [`ws`] (live events of
 //! a session), [`ui`] (the embedded web page), [`error`] (one error type, one mapping to
 //! responses), [`metrics`].
 
 pub mod app;
+pub mod auth;
 pub mod config;
 pub mod control;
 pub mod error;
@@ -16,6 +18,7 @@ pub mod http;
 pub mod lanes;
 pub mod metrics;
 pub mod nats_api;
+pub mod sessions;
 pub mod tasks;
 pub mod ui;
 pub mod ws;
@@ -34,15 +37,23 @@ pub use http::router;
 const WS_DRAIN: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Serves HTTP on `listener` and the NATS API until `shutdown` is cancelled. The topology must
-/// already be ensured (the binary's `main` or `claw up` does it).
+/// already be ensured (the binary's `main` or `claw up` does it). Refuses a listener beyond
+/// loopback without API tokens ([`Config::check_exposure`]) and a tokens file that does not
+/// parse.
 pub async fn run(
     topology: Topology,
     config: Config,
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
+    if let Ok(addr) = listener.local_addr() {
+        config.check_exposure(addr)?;
+    }
     metrics::install();
     let app = App::new(topology, config).await?;
+    if !app.auth.is_on() {
+        tracing::info!("no API tokens: every caller sees and controls every task");
+    }
     let nats = tokio::spawn(nats_api::serve(app.clone(), shutdown.clone()));
     let addr = listener.local_addr().ok();
     tracing::info!(?addr, "gateway listening");

@@ -1,5 +1,6 @@
 //! `claw-gateway`: the gateway as its own process (production layout). Parses configuration,
-//! connects to NATS, ensures the topology, binds the HTTP address and calls
+//! refuses a public address without API tokens and a tokens file that does not parse (before
+//! touching NATS, so the mistake is the first thing said), connects to NATS, ensures the topology, binds the HTTP address and calls
 //! [`claw_gateway::run`] until SIGINT or SIGTERM.
 
 use std::net::SocketAddr;
@@ -12,7 +13,8 @@ use claw_proto::topology::{self, Settings};
 #[derive(Debug, Parser)]
 #[command(name = "claw-gateway", version, about = "OpenClaw gateway: HTTP and NATS front door")]
 struct Cli {
-    /// Address to serve HTTP on. Without API tokens, keep it on loopback.
+    /// Address to serve HTTP on. Without API tokens (--tokens) only a loopback address is
+    /// accepted.
     #[arg(long, env = "CLAW_HTTP", default_value = "127.0.0.1:8080")]
     http: SocketAddr,
     #[command(flatten)]
@@ -27,6 +29,8 @@ struct Cli {
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     claw_proto::logs::init();
+    cli.gateway.check_exposure(cli.http)?;
+    claw_gateway::auth::Auth::load(cli.gateway.tokens.as_deref())?;
     let client = connect::connect(&cli.nats, "claw-gateway").await?;
     let topology = topology::ensure(&connect::jetstream(client), &cli.topology).await?;
     let listener = tokio::net::TcpListener::bind(cli.http)

@@ -2,6 +2,10 @@
 //! `claw.api.get`, `claw.api.{cancel,pause,resume,retry}`, `claw.api.lanes` and
 //! `claw.api.lanes.{pause,resume}`, calling the same functions as HTTP.
 //!
+//! There is no caller identity here: every request acts as the anonymous caller (it sees every
+//! task, and what it submits has no `owner`). NATS permissions (`nats/accounts/claw.conf`)
+//! decide who may send these requests at all.
+//!
 //! Replies carry the record JSON, or our error body with the micro error headers
 //! (`Nats-Service-Error`, `Nats-Service-Error-Code` = the HTTP status) so `nats req` shows them.
 
@@ -15,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::app::App;
+use crate::auth::Caller;
 use crate::error::Error;
 use crate::{control, lanes, tasks};
 
@@ -76,8 +81,10 @@ pub async fn serve(app: App, shutdown: CancellationToken) -> Result<(), Error> {
 async fn handle(app: &App, op: Op, request: &Request) -> Result<Vec<u8>, Error> {
     match op {
         Op::Submit => on_submit(app, request).await,
-        Op::Get => json(&tasks::get(app, &id_of(request)).await?),
-        Op::Control(verb) => json(&control::apply(app, &id_of(request), verb).await?),
+        Op::Get => json(&tasks::get(app, &Caller::Anonymous, &id_of(request)).await?),
+        Op::Control(verb) => {
+            json(&control::apply(app, &Caller::Anonymous, &id_of(request), verb).await?)
+        }
         Op::Lanes => json(&Lanes { lanes: lanes::list(app).await? }),
         Op::LanePause(paused) => {
             let LaneRequest { class, priority } = serde_json::from_slice(&request.message.payload)
@@ -119,8 +126,14 @@ async fn on_submit(app: &App, request: &Request) -> Result<Vec<u8>, Error> {
         .as_ref()
         .and_then(|h| h.get(claw_proto::trace::TRACEPARENT))
         .map(|v| v.as_str().to_owned());
-    let submitted =
-        tasks::submit(app, &request.message.payload, key.as_deref(), trace.as_deref()).await?;
+    let submitted = tasks::submit(
+        app,
+        &Caller::Anonymous,
+        &request.message.payload,
+        key.as_deref(),
+        trace.as_deref(),
+    )
+    .await?;
     json(&submitted.record)
 }
 

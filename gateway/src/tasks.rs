@@ -27,7 +27,9 @@ use time::OffsetDateTime;
 use tracing::Instrument;
 
 use crate::app::App;
+use crate::auth::Caller;
 use crate::error::Error;
+use crate::sessions::{self, Use};
 
 /// What a submit produced: a new task (202), or the one an earlier submit with the same
 /// idempotency key (or explicit id) created (200).
@@ -40,8 +42,11 @@ pub struct Submitted {
 /// Longest accepted `Idempotency-Key`.
 pub const MAX_IDEMPOTENCY_KEY: usize = 255;
 
+/// Submits a task on behalf of `caller`, who becomes its `owner` and must be allowed into its
+/// session (which a first use claims).
 pub async fn submit(
     app: &App,
+    caller: &Caller,
     body: &[u8],
     idempotency_key: Option<&str>,
     traceparent: Option<&str>,
@@ -50,7 +55,7 @@ pub async fn submit(
     // The caller's trace, or a new one: the task message carries a child of it to the worker.
     let trace = traceparent.and_then(TraceParent::parse).unwrap_or_else(TraceParent::generate);
     let span = tracing::info_span!("submit", trace_id = %trace.trace_id);
-    let result = submit_inner(app, body, idempotency_key, &trace).instrument(span).await;
+    let result = submit_inner(app, caller, body, idempotency_key, &trace).instrument(span).await;
     let outcome = match &result {
         Ok(s) if s.created => "created",
         Ok(_) => "existing",
@@ -63,6 +68,7 @@ pub async fn submit(
 
 async fn submit_inner(
     app: &App,
+    caller: &Caller,
     body: &[u8],
     idempotency_key: Option<&str>,
     trace: &TraceParent,
@@ -74,14 +80,21 @@ async fn submit_inner(
         return Err(Invalid::field("Idempotency-Key", "must be 1-255 characters").into());
     }
     let id = match (idempotency_key, &spec.id) {
-        (Some(key), _) => TaskId::derived("idempotency-key", key),
+        // Keys are per principal: two principals using the same key make two tasks.
+        (Some(key), _) => match caller.owner() {
+            None => TaskId::derived("idempotency-key", key),
+            Some(owner) => TaskId::derived(&format!("idempotency-key/{owner}"), key),
+        },
         (None, Some(id)) => id.clone(),
         (None, None) => TaskId::generate(),
     };
-    let record = spec.admit(id, OffsetDateTime::now_utc(), None, &app.catalog, &app.limits)?;
+    let mut record = spec.admit(id, OffsetDateTime::now_utc(), None, &app.catalog, &app.limits)?;
+    record.owner = caller.owner().map(str::to_owned);
     app.ensure_connected()?;
+    // Cached after the session's first use in this process, so the hot path stays one round trip.
+    sessions::access(app, caller, &record.session, Use::Claim).await?;
     let submitted = if idempotency_key.is_some() || spec.id.is_some() {
-        submit_once(app, record, trace).await?
+        submit_once(app, caller, record, trace).await?
     } else {
         submit_new(app, record, trace).await?
     };
@@ -122,6 +135,7 @@ async fn submit_new(
 /// only by callers who ask for idempotency.
 async fn submit_once(
     app: &App,
+    caller: &Caller,
     record: TaskRecord,
     trace: &TraceParent,
 ) -> Result<Submitted, Error> {
@@ -139,7 +153,12 @@ async fn submit_once(
             Ok(Submitted { record, created: true })
         }
         Err(e) if e.kind() == CreateErrorKind::AlreadyExists => {
-            let existing = get(app, record.id.as_str()).await?;
+            let existing = read(app, &record.id).await?;
+            if !caller.may_see(existing.owner.as_deref()) {
+                // The id is a key of one global bucket: saying it is taken is unavoidable, but
+                // nothing of the other task is shown.
+                return Err(Invalid::field("id", "is taken by another task").into());
+            }
             Ok(Submitted { record: existing, created: false })
         }
         Err(e) => Err(Error::Unavailable(format!("creating record: {e}"))),
@@ -201,25 +220,49 @@ async fn announce(app: &App, record: &TaskRecord) {
     }
 }
 
-/// The record: live from the bucket, else from the archive.
-pub async fn get(app: &App, id: &str) -> Result<TaskRecord, Error> {
-    let id = TaskId::parse(id).map_err(|_| Error::NotFound(format!("no task {id}")))?;
+/// The record as `caller` may see it: live from the bucket, else from the archive. A task of
+/// another principal is 404 exactly like one that does not exist.
+pub async fn get(app: &App, caller: &Caller, id: &str) -> Result<TaskRecord, Error> {
+    let id = TaskId::parse(id).map_err(|_| not_found(id))?;
+    let record = read(app, &id).await?;
+    if !caller.may_see(record.owner.as_deref()) {
+        return Err(not_found(id.as_str()));
+    }
+    Ok(record)
+}
+
+/// The record whoever owns it: live from the bucket, else from the archive.
+async fn read(app: &App, id: &TaskId) -> Result<TaskRecord, Error> {
     app.ensure_connected()?;
     match app.kv.get(id.as_str()).await {
         Ok(Some(bytes)) => serde_json::from_slice(&bytes)
             .map_err(|e| Error::Internal(format!("record {id} does not parse: {e}"))),
         Ok(None) => {
             let request = GetRequest { id: id.clone() };
-            archive_request(app, topology::ARCHIVE_GET, &request).await
+            archive_request(app, topology::ARCHIVE_GET, &request).await.map_err(|e| match e {
+                // One sentence for every missing task, archived or hidden.
+                Error::NotFound(_) => not_found(id.as_str()),
+                e => e,
+            })
         }
         Err(e) => Err(Error::Unavailable(format!("reading record {id}: {e}"))),
     }
 }
 
-/// History from the archive.
-pub async fn list(app: &App, query: &ListQuery) -> Result<ListPage, Error> {
+/// The answer for a task that does not exist or that the caller may not see.
+pub fn not_found(id: &str) -> Error {
+    Error::NotFound(format!("no task {id}"))
+}
+
+/// History from the archive, as `caller` may see it: the owner filter comes from the caller,
+/// whatever the query says, and another principal's session is 404.
+pub async fn list(app: &App, caller: &Caller, query: &ListQuery) -> Result<ListPage, Error> {
+    let query = ListQuery { owner: caller.list_filter(), ..query.clone() };
+    if let Some(session) = &query.session {
+        sessions::access(app, caller, session, Use::Read).await?;
+    }
     app.ensure_connected()?;
-    archive_request(app, topology::ARCHIVE_LIST, query).await
+    archive_request(app, topology::ARCHIVE_LIST, &query).await
 }
 
 async fn archive_request<Q: serde::Serialize, T: DeserializeOwned>(

@@ -7,7 +7,12 @@
 //! `pause`, `resume`, `retry`), which run through the same functions as HTTP and are answered
 //! with a `reply` frame. `docs/PROTOCOL.md` has the wire contract.
 //!
-//! Reading order: this file (the upgrade: origin check, parameters, subscription), [`hub`] (one
+//! The upgrade needs an API token when the gateway has them: `Authorization: Bearer` from
+//! programs, or, from browsers (which cannot set headers on a WebSocket), the subprotocol
+//! `claw.bearer.<token>` offered next to `claw.v1`; only `claw.v1` is echoed back. The session
+//! must be the caller's (a first watch claims it), else the upgrade is a 404.
+//!
+//! Reading order: this file (the upgrade: auth, origin check, parameters, subscription), [`hub`] (one
 //! JetStream feed per watched session, shared by its sockets, and the replay for `since`),
 //! [`socket`] (one connection: a writer loop and a reader loop), [`command`] (client frames),
 //! [`origin`] (the `Origin` rule).
@@ -43,9 +48,9 @@ const READ_BUFFER: usize = 4 * 1024;
 /// `op`, `ref`, `idempotency_key`).
 const COMMAND_ENVELOPE: usize = 4 * 1024;
 
-/// `GET /v1/ws?session=S[&since=SEQ]`: checks `Origin`, subscribes to the session's feed (so a
-/// NATS failure is a 503 before the upgrade, not a socket that closes at once) and hands the
-/// connection to [`socket::serve`].
+/// `GET /v1/ws?session=S[&since=SEQ]`: checks the token (401), `Origin` (403) and the session's
+/// owner (404), subscribes to the session's feed (so a NATS failure is a 503 before the upgrade,
+/// not a socket that closes at once) and hands the connection to [`socket::serve`].
 pub async fn upgrade(
     State(app): State<App>,
     hub: Option<Extension<Hub>>,
@@ -53,9 +58,11 @@ pub async fn upgrade(
     query: Result<Query<HashMap<String, String>>, QueryRejection>,
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response, Error> {
+    let caller = app.auth.caller(&headers, true)?;
     origin::check(&headers, &app.config.allowed_origins)?;
     let Query(params) = query.map_err(|e| invalid(e.body_text()))?;
     let params = Params::parse(params)?;
+    crate::sessions::access(&app, &caller, &params.session, crate::sessions::Use::Claim).await?;
     let ws = ws.map_err(|e| invalid(format!("expected a WebSocket upgrade: {}", e.body_text())))?;
     let Some(Extension(hub)) = hub else {
         return Err(Error::Unavailable("this router serves no WebSocket hub".into()));
@@ -63,10 +70,12 @@ pub async fn upgrade(
     let subscription = hub.subscribe(&params.session).await?;
     // Read after subscribing, so it is at least the feed's hand-over point (see `socket`).
     let stream_last = hub.stream_last_sequence().await?;
-    let start = socket::Start { session: params.session, since: params.since, stream_last };
+    let start = socket::Start { session: params.session, caller, since: params.since, stream_last };
     let settings = hub.settings();
     let max_message = app.config.body_limit + COMMAND_ENVELOPE;
     let ws = ws
+        // Echoes `claw.v1` when offered; a `claw.bearer.<token>` offer is never echoed.
+        .protocols([crate::auth::WS_PROTOCOL])
         .read_buffer_size(READ_BUFFER)
         // Frames are written out at once and each send is flushed, so a write buffer to batch
         // small frames would only cost memory per connection.

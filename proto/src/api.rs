@@ -104,6 +104,10 @@ pub struct ListQuery {
     /// The `next_cursor` of the previous page; opaque.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cursor: Option<String>,
+    /// Only tasks of this owner (tasks without one never match). Set by the gateway from the
+    /// caller's principal, never from the HTTP query string.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
 }
 
 pub const DEFAULT_PAGE: u32 = 50;

@@ -214,6 +214,7 @@ impl TaskSpec {
             worker: None,
             paused_from: None,
             message_seq: None,
+            owner: None,
         })
     }
 

@@ -322,6 +322,11 @@ pub struct TaskRecord {
     /// says which one is live, so a worker holding the other drops it instead of taking over.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message_seq: Option<u64>,
+    /// The gateway principal that submitted the task over HTTP or the WebSocket, when the
+    /// gateway runs with API tokens. Absent for tasks from NATS-native publishers,
+    /// `claw.api.submit`, and a gateway without tokens; only admin principals see those.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
 }
 
 /// A move the state machine does not allow, with the state it was refused in.
@@ -522,6 +527,7 @@ mod tests {
             worker: None,
             paused_from: None,
             message_seq: None,
+            owner: None,
         }
     }
 
@@ -653,5 +659,19 @@ mod tests {
         let r = record(Status::Queued);
         let json = serde_json::to_string(&r).unwrap();
         assert_eq!(serde_json::from_str::<TaskRecord>(&json).unwrap(), r);
+    }
+
+    #[test]
+    fn owner_is_optional_on_the_wire() {
+        // Records written before owners existed (and by NATS-native publishers) parse, and a
+        // record without an owner is written without the field.
+        let r = record(Status::Queued);
+        let json = serde_json::to_value(&r).unwrap();
+        assert!(json.get("owner").is_none(), "{json}");
+        let mut owned = r.clone();
+        owned.owner = Some("alice".into());
+        let json = serde_json::to_value(&owned).unwrap();
+        assert_eq!(json["owner"], "alice");
+        assert_eq!(serde_json::from_value::<TaskRecord>(json).unwrap(), owned);
     }
 }

@@ -20,6 +20,10 @@ pub const DLQ_STREAM: &str = "DLQ";
 /// The KV bucket of task records, and the stream behind it.
 pub const TASKS_BUCKET: &str = "tasks";
 pub const TASKS_KV_STREAM: &str = "KV_tasks";
+/// The KV bucket of session owners (key = session, value = the gateway principal that first
+/// used it), and the stream behind it. Only a gateway with API tokens writes it.
+pub const SESSIONS_BUCKET: &str = "sessions";
+pub const SESSIONS_KV_STREAM: &str = "KV_sessions";
 /// The archiver's durable consumer on [`TASKS_KV_STREAM`].
 pub const ARCHIVER_CONSUMER: &str = "archiver";
 
@@ -211,11 +215,12 @@ macro_rules! def {
     };
 }
 
-const STREAMS: [Definition; 4] = [
+const STREAMS: [Definition; 5] = [
     def!("streams/TASKS.json"),
     def!("streams/PROGRESS.json"),
     def!("streams/DLQ.json"),
     def!("streams/KV_tasks.json"),
+    def!("streams/KV_sessions.json"),
 ];
 
 const LANE_CONSUMERS: [Definition; 6] = [

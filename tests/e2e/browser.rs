@@ -4,6 +4,8 @@
 //! a gateway restart half-way (a `RESTART` line on its stdout; this side answers `RESTARTED` on
 //! its stdin once a new gateway serves the same port) to see the page reconnect by itself.
 //!
+//! A second script, `tests/browser/auth.test.mjs`, signs in to a gateway with API tokens.
+//!
 //! Needs Node.js, `/usr/bin/chromium` (or `CHROMIUM_PATH`) and `tests/browser/node_modules`:
 //! `scripts/install-browser` installs them. `CLAW_SKIP_BROWSER=1` skips the test, loudly.
 
@@ -94,6 +96,40 @@ async fn the_web_ui_runs_controls_and_reconnects_in_a_real_browser() {
     let screenshot = screenshot.expect("the script saved a screenshot");
     assert!(screenshot.is_file(), "{} missing", screenshot.display());
     println!("screenshot: {} (kept with KEEP_TEST_DIRS=1)", screenshot.display());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_web_ui_asks_for_a_token_and_signs_in() {
+    if std::env::var("CLAW_SKIP_BROWSER").as_deref() == Ok("1") {
+        eprintln!("SKIPPED: the browser sign-in test (CLAW_SKIP_BROWSER=1)");
+        return;
+    }
+    let script_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("browser");
+    check_prerequisites(&script_dir);
+
+    let nats = Nats::start();
+    let topo = nats.topology(&test_settings()).await;
+    let _worker = start_worker(&topo, "ack_deadline_s = 2.0\n");
+    let token = "claw_browser-0123456789abcdef";
+    let tokens = nats.dir.path().join("tokens.toml");
+    std::fs::write(&tokens, format!("[principals.web]\ntokens = [\"{token}\"]\n")).unwrap();
+    let gw = claw_tests::Gateway::start(&topo, &["--tokens", tokens.to_str().unwrap()]).await;
+
+    let child = tokio::process::Command::new("node")
+        .arg(script_dir.join("auth.test.mjs"))
+        .arg(&gw.url)
+        .arg(token)
+        .current_dir(&script_dir)
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("starting node");
+    let status = tokio::time::timeout(SCRIPT_TIMEOUT, child.wait_with_output())
+        .await
+        .expect("the sign-in script finished in time")
+        .expect("waiting for node")
+        .status;
+    assert!(status.success(), "the sign-in script failed ({status}); its log is above");
 }
 
 /// Fails with what to run when the browser, Node or the script's packages are missing.

@@ -2,6 +2,7 @@
 //! behaviour that crosses a process boundary, against a real nats-server.
 
 mod archiver;
+mod auth;
 mod browser;
 mod cli;
 mod cluster;

@@ -268,6 +268,7 @@ impl Delivery {
             worker: Some(w.config.name.clone()),
             paused_from: None,
             message_seq: Some(self.stream_seq),
+            owner: None,
         };
         if record.fail(error.clone(), Cause::DeadLetter, now()).is_err() {
             return;

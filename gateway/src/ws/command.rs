@@ -13,14 +13,15 @@ use claw_proto::task::{Session, TaskRecord};
 use serde_json::{Map, Value, json};
 
 use crate::app::App;
+use crate::auth::Caller;
 use crate::error::Error;
 
-/// Runs one client frame and returns the reply frame.
-pub async fn handle(app: &App, session: &Session, text: &str) -> Utf8Bytes {
+/// Runs one client frame on behalf of the socket's `caller` and returns the reply frame.
+pub async fn handle(app: &App, caller: &Caller, session: &Session, text: &str) -> Utf8Bytes {
     let (reference, outcome) = match serde_json::from_str::<Value>(text) {
         Ok(Value::Object(command)) => {
             let reference = command.get("ref").cloned().unwrap_or(Value::Null);
-            (reference, run(app, session, command).await)
+            (reference, run(app, caller, session, command).await)
         }
         Ok(_) => (Value::Null, Err(invalid(None, "a command is a JSON object with an \"op\""))),
         Err(e) => (Value::Null, Err(invalid(None, &format!("the frame is not JSON: {e}")))),
@@ -51,7 +52,12 @@ struct Done {
     created: Option<bool>,
 }
 
-async fn run(app: &App, session: &Session, mut command: Map<String, Value>) -> Result<Done, Error> {
+async fn run(
+    app: &App,
+    caller: &Caller,
+    session: &Session,
+    mut command: Map<String, Value>,
+) -> Result<Done, Error> {
     let op = match command.get("op") {
         Some(Value::String(op)) => op.clone(),
         _ => return Err(invalid(Some("op"), "expected \"op\": submit|cancel|pause|resume|retry")),
@@ -67,7 +73,7 @@ async fn run(app: &App, session: &Session, mut command: Map<String, Value>) -> R
             Some(_) => return Err(invalid(Some("idempotency_key"), "expected a string")),
         };
         let body = serde_json::to_vec(&task).map_err(|e| Error::Internal(e.to_string()))?;
-        let submitted = crate::tasks::submit(app, &body, key, None).await?;
+        let submitted = crate::tasks::submit(app, caller, &body, key, None).await?;
         return Ok(Done { record: submitted.record, created: Some(submitted.created) });
     }
     let Some(verb) = Verb::ALL.into_iter().find(|v| v.as_str() == op) else {
@@ -76,7 +82,7 @@ async fn run(app: &App, session: &Session, mut command: Map<String, Value>) -> R
     let Some(Value::String(id)) = command.get("id") else {
         return Err(invalid(Some("id"), "expected \"id\": the task id"));
     };
-    let record = crate::control::apply(app, id, verb).await?;
+    let record = crate::control::apply(app, caller, id, verb).await?;
     Ok(Done { record, created: None })
 }
 

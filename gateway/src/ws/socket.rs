@@ -25,6 +25,7 @@ use tracing::Instrument;
 use super::command;
 use super::hub::{Frame, Hub, Replay, Settings, Subscription};
 use crate::app::App;
+use crate::auth::Caller;
 
 /// Replies waiting for the writer.
 const REPLY_QUEUE: usize = 8;
@@ -36,6 +37,8 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 #[derive(Debug)]
 pub struct Start {
     pub session: Session,
+    /// Who opened the socket: its commands run on that principal's behalf.
+    pub caller: Caller,
     pub since: Option<u64>,
     /// `PROGRESS`'s last sequence, read after subscribing (so it is at least the feed's
     /// hand-over point): the `hello` frame's `seq`.
@@ -72,12 +75,14 @@ pub async fn serve(
         let (sink, stream) = socket.split();
         let (replies_tx, replies_rx) = mpsc::channel(REPLY_QUEUE);
         let session = start.session.clone();
+        let caller = start.caller.clone();
         let writer = Writer { sink, settings, cursor: 0 };
         let mut writer =
             tokio::spawn(writer.run(hub, subscription, start, replies_rx).in_current_span());
         let idle = settings.ping_every * 3;
-        let mut reader =
-            tokio::spawn(read_loop(stream, app, session, replies_tx, idle).in_current_span());
+        let mut reader = tokio::spawn(
+            read_loop(stream, app, caller, session, replies_tx, idle).in_current_span(),
+        );
         tokio::select! {
             end = &mut writer => {
                 reader.abort();
@@ -225,6 +230,7 @@ async fn next_stored(replay: &mut Option<Replay>) -> Result<Option<Frame>, crate
 async fn read_loop(
     mut stream: SplitStream<WebSocket>,
     app: App,
+    caller: Caller,
     session: Session,
     replies: mpsc::Sender<Utf8Bytes>,
     idle: Duration,
@@ -239,7 +245,7 @@ async fn read_loop(
             }
         };
         let reply = match message {
-            Message::Text(text) => command::handle(&app, &session, text.as_str()).await,
+            Message::Text(text) => command::handle(&app, &caller, &session, text.as_str()).await,
             Message::Binary(_) => command::binary_refused(),
             // Reading on lets the library answer the close and end the stream.
             Message::Close(_) | Message::Ping(_) | Message::Pong(_) => continue,

@@ -1,0 +1,96 @@
+// The web UI's sign-in against a gateway with API tokens (started by tests/e2e/browser.rs):
+// the first 401 shows the token form; with the token the page connects its WebSocket (token
+// as a subprotocol), submits a task and watches it finish; a wrong token is refused with a
+// message; "Sign out" forgets the token.
+//
+//   node tests/browser/auth.test.mjs <gateway-url> <token>
+//
+// Exit status 0 means every check passed. Every wait polls the page with a deadline.
+
+import { mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import path from 'node:path';
+
+import { chromium } from 'playwright-core';
+
+const [base, token] = process.argv.slice(2);
+if (!base || !token) {
+  console.error('usage: node auth.test.mjs <gateway-url> <token>');
+  process.exit(2);
+}
+const CHROMIUM = process.env.CHROMIUM_PATH || '/usr/bin/chromium';
+const WAIT_MS = 20_000;
+const log = (...args) => console.log('[auth]', ...args);
+
+async function until(page, what, fn, arg) {
+  try {
+    return await (await page.waitForFunction(fn, arg, { timeout: WAIT_MS, polling: 50 })).jsonValue();
+  } catch (e) {
+    throw new Error(`timed out waiting for ${what}: ${e.message.split('\n')[0]}`);
+  }
+}
+
+
+async function main() {
+  const userDataDir = mkdtempSync(path.join(tmpdir(), 'claw-chromium-'));
+  const browser = await chromium.launchPersistentContext(userDataDir, {
+    executablePath: CHROMIUM,
+    args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
+      '--disable-background-networking', '--disable-component-update', '--disable-sync'],
+  });
+  const page = browser.pages()[0] || await browser.newPage();
+  const problems = [];
+  page.on('pageerror', (e) => problems.push(`page error: ${e.message}`));
+  try {
+    await page.goto(`${base}/?session=browser-auth`);
+    await until(page, 'the sign-in form', () => !document.querySelector('#auth-card').hidden);
+    log('asked for a token');
+
+    await page.fill('#auth-token', 'claw_wrong-0123456789abcdef');
+    await page.click('#auth-form button[type=submit]');
+    await until(page, 'the wrong token to be refused', () =>
+      !document.querySelector('#auth-card').hidden
+      && document.querySelector('#auth-error').textContent.includes('not accepted'));
+    log('a wrong token is refused');
+
+    await page.fill('#auth-token', token);
+    await page.click('#auth-form button[type=submit]');
+    await until(page, 'the socket to connect', () =>
+      document.querySelector('#conn').dataset.state === 'connected'
+      && document.querySelector('#auth-card').hidden);
+    const stored = await page.evaluate(() => localStorage.getItem('claw.token'));
+    if (stored !== token) throw new Error('the token is not kept in localStorage');
+    log('signed in, socket connected');
+
+    await page.fill('#f-kind', 'sleep');
+    await page.fill('#f-input', '{"seconds": 0.3, "steps": 3}');
+    await page.click('#submit-button');
+    const id = await until(page, 'the submitted task id',
+      () => document.querySelector('#submit-form').dataset.lastId || false);
+    await until(page, `task ${id} to succeed on the page`, (id) => {
+      const li = document.querySelector(`li.task[data-task-id="${id}"]`);
+      return li && li.dataset.status === 'succeeded';
+    }, id);
+    log(`task ${id} succeeded, seen live`);
+
+    await page.reload();
+    await until(page, 'the stored token to reconnect after a reload', () =>
+      document.querySelector('#conn').dataset.state === 'connected'
+      && document.querySelector('#auth-card').hidden
+      && !document.querySelector('#sign-out').hidden);
+
+    await page.click('#sign-out');
+    await until(page, 'the form after signing out', () =>
+      !document.querySelector('#auth-card').hidden && localStorage.getItem('claw.token') === null);
+    log('signed out');
+    if (problems.length) throw new Error(problems.join('\n'));
+  } finally {
+    await browser.close();
+    rmSync(userDataDir, { recursive: true, force: true });
+  }
+}
+
+main().then(() => log('ok'), (e) => {
+  console.error(e);
+  process.exit(1);
+});

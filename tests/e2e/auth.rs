@@ -1,0 +1,425 @@
+//! API tokens and principals (DESIGN §4): a gateway started with a tokens file of two principals
+//! (alice, bob) and an admin (ops), on a real nats-server with a worker and the archiver.
+//! Without a known token every `/v1/*` route is 401; a principal sees, controls, lists and
+//! watches only its own tasks and sessions (404 otherwise, as for what does not exist); an admin
+//! sees everything, NATS-native tasks included. The real `claw-gateway` refuses a public
+//! address without tokens, and `claw --token` reaches a gateway that has them.
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use claw_proto::topology;
+use claw_tests::{
+    Gateway, Nats, Running, WAIT, bin, start_archiver, start_worker, test_settings, wait_for,
+};
+use futures::StreamExt;
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::{self, Message};
+
+const ALICE: &str = "claw_alice-0123456789abcdef";
+const BOB: &str = "claw_bob-0123456789abcdef";
+const OPS: &str = "claw_ops-0123456789abcdef";
+
+/// The tokens file: alice's token listed by its SHA-256 (as `claw token new` prints it), bob's
+/// and the admin's as plain tokens.
+fn tokens_file() -> String {
+    let digest: String =
+        claw_gateway::auth::hash(ALICE).iter().map(|b| format!("{b:02x}")).collect();
+    format!(
+        "[principals.alice]\ntokens = [\"sha256:{digest}\"]\n\n\
+         [principals.bob]\ntokens = [\"{BOB}\"]\n\n\
+         [principals.ops]\ntokens = [\"{OPS}\"]\nadmin = true\n"
+    )
+}
+
+struct Stack {
+    nats: Nats,
+    gw: Gateway,
+    _worker: Running,
+    _archiver: Running,
+}
+
+async fn stack() -> Stack {
+    let nats = Nats::start();
+    let topo = nats.topology(&test_settings()).await;
+    let tokens = nats.dir.path().join("tokens.toml");
+    std::fs::write(&tokens, tokens_file()).unwrap();
+    let _archiver = start_archiver(&topo, &nats.dir.path().join("archive.sqlite"));
+    let _worker = start_worker(&topo, "ack_deadline_s = 2.0\n");
+    let gw = Gateway::start(&topo, &["--tokens", tokens.to_str().unwrap()]).await;
+    let client = nats.client().await;
+    wait_for("the archiver and the gateway to answer", WAIT, || async {
+        client.request(topology::ARCHIVE_LIST, "{}".into()).await.ok()?;
+        let ready = reqwest::get(gw.url("/readyz")).await.ok()?;
+        ready.status().is_success().then_some(())
+    })
+    .await;
+    Stack { nats, gw, _worker, _archiver }
+}
+
+/// One request as `token` (none: no `Authorization`); the status and the JSON body.
+async fn call(
+    method: reqwest::Method,
+    url: String,
+    token: Option<&str>,
+    body: Option<Value>,
+) -> (StatusCode, Value) {
+    let mut request = reqwest::Client::new().request(method, url);
+    if let Some(token) = token {
+        request = request.bearer_auth(token);
+    }
+    if let Some(body) = body {
+        request = request.body(body.to_string());
+    }
+    let response = request.send().await.unwrap();
+    let status = response.status();
+    let text = response.text().await.unwrap();
+    (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+}
+
+async fn get(s: &Stack, path: &str, token: &str) -> (StatusCode, Value) {
+    call(reqwest::Method::GET, s.gw.url(path), Some(token), None).await
+}
+
+async fn post(s: &Stack, path: &str, token: &str, body: Option<Value>) -> (StatusCode, Value) {
+    call(reqwest::Method::POST, s.gw.url(path), Some(token), body).await
+}
+
+async fn submit(s: &Stack, token: &str, spec: Value) -> Value {
+    let (status, record) = post(s, "/v1/tasks", token, Some(spec)).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{record}");
+    record
+}
+
+fn assert_not_found((status, body): (StatusCode, Value)) {
+    assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+    assert_eq!(body["error"]["code"], "not_found", "{body}");
+}
+
+/// The ids of the history page `GET /v1/tasks?<query>` as `token` sees it.
+async fn listed(s: &Stack, query: &str, token: &str) -> Vec<String> {
+    let (status, page) = get(s, &format!("/v1/tasks?{query}"), token).await;
+    assert_eq!(status, StatusCode::OK, "{page}");
+    page["tasks"].as_array().unwrap().iter().map(|t| t["id"].as_str().unwrap().into()).collect()
+}
+
+async fn wait_status(s: &Stack, id: &str, token: &str, status: &str) {
+    wait_for(&format!("task {id} {status}"), WAIT, || async {
+        let (code, record) = get(s, &format!("/v1/tasks/{id}"), token).await;
+        (code == StatusCode::OK && record["status"] == status).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_gate_the_api_and_a_principal_sees_only_its_own_tasks() {
+    let s = stack().await;
+
+    // No token, or an unknown one: 401 with our error shape and a Bearer challenge.
+    for token in [None, Some("claw_nobody-0123456789abcdef"), Some("")] {
+        for (method, path) in [
+            (reqwest::Method::GET, "/v1/tasks"),
+            (reqwest::Method::POST, "/v1/tasks"),
+            (reqwest::Method::GET, "/v1/tasks/x"),
+            (reqwest::Method::POST, "/v1/tasks/x/cancel"),
+            (reqwest::Method::GET, "/v1/lanes"),
+            (reqwest::Method::GET, "/metrics"),
+        ] {
+            let mut request = reqwest::Client::new().request(method.clone(), s.gw.url(path));
+            if let Some(token) = token {
+                request = request.bearer_auth(token);
+            }
+            let response = request.send().await.unwrap();
+            assert_eq!(response.status(), StatusCode::UNAUTHORIZED, "{method} {path} {token:?}");
+            let challenge = response.headers()["www-authenticate"].to_str().unwrap().to_owned();
+            assert!(challenge.starts_with("Bearer"), "{challenge}");
+            let body: Value = response.json().await.unwrap();
+            assert_eq!(body["error"]["code"], "unauthorized", "{body}");
+        }
+    }
+    // The page, its assets and the probes stay open.
+    for path in ["/", "/ui/app.js", "/healthz", "/readyz"] {
+        let response = reqwest::get(s.gw.url(path)).await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK, "{path}");
+    }
+    assert_eq!(get(&s, "/metrics", BOB).await.0, StatusCode::OK);
+
+    // alice's task: hers and the admin's to see, 404 for bob, as if it did not exist.
+    let spec = json!({"kind": "sleep", "session": "alice-s", "input": {"seconds": 0.2}});
+    let record = submit(&s, ALICE, spec).await;
+    assert_eq!(record["owner"], "alice", "{record}");
+    let id = record["id"].as_str().unwrap().to_owned();
+    let task = format!("/v1/tasks/{id}");
+    assert_not_found(get(&s, &task, BOB).await);
+    let (_, missing) = get(&s, "/v1/tasks/no-such-task", BOB).await;
+    let (_, hidden) = get(&s, &task, BOB).await;
+    assert_eq!(hidden["error"]["message"], format!("no task {id}"));
+    assert_eq!(missing["error"]["message"], "no task no-such-task");
+    for verb in ["cancel", "pause", "resume", "retry"] {
+        assert_not_found(post(&s, &format!("{task}/{verb}"), BOB, None).await);
+    }
+    assert_eq!(get(&s, &task, ALICE).await.0, StatusCode::OK);
+    assert_eq!(get(&s, &task, OPS).await.0, StatusCode::OK);
+    // bob cannot use, list or take over alice's session.
+    let into_alices = json!({"kind": "sleep", "session": "alice-s", "input": {"seconds": 0.1}});
+    assert_not_found(post(&s, "/v1/tasks", BOB, Some(into_alices)).await);
+    assert_not_found(get(&s, "/v1/tasks?session=alice-s", BOB).await);
+    // The owner filter is the caller's, never the query's.
+    assert_eq!(get(&s, "/v1/tasks?owner=bob", ALICE).await.0, StatusCode::UNPROCESSABLE_ENTITY);
+
+    // History: alice and the admin list the finished task, bob does not.
+    wait_status(&s, &id, ALICE, "succeeded").await;
+    wait_for("alice's task in her history", WAIT, || async {
+        listed(&s, "session=alice-s", ALICE).await.contains(&id).then_some(())
+    })
+    .await;
+    assert!(listed(&s, "", ALICE).await.contains(&id));
+    assert!(listed(&s, "", OPS).await.contains(&id));
+    assert!(!listed(&s, "", BOB).await.contains(&id));
+
+    // Control: bob's cancel is a 404 and changes nothing; alice's goes through.
+    let long = json!({"kind": "sleep", "session": "alice-s", "input": {"seconds": 30}});
+    let long_id = submit(&s, ALICE, long).await["id"].as_str().unwrap().to_owned();
+    assert_not_found(post(&s, &format!("/v1/tasks/{long_id}/cancel"), BOB, None).await);
+    let (status, record) = get(&s, &format!("/v1/tasks/{long_id}"), ALICE).await;
+    assert!(status == StatusCode::OK && record["status"] != "cancelled", "{record}");
+    let (status, record) = post(&s, &format!("/v1/tasks/{long_id}/cancel"), ALICE, None).await;
+    assert_eq!((status, record["status"].as_str()), (StatusCode::OK, Some("cancelled")));
+
+    // Idempotency keys are per principal: bob's repeat of alice's key is a task of his own.
+    let keyed = |token: &'static str, session: &'static str| {
+        let url = s.gw.url("/v1/tasks");
+        async move {
+            let response = reqwest::Client::new()
+                .post(url)
+                .bearer_auth(token)
+                .header("Idempotency-Key", "order-42")
+                .body(
+                    json!({"kind": "sleep", "session": session, "input": {"seconds": 0.1}})
+                        .to_string(),
+                )
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status(), StatusCode::ACCEPTED);
+            response.json::<Value>().await.unwrap()
+        }
+    };
+    let (alices, bobs) = (keyed(ALICE, "alice-s").await, keyed(BOB, "bob-s").await);
+    assert_ne!(alices["id"], bobs["id"]);
+    assert_eq!((alices["owner"].as_str(), bobs["owner"].as_str()), (Some("alice"), Some("bob")));
+
+    // A NATS-native task has no owner: only the admin sees it.
+    let js = s.nats.jetstream().await;
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Nats-Msg-Id", "native-1");
+    let spec = json!({"kind": "sleep", "session": "native", "input": {"seconds": 0.1}});
+    js.publish_with_headers("tasks.short.normal", headers, spec.to_string().into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    wait_status(&s, "native-1", OPS, "succeeded").await;
+    assert_not_found(get(&s, "/v1/tasks/native-1", ALICE).await);
+    assert_not_found(post(&s, "/v1/tasks/native-1/retry", ALICE, None).await);
+    wait_for("the native task in the admin's history", WAIT, || async {
+        listed(&s, "", OPS).await.contains(&"native-1".to_owned()).then_some(())
+    })
+    .await;
+    assert!(!listed(&s, "", ALICE).await.contains(&"native-1".to_owned()));
+
+    // Lanes are shared: anyone may look, only an admin may pause one.
+    assert_eq!(get(&s, "/v1/lanes", ALICE).await.0, StatusCode::OK);
+    let (status, body) = post(&s, "/v1/lanes/long/low/pause", ALICE, None).await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (StatusCode::FORBIDDEN, Some("forbidden"))
+    );
+    assert_eq!(post(&s, "/v1/lanes/long/low/pause", OPS, None).await.0, StatusCode::OK);
+    assert_eq!(post(&s, "/v1/lanes/long/low/resume", OPS, None).await.0, StatusCode::OK);
+
+    // The session's owner is in NATS, where every gateway finds it.
+    let sessions = js.get_key_value(topology::SESSIONS_BUCKET).await.unwrap();
+    assert_eq!(sessions.get("alice-s").await.unwrap().as_deref(), Some(&b"alice"[..]));
+}
+
+/// `ws://.../v1/ws?session=S` with the given extra headers.
+fn ws_request(
+    gw: &Gateway,
+    session: &str,
+    headers: &[(&'static str, String)],
+) -> tungstenite::handshake::client::Request {
+    let url = format!("{}/v1/ws?session={session}", gw.url.replacen("http://", "ws://", 1));
+    let mut request = url.into_client_request().unwrap();
+    for (name, value) in headers {
+        request.headers_mut().insert(*name, value.parse().unwrap());
+    }
+    request
+}
+
+/// Reads frames until one satisfies `wanted`, within [`WAIT`].
+async fn frame_where(
+    socket: &mut tokio_tungstenite::WebSocketStream<
+        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+    >,
+    what: &str,
+    wanted: impl Fn(&Value) -> bool,
+) -> Value {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let frame = tokio::time::timeout_at(deadline, socket.next())
+            .await
+            .unwrap_or_else(|_| panic!("timed out after {WAIT:?} waiting for {what}"))
+            .expect("socket ended")
+            .expect("socket failed");
+        if let Message::Text(text) = frame {
+            let frame: Value = serde_json::from_str(text.as_str()).expect("JSON frame");
+            if wanted(&frame) {
+                return frame;
+            }
+        }
+    }
+}
+
+/// The upgrade is refused with `status` and our error `code`.
+async fn refused(request: tungstenite::handshake::client::Request, status: u16, code: &str) {
+    match tokio_tungstenite::connect_async(request).await {
+        Err(tungstenite::Error::Http(response)) => {
+            assert_eq!(response.status(), status);
+            let body: Value = serde_json::from_slice(response.body().as_deref().unwrap()).unwrap();
+            assert_eq!(body["error"]["code"], code, "{body}");
+        }
+        other => panic!("expected {status} {code}, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websockets_need_a_token_and_the_sessions_owner() {
+    let s = stack().await;
+    let subprotocol =
+        |token: &str| ("sec-websocket-protocol", format!("claw.v1, claw.bearer.{token}"));
+    let bearer = |token: &str| ("authorization", format!("Bearer {token}"));
+
+    refused(ws_request(&s.gw, "alice-ws", &[]), 401, "unauthorized").await;
+    let wrong = subprotocol("claw_nobody-0123456789abcdef");
+    refused(ws_request(&s.gw, "alice-ws", &[wrong]), 401, "unauthorized").await;
+
+    // alice watches her session with the token in the subprotocol, as the browser does; only
+    // the non-secret protocol comes back.
+    let request = ws_request(&s.gw, "alice-ws", &[subprotocol(ALICE)]);
+    let (mut socket, response) = tokio_tungstenite::connect_async(request).await.unwrap();
+    assert_eq!(response.headers()["sec-websocket-protocol"], "claw.v1");
+
+    // bob may not watch it, with either way of giving his token.
+    refused(ws_request(&s.gw, "alice-ws", &[bearer(BOB)]), 404, "not_found").await;
+    refused(ws_request(&s.gw, "alice-ws", &[subprotocol(BOB)]), 404, "not_found").await;
+
+    // alice's live events arrive.
+    let spec = json!({"kind": "sleep", "session": "alice-ws", "input": {"seconds": 0.1}});
+    let id = submit(&s, ALICE, spec).await["id"].as_str().unwrap().to_owned();
+    frame_where(&mut socket, "alice's task to succeed on her socket", |f| {
+        f["task_id"] == id.as_str() && f["data"]["status"] == "succeeded"
+    })
+    .await;
+
+    // Commands on alice's socket act as alice: bob's task is not there for her.
+    let bobs = json!({"kind": "sleep", "session": "bob-s", "input": {"seconds": 30}});
+    let bob_id = submit(&s, BOB, bobs).await["id"].as_str().unwrap().to_owned();
+    let command = json!({"op": "cancel", "ref": 1, "id": bob_id});
+    futures::SinkExt::send(&mut socket, Message::Text(command.to_string().into())).await.unwrap();
+    let reply = frame_where(&mut socket, "the cancel reply", |f| f["type"] == "reply").await;
+    assert_eq!(
+        (reply["ok"].as_bool(), reply["error"]["code"].as_str()),
+        (Some(false), Some("not_found"))
+    );
+
+    // The admin watches any session.
+    let request = ws_request(&s.gw, "alice-ws", &[bearer(OPS)]);
+    tokio_tungstenite::connect_async(request).await.expect("the admin watches alice's session");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claw_sends_its_token_and_says_when_it_has_none() {
+    let s = stack().await;
+    let claw = |args: &[&str], token: Option<&str>| {
+        let mut command = tokio::process::Command::new(bin("claw"));
+        command
+            .args(args)
+            .args(["--url", s.gw.url.as_str()])
+            .env_remove("CLAW_URL")
+            .env_remove("NATS_URL")
+            .env_remove("RUST_LOG")
+            .env_remove("CLAW_TOKEN")
+            .stdin(Stdio::null())
+            .kill_on_drop(true);
+        if let Some(token) = token {
+            command.env("CLAW_TOKEN", token);
+        }
+        async move {
+            let out = tokio::time::timeout(Duration::from_secs(60), command.output())
+                .await
+                .expect("claw finished")
+                .unwrap();
+            let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+            (out.status.code().unwrap(), stdout, String::from_utf8_lossy(&out.stderr).into_owned())
+        }
+    };
+
+    let spec = json!({"kind": "sleep", "session": "alice-cli", "input": {"seconds": 0.1}});
+    let id = submit(&s, ALICE, spec).await["id"].as_str().unwrap().to_owned();
+
+    let (code, stdout, stderr) = claw(&["get", &id, "--json", "--token", ALICE], None).await;
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(serde_json::from_str::<Value>(&stdout).unwrap()["id"], id.as_str());
+    let (code, _, stderr) = claw(&["get", &id], Some(ALICE)).await;
+    assert_eq!(code, 0, "CLAW_TOKEN works too: {stderr}");
+
+    // Without a token: refused (exit 1) with one line that says what to do.
+    let (code, _, stderr) = claw(&["get", &id], None).await;
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("(unauthorized)") && stderr.contains("--token"), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    // bob's token reaches the gateway, but not alice's task.
+    let (code, _, stderr) = claw(&["get", &id], Some(BOB)).await;
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("not_found"), "{stderr}");
+}
+
+/// Runs the real `claw-gateway` with `args` and returns its exit code and stderr.
+async fn gateway_process(nats: &Nats, args: &[&str]) -> (Option<i32>, String) {
+    let mut command = tokio::process::Command::new(bin("claw-gateway"));
+    command
+        .args(args)
+        .args(["--nats-url", &nats.url()])
+        .env_remove("CLAW_TOKENS_FILE")
+        .env_remove("CLAW_INSECURE_NO_AUTH")
+        .env_remove("CLAW_HTTP")
+        .env("RUST_BACKTRACE", "0")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .kill_on_drop(true);
+    let out = tokio::time::timeout(Duration::from_secs(30), command.output())
+        .await
+        .expect("claw-gateway exited by itself")
+        .unwrap();
+    (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+#[tokio::test]
+async fn the_gateway_refuses_a_public_address_without_tokens() {
+    let nats = Nats::start();
+    let (code, stderr) = gateway_process(&nats, &["--http", "0.0.0.0:0"]).await;
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("refusing to serve 0.0.0.0:0 without API tokens"), "{stderr}");
+    assert!(stderr.contains("--tokens") && stderr.contains("--insecure-no-auth"), "{stderr}");
+
+    // A tokens file that does not parse is named, with the reason, before anything starts.
+    let bad = nats.dir.path().join("bad-tokens.toml");
+    std::fs::write(&bad, "[principals.alice]\ntokens = [\"short\"]\n").unwrap();
+    let args = ["--http", "0.0.0.0:0", "--tokens", bad.to_str().unwrap()];
+    let (code, stderr) = gateway_process(&nats, &args).await;
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("bad-tokens.toml") && stderr.contains("at least 16"), "{stderr}");
+}
