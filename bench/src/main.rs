@@ -60,6 +60,9 @@ struct Args {
     /// Events published to that session for the fan-out figure.
     #[arg(long, default_value_t = 10000)]
     fanout_events: usize,
+    /// Tasks queued in the lane for the cancel-of-a-queued-task figure.
+    #[arg(long, default_value_t = 10000)]
+    queue_depth: usize,
     /// No-op tasks for each per-task traffic figure.
     #[arg(long, default_value_t = 5000)]
     traffic: usize,
@@ -70,7 +73,7 @@ struct Args {
     #[arg(long, default_value_t = 10.0)]
     sleep_s: f64,
     /// Run only these groups of figures (comma separated; default: all, in this order).
-    #[arg(long, value_delimiter = ',', value_parser = ["tasks", "concurrency", "ws", "cluster", "traffic"])]
+    #[arg(long, value_delimiter = ',', value_parser = ["tasks", "concurrency", "ws", "cluster", "traffic", "control"])]
     only: Vec<String>,
 }
 
@@ -337,6 +340,60 @@ async fn main() -> anyhow::Result<()> {
     }
     if run("traffic") {
         traffic(&args).await?;
+    }
+    if run("control") {
+        cancel_queued(&args).await?;
+    }
+    Ok(())
+}
+
+/// Cancel of a queued task in a lane `queue_depth` deep (its consumer paused, so nothing runs):
+/// 100 tasks submitted before the fill (at the head of the queue) and 100 after it (at the
+/// tail), each cancelled over HTTP; the latency of the cancel, which answers once the task's
+/// message is out of the queue.
+async fn cancel_queued(args: &Args) -> anyhow::Result<()> {
+    const EACH: usize = 100;
+    let system = start_system().await?;
+    let http = reqwest::Client::new();
+    let r = http.post(format!("{}/v1/lanes/short/normal/pause", system.url)).send().await?;
+    if !r.status().is_success() {
+        bail!("pausing the lane answered {}", r.status());
+    }
+    let submit_one = || async {
+        let r = http.post(format!("{}/v1/tasks", system.url)).body(NOOP).send().await?;
+        let v: serde_json::Value = r.json().await?;
+        v["id"].as_str().map(str::to_owned).context("no id in the submit answer")
+    };
+    let mut head = Vec::with_capacity(EACH);
+    for _ in 0..EACH {
+        head.push(submit_one().await?);
+    }
+    // The lane's fill is more than the gateway's clock-skew margin (1 s) away from the tasks
+    // cancelled, as a queue that built up over time is; within it the scan starts earlier.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    publish_pipelined(&system.nats_url, args.queue_depth).await?;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let mut tail = Vec::with_capacity(EACH);
+    for _ in 0..EACH {
+        tail.push(submit_one().await?);
+    }
+    for (place, ids) in [("head", head), ("tail", tail)] {
+        let mut times = Vec::with_capacity(ids.len());
+        for id in ids {
+            let t = Instant::now();
+            let r = http.post(format!("{}/v1/tasks/{id}/cancel", system.url)).send().await?;
+            times.push(t.elapsed());
+            if !r.status().is_success() {
+                bail!("cancel of {id} answered {}", r.status());
+            }
+        }
+        times.sort();
+        println!(
+            "| cancel of a queued task at the {place} of a {} deep lane | {EACH} | p50 {:.3} ms | p99 {:.3} ms | |",
+            args.queue_depth + 2 * EACH,
+            ms(percentile(&times, 0.5)),
+            ms(percentile(&times, 0.99)),
+        );
     }
     Ok(())
 }

@@ -221,10 +221,15 @@ async fn enqueue(app: &App, record: &TaskRecord, revision: u64) -> Result<(), Er
     Ok(())
 }
 
-/// Removes every message of this task from its lane; returns how many. The lane is scanned
-/// message by message on the server's subject index (`next_by_subject`), which costs one round
-/// trip per queued message of that lane: fine for a person's click on a queue of thousands, and
-/// it needs no per-task subject or side index on the submit hot path.
+/// Takes this task's message out of its lane; returns how many messages it removed (0 or 1).
+///
+/// The lane is scanned on the server's subject index (`next_by_subject`), one round trip per
+/// message looked at, but not from the lane's head: every copy of the task was published after
+/// its record was created, so the scan starts at the first lane message stored since then
+/// (less [`CLOCK_SKEW`]), which the server finds by time, and it stops at the first copy. A
+/// cancel in a deep queue then looks at the few messages published around the task, not at
+/// the thousands queued before it. A copy left behind (there is normally one at a time) is
+/// harmless: the worker that gets it finds the record cancelled or paused and drops it.
 async fn dequeue(app: &App, record: &TaskRecord) -> usize {
     let lane = Lane::new(record.class, record.priority);
     let stream = match app.js.get_stream_no_info(topology::TASKS_STREAM).await {
@@ -234,8 +239,9 @@ async fn dequeue(app: &App, record: &TaskRecord) -> usize {
             return 0;
         }
     };
-    let mut removed = 0;
-    let mut sequence = 1;
+    let Some(mut sequence) = first_since(app, &lane, record.created_at - CLOCK_SKEW).await else {
+        return 0; // nothing stored in the lane since the task was created
+    };
     loop {
         let message = stream
             .raw_message_builder()
@@ -245,24 +251,58 @@ async fn dequeue(app: &App, record: &TaskRecord) -> usize {
             .await;
         let message = match message {
             Ok(m) => m,
-            Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => break,
+            Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => return 0,
             Err(e) => {
                 tracing::warn!(error = %e, "scanning the lane to dequeue");
-                break;
+                return 0;
             }
         };
         sequence = message.sequence + 1;
         if is_task(&message.headers, &message.payload, &record.id) {
-            match stream.delete_message(message.sequence).await {
-                Ok(_) => removed += 1,
+            return match stream.delete_message(message.sequence).await {
+                Ok(_) => 1,
                 // Already acked by a worker that lost the claim race, or deleted by another
                 // gateway: either way it is gone.
-                Err(e) => tracing::debug!(error = %e, "message already gone"),
-            }
+                Err(e) => {
+                    tracing::debug!(error = %e, "message already gone");
+                    0
+                }
+            };
         }
     }
-    removed
 }
+
+/// How far a gateway's clock may run ahead of the server's: the lane scan of [`dequeue`] starts
+/// this much before the record's `created_at`. A gateway further ahead than this (no NTP) would
+/// start after the task and leave its message queued; that only costs the queue slot until a
+/// worker gets the message and drops it for the cancelled or paused record.
+const CLOCK_SKEW: time::Duration = time::Duration::seconds(1);
+
+/// The sequence of the first message of `lane` stored at or after `since`: `None` when there is
+/// none, the stream's first sequence when the server cannot tell (the scan is then longer, not
+/// wrong).
+async fn first_since(app: &App, lane: &Lane, since: OffsetDateTime) -> Option<u64> {
+    use async_nats::jetstream::response::Response;
+    let since = since.format(&time::format_description::well_known::Rfc3339).ok();
+    let request = serde_json::json!({"start_time": since, "next_by_subj": lane.subject()});
+    let subject = format!("STREAM.MSG.GET.{}", topology::TASKS_STREAM);
+    match app.js.request::<_, _, Response<serde_json::Value>>(subject, &request).await {
+        Ok(Response::Ok(found)) => Some(found["message"]["seq"].as_u64().unwrap_or(1)),
+        Ok(Response::Err { error }) if error.error_code() == NO_MESSAGE_FOUND => None,
+        Ok(Response::Err { error }) => {
+            tracing::debug!(%error, "finding the lane position by time; scanning from the start");
+            Some(1)
+        }
+        Err(e) => {
+            tracing::debug!(error = %e, "finding the lane position by time; scanning from the start");
+            Some(1)
+        }
+    }
+}
+
+/// JetStream's "no message found" (10037).
+const NO_MESSAGE_FOUND: async_nats::jetstream::ErrorCode =
+    async_nats::jetstream::ErrorCode::NO_MESSAGE_FOUND;
 
 /// Whether a lane message is task `id`: by its message id (`<id>` or `<id>:<revision>`), else
 /// by the `id` in its payload (NATS-native publishers may set only that).

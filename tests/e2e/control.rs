@@ -80,6 +80,56 @@ async fn cancel_of_a_queued_task_removes_it_and_it_never_starts() {
     );
 }
 
+/// Whether `TASKS` still holds a message of task `id` (by its `Nats-Msg-Id`, `<id>[:rev]`).
+async fn queued_copies(topo: &topology::Topology, id: &str) -> usize {
+    claw_tests::stream_contents(&topo.js, topology::TASKS_STREAM)
+        .await
+        .iter()
+        .filter(|m| {
+            m.headers.get(topology::headers::MSG_ID).is_some_and(|v| {
+                let v = v.as_str();
+                v == id || v.split_once(':').is_some_and(|(i, _)| i == id)
+            })
+        })
+        .count()
+}
+
+#[tokio::test]
+async fn cancel_and_pause_find_their_task_anywhere_in_a_deep_lane() {
+    let nats = Nats::start();
+    let topo = nats.topology(&test_settings()).await;
+    let api = api(&topo).await;
+    let spec = json!({"kind": "sleep"});
+    let head = api.submit(spec.clone()).await;
+    // 300 others behind it, straight to the same lane; no worker runs.
+    let mut acks = Vec::new();
+    for _ in 0..300 {
+        let body = spec.to_string().into_bytes().into();
+        acks.push(topo.js.publish("tasks.short.normal", body).await.unwrap());
+    }
+    for ack in acks {
+        ack.await.unwrap();
+    }
+    let tail = api.submit(spec.clone()).await;
+    assert_eq!(stream_messages(&topo.js, topology::TASKS_STREAM).await, 302);
+
+    for (id, left) in [(&head, 301), (&tail, 300)] {
+        let (status, body) = api.verb(id, "cancel").await;
+        assert_eq!((status, body["status"].as_str()), (StatusCode::OK, Some("cancelled")));
+        assert_eq!(queued_copies(&topo, id).await, 0, "{id} still queued");
+        assert_eq!(stream_messages(&topo.js, topology::TASKS_STREAM).await, left);
+    }
+
+    // Pause, resume (a new copy at the tail), pause again: the new copy is the one taken out.
+    let task = api.submit(spec.clone()).await;
+    for (verb, copies) in [("pause", 0), ("resume", 1), ("pause", 0)] {
+        let (status, body) = api.verb(&task, verb).await;
+        assert_eq!(status, StatusCode::OK, "{verb}: {body}");
+        assert_eq!(queued_copies(&topo, &task).await, copies, "after {verb}");
+    }
+    assert_eq!(stream_messages(&topo.js, topology::TASKS_STREAM).await, 300);
+}
+
 #[tokio::test]
 async fn pause_of_a_queued_task_takes_it_out_of_the_queue_until_resumed() {
     let nats = Nats::start();
