@@ -14,7 +14,11 @@
 //!    to the clients of one session (see `ws.rs`);
 //! 6. the two end-to-end figures (3 and 4) again on a 3-node JetStream cluster (three
 //!    nats-server processes on loopback, every stream and bucket with 3 replicas), `claw up`
-//!    connected to all three nodes with `--nats-url` (see `cluster.rs`).
+//!    connected to all three nodes with `--nats-url` (see `cluster.rs`);
+//! 7. traffic: the server's client messages and bytes, each way, per no-op task (`/varz` of a
+//!    nats-server of its own with monitoring on), over HTTP and straight to NATS;
+//! 8. control: the latency of cancelling a queued task at the head or the tail of a
+//!    `--queue-depth` lane.
 //!
 //! Client and server share this machine's cores, so the figures are for the whole system on one
 //! box. Run: `cargo build --release --bins && target/release/claw-bench` (`--only tasks,cluster`
