@@ -25,12 +25,7 @@ const SCRIPT_TIMEOUT: Duration = Duration::from_secs(240);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_web_ui_runs_controls_and_reconnects_in_a_real_browser() {
-    if std::env::var("CLAW_SKIP_BROWSER").as_deref() == Ok("1") {
-        eprintln!("SKIPPED: the browser test (CLAW_SKIP_BROWSER=1)");
-        return;
-    }
-    let script_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("browser");
-    check_prerequisites(&script_dir);
+    let Some(script_dir) = scripts("the browser test") else { return };
 
     let nats = Nats::start();
     let topo = nats.topology(&test_settings()).await;
@@ -100,12 +95,7 @@ async fn the_web_ui_runs_controls_and_reconnects_in_a_real_browser() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_web_ui_asks_for_a_token_and_signs_in() {
-    if std::env::var("CLAW_SKIP_BROWSER").as_deref() == Ok("1") {
-        eprintln!("SKIPPED: the browser sign-in test (CLAW_SKIP_BROWSER=1)");
-        return;
-    }
-    let script_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("browser");
-    check_prerequisites(&script_dir);
+    let Some(script_dir) = scripts("the browser sign-in test") else { return };
 
     let nats = Nats::start();
     let topo = nats.topology(&test_settings()).await;
@@ -130,6 +120,18 @@ async fn the_web_ui_asks_for_a_token_and_signs_in() {
         .expect("waiting for node")
         .status;
     assert!(status.success(), "the sign-in script failed ({status}); its log is above");
+}
+
+/// The folder of the browser scripts, checked for what they need; `None` (said on stderr) when
+/// `CLAW_SKIP_BROWSER=1` skips `test`.
+fn scripts(test: &str) -> Option<PathBuf> {
+    if std::env::var("CLAW_SKIP_BROWSER").as_deref() == Ok("1") {
+        eprintln!("SKIPPED: {test} (CLAW_SKIP_BROWSER=1)");
+        return None;
+    }
+    let script_dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("browser");
+    check_prerequisites(&script_dir);
+    Some(script_dir)
 }
 
 /// Fails with what to run when the browser, Node or the script's packages are missing.
