@@ -120,14 +120,83 @@ async fn submit_new(
         return Err(publish_error(e, app));
     }
     match created {
-        // AlreadyExists: a worker picked the task up before our create landed; its record wins.
         Ok(_) => {}
-        Err(e) if e.kind() == CreateErrorKind::AlreadyExists => {}
+        // A worker picked the task up before our create landed; its record wins, but it was
+        // built from the message, which does not say who submitted the task.
+        Err(e) if e.kind() == CreateErrorKind::AlreadyExists => {
+            if let Err(e) = adopt(app, &record).await {
+                tracing::warn!(task_id = %record.id, error = %e, "owner not written; retrying");
+                tokio::spawn(adopt_patiently(app.clone(), record.clone()));
+            }
+        }
         // The task is stored, which is what 202 promises; the worker rebuilds the record from
-        // the message when it finds none.
-        Err(e) => tracing::warn!(task_id = %record.id, error = %e, "queued record not created"),
+        // the message when it finds none, and the owner follows as soon as the bucket answers.
+        Err(e) => {
+            tracing::warn!(task_id = %record.id, error = %e, "queued record not created");
+            tokio::spawn(adopt_patiently(app.clone(), record.clone()));
+        }
     }
     Ok(Submitted { record, created: true })
+}
+
+/// How long a submit keeps trying, in the background, to get its owner into a record that a
+/// worker created (or that could not be created at submit).
+const ADOPT_PATIENCE: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Makes the stored record of a task this gateway just accepted carry its submitter: creates
+/// it if there is still none, or writes `owner` (compare-and-set) into the one a worker built
+/// from the message. Nothing to do without an owner (no tokens) or when it is there already.
+/// The id is a fresh one of this gateway's, so no other submitter can hold it.
+pub async fn adopt(app: &App, record: &TaskRecord) -> Result<(), Error> {
+    let Some(owner) = &record.owner else { return Ok(()) };
+    let unavailable = |e: String| Error::Unavailable(format!("owner of {}: {e}", record.id));
+    for _ in 0..8 {
+        let entry =
+            app.kv.entry(record.id.as_str()).await.map_err(|e| unavailable(e.to_string()))?;
+        let Some(entry) =
+            entry.filter(|e| e.operation == async_nats::jetstream::kv::Operation::Put)
+        else {
+            let (_, value) = encode(record)?;
+            match app.kv.create(record.id.as_str(), value).await {
+                Ok(_) => return Ok(()),
+                Err(e) if e.kind() == CreateErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(unavailable(e.to_string())),
+            }
+        };
+        let mut stored: TaskRecord = serde_json::from_slice(&entry.value)
+            .map_err(|e| Error::Internal(format!("record {} does not parse: {e}", record.id)))?;
+        if stored.owner.is_some() {
+            return Ok(());
+        }
+        stored.owner = Some(owner.clone());
+        let value = serde_json::to_vec(&stored).map_err(|e| Error::Internal(e.to_string()))?;
+        match app.kv.update(record.id.as_str(), value.into(), entry.revision).await {
+            Ok(_) => return Ok(()),
+            // The worker wrote meanwhile: read its newer revision and try again.
+            Err(e) if e.kind() == async_nats::jetstream::kv::UpdateErrorKind::WrongLastRevision => {
+            }
+            Err(e) => return Err(unavailable(e.to_string())),
+        }
+    }
+    Err(unavailable("the record kept changing".into()))
+}
+
+/// [`adopt`], retried with pauses for up to [`ADOPT_PATIENCE`].
+async fn adopt_patiently(app: App, record: TaskRecord) {
+    let deadline = tokio::time::Instant::now() + ADOPT_PATIENCE;
+    let mut pause = std::time::Duration::from_millis(200);
+    loop {
+        match adopt(&app, &record).await {
+            Ok(()) => return,
+            Err(e) if tokio::time::Instant::now() + pause > deadline => {
+                tracing::error!(task_id = %record.id, error = %e,
+                    "the task's record does not name its owner; only admins will see it");
+                return;
+            }
+            Err(_) => tokio::time::sleep(pause).await,
+        }
+        pause = (pause * 2).min(std::time::Duration::from_secs(5));
+    }
 }
 
 /// A caller-chosen id (idempotency key or explicit id): claim the key first, then publish, so

@@ -423,3 +423,43 @@ async fn the_gateway_refuses_a_public_address_without_tokens() {
     assert_eq!(code, Some(1), "{stderr}");
     assert!(stderr.contains("bad-tokens.toml") && stderr.contains("at least 16"), "{stderr}");
 }
+
+/// The race of a fast worker with a submit: the worker finds no record yet and builds one from
+/// the lane message, which does not say who submitted the task. The gateway writes the owner
+/// into that record (keeping the worker's state), or creates the record when there is none.
+#[tokio::test]
+async fn a_record_a_worker_built_first_gets_its_submitters_owner() {
+    use claw_proto::kinds::Catalog;
+    use claw_proto::spec::{Limits, TaskSpec};
+    use claw_proto::{Status, TaskId};
+    let nats = Nats::start();
+    let topo = nats.topology(&test_settings()).await;
+    let tokens = nats.dir.path().join("tokens.toml");
+    std::fs::write(&tokens, tokens_file()).unwrap();
+    let config = claw_gateway::Config::from_args(["--tokens", tokens.to_str().unwrap()]).unwrap();
+    let app = claw_gateway::App::new(topo.clone(), config).await.unwrap();
+    let now = time::OffsetDateTime::now_utc();
+    let spec = TaskSpec::parse(br#"{"kind": "sleep", "session": "alice-s"}"#).unwrap();
+    let admit =
+        || spec.admit(TaskId::generate(), now, None, &Catalog::builtin(), &Limits::STANDARD);
+
+    // The worker's record: running, no owner.
+    let mut built = admit().unwrap();
+    built.start(1, "w1", now).unwrap();
+    topo.tasks_kv
+        .create(built.id.as_str(), serde_json::to_vec(&built).unwrap().into())
+        .await
+        .unwrap();
+    let mut submitted = built.clone();
+    submitted.owner = Some("alice".into());
+    claw_gateway::tasks::adopt(&app, &submitted).await.unwrap();
+    let stored = claw_tests::record(&topo, built.id.as_str()).await.unwrap();
+    assert_eq!((stored.owner.as_deref(), stored.status), (Some("alice"), Status::Running));
+
+    // No record at all (the submit's create failed): created, queued, with the owner.
+    let mut lost = admit().unwrap();
+    lost.owner = Some("alice".into());
+    claw_gateway::tasks::adopt(&app, &lost).await.unwrap();
+    let stored = claw_tests::record(&topo, lost.id.as_str()).await.unwrap();
+    assert_eq!((stored.owner.as_deref(), stored.status), (Some("alice"), Status::Queued));
+}
