@@ -1,7 +1,5 @@
 //! The consumer loop: pulls record revisions from the durable `archiver` consumer on `KV_tasks`,
-//! writes the terminal ones to the [`Store`] one transaction per batch, then acks the batch with
-//! one cumulative ack (the consumer's `ack_policy` is `all`), which is why only one archiver
-//! may run per bucket.
+//! writes the terminal ones to the [`Store`] one transaction per batch, then acks the batch.
 //!
 //! Acks follow the commit, never precede it: a crash between the two means redelivery, which the
 //! store's revision guard makes harmless. Because the consumer is durable, a restarted archiver
@@ -212,12 +210,13 @@ async fn write_then_ack(
         }
     }
 
-    // The consumer acks cumulatively (`ack_policy: all`): acking the batch's last message
-    // acks the whole batch, which came in stream order from this one puller.
-    if let Some(last) = batch.last() {
+    // One ack per message, not one cumulative ack per batch: after a consumer leader change
+    // the new leader may count as delivered messages that never reached this archiver, and a
+    // cumulative ack would take those along unread; an explicit ack leaves them to redelivery.
+    for message in batch {
         // An ack that does not arrive means one redelivery, absorbed by the revision guard.
-        if let Err(e) = last.ack().await {
-            tracing::warn!(subject = %last.subject, error = %e, "ack failed");
+        if let Err(e) = message.ack().await {
+            tracing::warn!(subject = %message.subject, error = %e, "ack failed");
         }
     }
 }

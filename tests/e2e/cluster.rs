@@ -177,12 +177,22 @@ async fn tasks_survive_a_sigkilled_stream_leader() {
     // stored (the ack was lost with the leader): such a task runs too, as its own row, which is
     // why a client resubmits with an Idempotency-Key. So at most `unavailable` extra rows.
     let accepted: std::collections::HashSet<&str> = ids.iter().map(String::as_str).collect();
-    let extra = wait_for("an archive row per accepted task", Duration::from_secs(60), || async {
+    let archive_done = Instant::now() + Duration::from_secs(60);
+    let extra = loop {
         let rows = archived_ids(&db).await;
-        let missing = accepted.iter().filter(|id| !rows.contains(**id)).count();
-        (missing == 0).then(|| rows.len() - accepted.len())
-    })
-    .await;
+        let missing: Vec<&&str> = accepted.iter().filter(|id| !rows.contains(**id)).collect();
+        if missing.is_empty() {
+            break rows.len() - accepted.len();
+        }
+        if Instant::now() > archive_done {
+            let kv = js.get_stream("KV_tasks").await.unwrap();
+            let mut consumer: jetstream::consumer::PullConsumer =
+                kv.get_consumer("archiver").await.unwrap();
+            let info = consumer.info().await.cloned();
+            panic!("not archived 60 s on: {missing:?}; the archiver consumer: {info:#?}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     assert!(extra <= load.unavailable, "{extra} archived tasks were neither accepted nor 503");
     wait_for("the queue to drain", Duration::from_secs(30), || async {
         let mut s = js.get_stream("TASKS").await.ok()?;

@@ -38,6 +38,11 @@ pub const STARVATION_SWEEPS: u32 = 16;
 /// on an idle worker, at the cost of three empty fetches per second per class.
 pub const IDLE_RESWEEP: Duration = Duration::from_secs(1);
 
+/// How long a no-wait fetch may go without its next message or end before it is given up. The
+/// server answers one at once; this only ends a request that was lost with a consumer leader.
+/// Messages that still arrive for it later come back after the ack deadline.
+pub const FETCH_ANSWER: Duration = Duration::from_secs(5);
+
 /// One class's pull loop.
 pub(crate) struct Pool {
     class: Class,
@@ -182,11 +187,18 @@ impl Pool {
                 }
             };
             let mut got = 0;
-            while let Some(msg) = batch.next().await {
-                let msg = match msg {
-                    Ok(msg) => msg,
-                    Err(e) => {
+            loop {
+                // A no-wait fetch is answered at once; one whose request was lost (the
+                // consumer's leader died with it) would otherwise be waited for forever.
+                let msg = match tokio::time::timeout(FETCH_ANSWER, batch.next()).await {
+                    Ok(Some(Ok(msg))) => msg,
+                    Ok(None) => break,
+                    Ok(Some(Err(e))) => {
                         tracing::warn!(lane = %lane.consumer(), error = %e, "fetch ended early");
+                        break;
+                    }
+                    Err(_) => {
+                        tracing::warn!(lane = %lane.consumer(), "fetch unanswered; pulling again");
                         break;
                     }
                 };
