@@ -244,9 +244,11 @@ async fn pause_holds_an_in_process_task_at_its_next_step() {
     control(&topology, &client, &id, Verb::Resume, |r| r.resume().unwrap()).await;
     let r = wait_status(&topology, &id, Status::Succeeded).await;
     assert_eq!((r.attempt, r.result), (1, Some(json!({"slept_s": 2.0, "echo": "z"}))));
-    let events = wait_for("all four steps", WAIT, || async {
+    // The events follow the record write: wait for the last one, not only for the steps.
+    let events = wait_for("all four steps and the succeeded status", WAIT, || async {
         let e = events_of(js, &id).await;
-        (progress_events(&e) == 4).then_some(e)
+        let done = statuses(&e).contains(&(Status::Succeeded, 1));
+        (progress_events(&e) == 4 && done).then_some(e)
     })
     .await;
     assert_eq!(statuses(&events), [(Status::Running, 1), (Status::Succeeded, 1)]);
@@ -421,7 +423,7 @@ async fn a_cancelled_in_process_task_stops_and_a_retry_runs_it_again() {
     .await;
     republish(&topology, &r, &format!("{id}-retry-1")).await;
     let r = wait_status(&topology, &id, Status::Succeeded).await;
-    // Attempts count again from the new message's deliveries, on the same worker: the old
+    // An explicit retry starts a new round of attempts, here on the same worker: the old
     // attempt's fields are not mistaken for this one.
     assert_eq!((r.attempt, r.worker.as_deref()), (1, Some("w-retry")));
     assert_eq!(r.result, Some(json!({"slept_s": 0.2, "echo": 2})));
