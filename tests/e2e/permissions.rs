@@ -9,7 +9,9 @@ use std::time::Duration;
 use async_nats::{Client, ConnectOptions, Event, HeaderMap};
 use claw_proto::topology::Settings;
 use claw_proto::{Status, TaskRecord, connect};
-use claw_tests::{Gateway, Nats, archived_rows, bin, role_password, start_archiver, wait_for};
+use claw_tests::{
+    Gateway, Nats, archived_rows, bin, id_of, post_json, role_password, start_archiver, wait_for,
+};
 use futures::StreamExt;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
@@ -181,27 +183,10 @@ async fn each_role_can_do_its_job_and_nothing_else() {
     // Lane pause and the dequeue of a queued task (consumer pause, message get and delete).
     let paused = http.post(gw.url("/v1/lanes/long/low/pause")).send().await.unwrap();
     assert_eq!(paused.status(), StatusCode::OK);
-    let queued: Value = http
-        .post(gw.url("/v1/tasks"))
-        .body(
-            json!({"kind": "sleep", "class": "long", "priority": "low", "input": {"seconds": 0.1}})
-                .to_string(),
-        )
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let queued_id = queued["id"].as_str().unwrap().to_owned();
-    let cancelled: Value = http
-        .post(gw.url(&format!("/v1/tasks/{queued_id}/cancel")))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let spec =
+        json!({"kind": "sleep", "class": "long", "priority": "low", "input": {"seconds": 0.1}});
+    let queued_id = id_of(&post_json(&http, &gw.url("/v1/tasks"), Some(&spec)).await);
+    let cancelled = post_json(&http, &gw.url(&format!("/v1/tasks/{queued_id}/cancel")), None).await;
     assert_eq!(cancelled["status"], "cancelled", "{cancelled}");
     let mut tasks = op_js.get_stream("TASKS").await.unwrap();
     assert_eq!(tasks.info().await.unwrap().state.messages, 0, "the cancelled task left its lane");

@@ -5,7 +5,8 @@ use std::time::Duration;
 
 use claw_proto::Status;
 use claw_tests::{
-    Gateway, Nats, archived_rows, record, start_archiver, start_worker, test_settings, wait_for,
+    Gateway, Nats, archived_rows, id_of, post_json, record, start_archiver, start_worker,
+    test_settings, wait_for,
 };
 use reqwest::StatusCode;
 use serde_json::{Value, json};
@@ -20,20 +21,9 @@ async fn sleep_task_over_http_succeeds_into_kv_sqlite_and_history() {
     let gw = Gateway::start(&topo, &[]).await;
     let http = reqwest::Client::new();
 
-    let submitted: Value = http
-        .post(gw.url("/v1/tasks"))
-        .body(
-            json!({"kind": "sleep", "session": "s1",
-            "input": {"seconds": 0.2, "steps": 2, "echo": {"answer": 42}}})
-            .to_string(),
-        )
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let id = submitted["id"].as_str().unwrap().to_owned();
+    let spec = json!({"kind": "sleep", "session": "s1",
+        "input": {"seconds": 0.2, "steps": 2, "echo": {"answer": 42}}});
+    let id = id_of(&post_json(&http, &gw.url("/v1/tasks"), Some(&spec)).await);
 
     let done = wait_for("the task to succeed in KV", Duration::from_secs(20), || async {
         record(&topo, &id).await.filter(|r| r.status == Status::Succeeded)

@@ -5,7 +5,7 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use claw_tests::{TestDir, bin, wait_for};
+use claw_tests::{TestDir, bin, id_of, post_json, wait_for};
 use serde_json::{Value, json};
 
 #[tokio::test]
@@ -35,16 +35,8 @@ async fn claw_up_serves_runs_a_task_and_stops_on_ctrl_c() {
 
     let base = format!("http://127.0.0.1:{port}");
     let http = reqwest::Client::new();
-    let submitted: Value = http
-        .post(format!("{base}/v1/tasks"))
-        .body(json!({"kind": "sleep", "class": "long", "input": {"seconds": 0.2}}).to_string())
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let id = submitted["id"].as_str().unwrap().to_owned();
+    let spec = json!({"kind": "sleep", "class": "long", "input": {"seconds": 0.2}});
+    let id = id_of(&post_json(&http, &format!("{base}/v1/tasks"), Some(&spec)).await);
     wait_for("the long task to succeed", Duration::from_secs(30), || {
         let (http, url) = (http.clone(), format!("{base}/v1/tasks/{id}"));
         async move {

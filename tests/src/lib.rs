@@ -242,6 +242,26 @@ pub async fn archived_rows(db: &Path) -> i64 {
 }
 
 /// The record of `id` from the bucket, if present.
+/// POSTs `body` as JSON (none: an empty body) and returns the answer's JSON, whatever its
+/// status; panics on a transport error or an answer that is not JSON.
+pub async fn post_json(
+    http: &reqwest::Client,
+    url: &str,
+    body: Option<&serde_json::Value>,
+) -> serde_json::Value {
+    let mut request = http.post(url);
+    if let Some(body) = body {
+        request = request.body(body.to_string());
+    }
+    let response = request.send().await.unwrap_or_else(|e| panic!("POST {url}: {e}"));
+    response.json().await.unwrap_or_else(|e| panic!("POST {url}: the answer is not JSON: {e}"))
+}
+
+/// The `id` of a submit's answer; panics (showing the answer) when there is none.
+pub fn id_of(answer: &serde_json::Value) -> String {
+    answer["id"].as_str().unwrap_or_else(|| panic!("no task id in {answer}")).to_owned()
+}
+
 pub async fn record(topology: &Topology, id: &str) -> Option<claw_proto::TaskRecord> {
     let bytes = topology.tasks_kv.get(id).await.ok()??;
     serde_json::from_slice(&bytes).ok()
