@@ -75,9 +75,8 @@ impl Handler for WordCount {
         ctx: &'a Context,
     ) -> BoxFuture<'a, Result<Value, TaskError>> {
         async move {
-            // Bad input never gets better by retrying: not retryable.
-            let input: WordCountInput = serde_json::from_value(task.input.clone())
-                .map_err(|e| TaskError::new("invalid_input", e.to_string(), false))?;
+            // Bad input never gets better by retrying: `invalid_input`, not retryable.
+            let input: WordCountInput = claw_worker::kinds::input(task)?;
             let lines: Vec<&str> = input.text.lines().collect();
             let batches = lines.chunks(input.batch_lines.max(1)).count();
             let mut words: BTreeMap<String, u64> = BTreeMap::new();

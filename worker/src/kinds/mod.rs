@@ -18,9 +18,9 @@ pub fn builtin(config: &Config) -> Registry {
     }
 }
 
-/// A built-in kind's typed input; a malformed one fails the task for good (`invalid_input`),
-/// since retrying the same input cannot help.
-pub(crate) fn input<T: serde::de::DeserializeOwned>(
+/// A kind's typed input (built-in or a custom [`crate::Handler`]'s); a malformed one fails the
+/// task for good (`invalid_input`), since retrying the same input cannot help.
+pub fn input<T: serde::de::DeserializeOwned>(
     task: &claw_proto::TaskRecord,
 ) -> Result<T, claw_proto::TaskError> {
     claw_proto::kinds::parse_input(&task.input)
