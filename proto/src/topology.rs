@@ -41,6 +41,13 @@ pub fn control_subject(id: &TaskId) -> String {
     format!("claw.control.{id}")
 }
 
+/// A worker's lease probe, `claw.lease.<probe>`: the worker sends a request to its own
+/// subscription here, so an answer proves the server routes its messages (see the worker's
+/// `lease` module). The worker role may publish and subscribe here, nobody else needs to.
+pub fn lease_subject(probe: &str) -> String {
+    format!("claw.lease.{probe}")
+}
+
 /// Request/reply services.
 pub const API_SERVICE: &str = "claw-api";
 pub const API_GROUP: &str = "claw.api";
