@@ -32,7 +32,8 @@ async fn main() -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!(e))
         .with_context(|| format!("connecting to NATS at {}", cli.nats.nats_url))?;
     let js = connect::jetstream(client);
-    let topology = topology::ensure(&js, &cli.settings).await.context("ensuring the topology")?;
+    let topology =
+        topology::ensure_at_start(&js, &cli.settings).await.context("ensuring the topology")?;
 
     let _metrics = claw_proto::metrics::Server::bind_if(cli.metrics)
         .await

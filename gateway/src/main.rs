@@ -32,7 +32,7 @@ async fn main() -> anyhow::Result<()> {
     cli.gateway.check_exposure(cli.http)?;
     claw_gateway::auth::Auth::load(cli.gateway.tokens.as_deref())?;
     let client = connect::connect(&cli.nats, "claw-gateway").await?;
-    let topology = topology::ensure(&connect::jetstream(client), &cli.topology).await?;
+    let topology = topology::ensure_at_start(&connect::jetstream(client), &cli.topology).await?;
     let listener = tokio::net::TcpListener::bind(cli.http)
         .await
         .with_context(|| format!("binding {}", cli.http))?;

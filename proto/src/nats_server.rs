@@ -31,10 +31,35 @@ pub enum Error {
     },
     #[error("nats-server did not report its ports within {0:?} (log: {1})")]
     NoPorts(Duration, PathBuf),
-    #[error("nats-server exited during start-up with {status} (log: {log})")]
-    Exited { status: std::process::ExitStatus, log: PathBuf },
+    #[error("nats-server exited during start-up with {status}: {reason} (log: {log})")]
+    Exited { status: std::process::ExitStatus, reason: String, log: PathBuf },
     #[error("{0}")]
     Io(#[from] std::io::Error),
+}
+
+impl Error {
+    /// Whether the server could not start because its client port is taken.
+    pub fn is_address_in_use(&self) -> bool {
+        matches!(self, Error::Exited { reason, .. } if reason.contains("address already in use"))
+    }
+}
+
+/// Why a server that exited during start-up says it did: its last error lines (`[FTL]`,
+/// `[ERR]`, or a config error printed before the log opened), else a pointer to the log.
+fn exit_reason(log: &Path, stderr: &Path) -> String {
+    let text = |path: &Path| std::fs::read_to_string(path).unwrap_or_default();
+    let (log, stderr) = (text(log), text(stderr));
+    let errors: Vec<&str> = log
+        .lines()
+        .chain(stderr.lines())
+        .filter(|l| l.contains("[FTL]") || l.contains("[ERR]") || l.starts_with("nats-server:"))
+        .map(|l| l.split_once("] ").map_or(l, |(_, rest)| rest))
+        .map(|l| l.split_once("] ").map_or(l, |(_, rest)| rest))
+        .collect();
+    match errors.len() {
+        0 => "see its log".to_owned(),
+        n => errors[n.saturating_sub(2)..].join("; "),
+    }
 }
 
 /// Where `scripts/install-nats-server` puts the binary: `.tools/nats-server/bin/nats-server`
@@ -84,12 +109,24 @@ pub struct Options {
     pub port: Option<u16>,
     /// A config file (`-c`), for accounts, users or clustering.
     pub config: Option<PathBuf>,
+    /// The config file sets the JetStream store directory itself: nats-server refuses `-sd`
+    /// beside a `store_dir` in the file, so `<dir>/jetstream` is not passed.
+    pub store_in_config: bool,
+    /// Variables for the server's environment (a config's `$CLAW_*_PASSWORD`, say).
+    pub env: Vec<(String, String)>,
     pub extra_args: Vec<String>,
 }
 
 impl Options {
     pub fn in_dir(dir: impl Into<PathBuf>) -> Options {
-        Options { dir: dir.into(), port: None, config: None, extra_args: Vec::new() }
+        Options {
+            dir: dir.into(),
+            port: None,
+            config: None,
+            store_in_config: false,
+            env: Vec::new(),
+            extra_args: Vec::new(),
+        }
     }
 }
 
@@ -121,6 +158,8 @@ impl NatsServer {
             std::fs::remove_file(entry?.path())?;
         }
         let log = dir.join("nats-server.log");
+        // A config the server refuses is printed before the log file opens.
+        let stderr = dir.join("nats-server.stderr");
         let port = match (self.port, self.options.port) {
             (0, None) => "-1".to_owned(),
             (0, Some(p)) => p.to_string(),
@@ -130,17 +169,19 @@ impl NatsServer {
         if let Some(config) = &self.options.config {
             cmd.arg("-c").arg(config);
         }
-        cmd.args(["-a", "127.0.0.1", "-p", &port, "-js"])
-            .arg("-sd")
-            .arg(dir.join("jetstream"))
-            .arg("--ports_file_dir")
+        cmd.args(["-a", "127.0.0.1", "-p", &port, "-js"]);
+        if !self.options.store_in_config {
+            cmd.arg("-sd").arg(dir.join("jetstream"));
+        }
+        cmd.arg("--ports_file_dir")
             .arg(&ports_dir)
             .arg("-l")
             .arg(&log)
             .args(&self.options.extra_args)
+            .envs(self.options.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::null());
+            .stderr(std::fs::File::create(&stderr)?);
         let mut child =
             cmd.spawn().map_err(|source| Error::Spawn { bin: self.bin.clone(), source })?;
         let deadline = Instant::now() + START_TIMEOUT;
@@ -149,7 +190,8 @@ impl NatsServer {
                 break port;
             }
             if let Some(status) = child.try_wait()? {
-                return Err(Error::Exited { status, log });
+                let reason = exit_reason(&log, &stderr);
+                return Err(Error::Exited { status, reason, log });
             }
             if Instant::now() > deadline {
                 let _ = child.kill();

@@ -304,6 +304,33 @@ pub async fn ensure(js: &jetstream::Context, settings: &Settings) -> Result<Topo
     Ok(Topology { js: js.clone(), tasks_kv })
 }
 
+/// How long a process starting up waits for JetStream to take the topology (see
+/// [`ensure_at_start`]): a cluster that was started at the same time needs a few seconds to
+/// elect its meta leader, and a node restarting under a supervisor longer.
+pub const START_PATIENCE: Duration = Duration::from_secs(60);
+
+/// [`ensure`] for a process starting up: while JetStream does not answer (a cluster still
+/// electing its meta leader, a stream leader moving) it tries again, logging why, for up to
+/// [`START_PATIENCE`]. A definition the server refuses is reported at once: waiting would not
+/// change it.
+pub async fn ensure_at_start(
+    js: &jetstream::Context,
+    settings: &Settings,
+) -> Result<Topology, Error> {
+    let give_up = tokio::time::Instant::now() + START_PATIENCE;
+    let mut pause = Duration::from_millis(250);
+    loop {
+        match ensure(js, settings).await {
+            Err(Error::Nats { what, source }) if tokio::time::Instant::now() + pause < give_up => {
+                tracing::warn!(%what, error = %source, "JetStream not ready; waiting for it");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(5));
+            }
+            result => return result,
+        }
+    }
+}
+
 /// Whether `existing` already has `value` for `key`. A key the server omits counts as equal when
 /// the wanted value is the server's default (false, 0, -1, empty).
 fn same(existing: &Map<String, Value>, key: &str, value: &Value) -> bool {

@@ -16,6 +16,7 @@ mod llm;
 mod metrics;
 mod permissions;
 mod pipeline;
+mod shipped;
 mod topology;
 mod up;
 mod worker;

@@ -3,6 +3,11 @@
 //! processes (the built `claw-*` binaries), and waits that poll a condition with a deadline.
 //!
 //! Set `KEEP_TEST_DIRS=1` to keep each test's directory (server log, store, SQLite file).
+//!
+//! [`deploy`] starts the deployment as shipped: nats-server from the repository's config files,
+//! the services as processes running as their NATS roles.
+
+pub mod deploy;
 
 use std::future::Future;
 use std::path::{Path, PathBuf};

@@ -55,7 +55,8 @@ async fn serve(args: Args, config: Config, registry: Registry) -> anyhow::Result
     let js = connect::jetstream(client);
     // The worker owns the lanes' ack deadline: its heartbeats and lease are timed by it.
     let settings = Settings { ack_wait_s: Some(config.ack_deadline_s), ..args.settings };
-    let topology = topology::ensure(&js, &settings).await.context("ensuring the topology")?;
+    let topology =
+        topology::ensure_at_start(&js, &settings).await.context("ensuring the topology")?;
     let _metrics = claw_proto::metrics::Server::bind_if(args.metrics)
         .await
         .with_context(|| format!("serving metrics on {:?}", args.metrics))?;
