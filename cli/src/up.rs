@@ -27,9 +27,11 @@ pub struct UpArgs {
     /// Use this NATS server instead of starting one.
     #[arg(long, env = "NATS_URL")]
     pub nats_url: Option<String>,
-    /// Client port of the embedded nats-server (0 picks a free one).
-    #[arg(long, env = "CLAW_NATS_PORT", default_value_t = 4222)]
-    pub nats_port: u16,
+    /// Client port of the embedded nats-server. Unset: 4222 when it is free, else a free one
+    /// (another nats-server, or a second `claw up`, may hold 4222). A port given here is used
+    /// or the start fails; 0 picks a free one.
+    #[arg(long, env = "CLAW_NATS_PORT")]
+    pub nats_port: Option<u16>,
     /// The worker's configuration file (TOML: programs for `exec`, pool sizes, ack deadline).
     #[arg(long, env = "CLAW_WORKER_CONFIG")]
     pub worker_config: Option<PathBuf>,
@@ -58,11 +60,7 @@ pub async fn run(args: UpArgs, shutdown: CancellationToken) -> anyhow::Result<()
     let nats_url = match &args.nats_url {
         Some(url) => url.clone(),
         None => {
-            let mut options = nats_server::Options::in_dir(data.join("nats"));
-            options.port = (args.nats_port != 0).then_some(args.nats_port);
-            let started = tokio::task::spawn_blocking(move || NatsServer::start(options))
-                .await?
-                .context("starting the embedded nats-server")?;
+            let started = start_nats(data.join("nats"), args.nats_port).await?;
             let url = started.url();
             server = Some(started);
             url
@@ -76,6 +74,32 @@ pub async fn run(args: UpArgs, shutdown: CancellationToken) -> anyhow::Result<()
     result
 }
 
+/// NATS's own port, which `claw up` prefers so that `nats` CLI defaults reach it.
+const NATS_DEFAULT_PORT: u16 = 4222;
+
+/// Starts the embedded nats-server on `port` (see [`UpArgs::nats_port`]).
+async fn start_nats(dir: PathBuf, port: Option<u16>) -> anyhow::Result<NatsServer> {
+    let start = move |port: Option<u16>| {
+        let mut options = nats_server::Options::in_dir(dir.clone());
+        options.port = port;
+        async move { tokio::task::spawn_blocking(move || NatsServer::start(options)).await }
+    };
+    let started = match port {
+        Some(0) => start(None).await?,
+        Some(port) => start(Some(port)).await?,
+        None => match start(Some(NATS_DEFAULT_PORT)).await? {
+            Err(e) if e.is_address_in_use() => {
+                tracing::info!(
+                    "port {NATS_DEFAULT_PORT} is taken; the embedded nats-server takes a free one"
+                );
+                start(None).await?
+            }
+            started => started,
+        },
+    };
+    started.context("starting the embedded nats-server")
+}
+
 async fn serve(
     args: &UpArgs,
     data: &std::path::Path,
@@ -86,7 +110,7 @@ async fn serve(
     let client = connect::connect(&NatsArgs::url(nats_url), "claw-up").await?;
     let settings =
         Settings { ack_wait_s: Some(worker_config.ack_deadline_s), ..args.topology.clone() };
-    let topology = topology::ensure(&connect::jetstream(client), &settings).await?;
+    let topology = topology::ensure_at_start(&connect::jetstream(client), &settings).await?;
     let listener = tokio::net::TcpListener::bind(args.http)
         .await
         .with_context(|| format!("binding {}", args.http))?;
