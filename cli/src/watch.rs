@@ -16,9 +16,9 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream::consumer::DeliverPolicy;
 use async_nats::jetstream::consumer::pull::OrderedConfig;
-use async_nats::jetstream::kv;
 use claw_proto::connect;
 use claw_proto::event::{Event, EventBody};
+use claw_proto::records::Records;
 use claw_proto::task::{Progress, Session, Status, TaskRecord};
 use claw_proto::topology;
 use futures::StreamExt;
@@ -133,10 +133,10 @@ async fn follow(
     screen: &mut Screen,
 ) -> Result<(Value, TaskRecord), Error> {
     let js = connect::jetstream(nats.client.clone());
-    let kv = js.get_key_value(topology::TASKS_BUCKET).await.map_err(|e| {
+    let records = Records::open(&js).await.map_err(|e| {
         Error::Unavailable(format!("opening the {} bucket: {e}", topology::TASKS_BUCKET))
     })?;
-    let (value, record) = current(client, &kv, id).await?;
+    let (value, record) = current(client, &records, id).await?;
     if record.status.is_terminal() {
         return Ok((value, record));
     }
@@ -161,7 +161,7 @@ async fn follow(
                 }
                 screen.event(&message.payload, &event);
                 if caught_up && status.is_terminal() {
-                    let (value, record) = current(client, &kv, id).await?;
+                    let (value, record) = current(client, &records, id).await?;
                     if record.status.is_terminal() {
                         return Ok((value, record));
                     }
@@ -171,7 +171,7 @@ async fn follow(
                 if last_event.elapsed() < QUIET {
                     continue;
                 }
-                let (value, record) = current(client, &kv, id).await?;
+                let (value, record) = current(client, &records, id).await?;
                 if record.status.is_terminal() {
                     return Ok((value, record));
                 }
@@ -181,20 +181,24 @@ async fn follow(
     }
 }
 
-/// The record: live from the bucket, else (expired from it) through `claw.api.get`, which
+/// The record: live from the bucket, else (it left the bucket) through `claw.api.get`, which
 /// falls back to the archive.
-async fn current(client: &Client, kv: &kv::Store, id: &str) -> Result<(Value, TaskRecord), Error> {
+async fn current(
+    client: &Client,
+    records: &Records,
+    id: &str,
+) -> Result<(Value, TaskRecord), Error> {
     // A string that cannot be a key is not looked up: the API refuses it as `not_found`.
     let live = match claw_proto::TaskId::parse(id) {
-        Ok(_) => kv
-            .get(id)
+        Ok(id) => records
+            .read(&id)
             .await
             .map_err(|e| Error::Unavailable(format!("reading the record of {id}: {e}")))?,
         Err(_) => None,
     };
     let value = match live {
-        Some(bytes) => serde_json::from_slice(&bytes)
-            .map_err(|e| Error::Unavailable(format!("the record of {id} is not JSON: {e}")))?,
+        Some(stored) => serde_json::to_value(&stored.record)
+            .map_err(|e| Error::Unavailable(format!("the record of {id}: {e}")))?,
         None => client.call(Op::Get { id }).await?,
     };
     let record = parse(&value, "a task record")?;

@@ -3,8 +3,9 @@
 
 use std::sync::Arc;
 
-use async_nats::jetstream::{self, kv, stream};
+use async_nats::jetstream;
 use claw_proto::kinds::Catalog;
+use claw_proto::records::Records;
 use claw_proto::spec::Limits;
 use claw_proto::topology::{self, Topology};
 
@@ -20,9 +21,8 @@ pub struct App(Arc<Inner>);
 pub struct Inner {
     pub client: async_nats::Client,
     pub js: jetstream::Context,
-    pub kv: kv::Store,
-    /// The stream behind `kv`, to remove a record by revision when its submit is refused.
-    pub kv_stream: stream::Stream<()>,
+    /// Task records (`claw_proto::records`): every read and write of the bucket.
+    pub records: Records,
     /// API tokens, or none (every caller anonymous).
     pub auth: Auth,
     /// Session owners (the `sessions` bucket and its cache): only with tokens, as nobody
@@ -51,15 +51,10 @@ impl App {
         } else {
             None
         };
-        let kv_stream =
-            topology.js.get_stream_no_info(topology::TASKS_KV_STREAM).await.map_err(|e| {
-                Error::Unavailable(format!("stream {}: {e}", topology::TASKS_KV_STREAM))
-            })?;
         Ok(App(Arc::new(Inner {
             client: topology.js.client(),
             js: topology.js,
-            kv: topology.tasks_kv,
-            kv_stream,
+            records: topology.records,
             auth,
             sessions,
             catalog: config.catalog(),

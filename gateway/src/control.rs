@@ -12,10 +12,10 @@
 //! heartbeat, so no control is lost.
 
 use async_nats::HeaderMap;
-use async_nats::jetstream::kv::{Operation, UpdateErrorKind};
 use async_nats::jetstream::stream::LastRawMessageErrorKind;
 use claw_proto::api::{Control, Verb};
 use claw_proto::event::Event;
+use claw_proto::records::{self, Stored};
 use claw_proto::spec::TaskSpec;
 use claw_proto::task::{Cause, Status, TaskId, TaskRecord};
 use claw_proto::topology::{self, Lane, headers};
@@ -102,17 +102,9 @@ pub async fn apply(app: &App, caller: &Caller, id: &str, verb: Verb) -> Result<T
     let id = TaskId::parse(id).map_err(|_| tasks::not_found(id))?;
     app.ensure_connected()?;
     for _ in 0..CAS_ROUNDS {
-        let entry = app
-            .kv
-            .entry(id.as_str())
-            .await
-            .map_err(|e| Error::Unavailable(format!("reading record {id}: {e}")))?
-            .filter(|e| e.operation == Operation::Put);
-        let Some(entry) = entry else {
+        let Some(Stored { record, revision }) = app.records.read(&id).await? else {
             return not_live(app, caller, &id, verb).await;
         };
-        let record: TaskRecord = serde_json::from_slice(&entry.value)
-            .map_err(|e| Error::Internal(format!("record {id} does not parse: {e}")))?;
         if !caller.may_see(record.owner.as_deref()) {
             return Err(tasks::not_found(id.as_str()));
         }
@@ -121,8 +113,7 @@ pub async fn apply(app: &App, caller: &Caller, id: &str, verb: Verb) -> Result<T
             Plan::Refused => return Err(refused(verb, &record)),
             Plan::Move(next, effects) => (*next, effects),
         };
-        let value = serde_json::to_vec(&next).map_err(|e| Error::Internal(e.to_string()))?;
-        match app.kv.update(id.as_str(), value.into(), entry.revision).await {
+        match app.records.update(&next, revision).await {
             Ok(revision) => {
                 tracing::info!(task_id = %id, verb = verb.as_str(), from = %record.status,
                     to = %next.status, "control");
@@ -135,8 +126,8 @@ pub async fn apply(app: &App, caller: &Caller, id: &str, verb: Verb) -> Result<T
                 let _ = app.client.publish(next.progress_subject(), event.to_json()).await;
                 return Ok(next);
             }
-            Err(e) if e.kind() == UpdateErrorKind::WrongLastRevision => continue,
-            Err(e) => return Err(Error::Unavailable(format!("writing record {id}: {e}"))),
+            Err(records::Error::Conflict) => continue,
+            Err(e) => return Err(e.into()),
         }
     }
     Err(Error::Unavailable(format!("task {id} kept changing; try again")))
@@ -160,12 +151,14 @@ async fn not_live(
     let Plan::Move(next, _) = plan(verb, &archived, OffsetDateTime::now_utc()) else {
         return Err(refused(verb, &archived));
     };
-    let value = serde_json::to_vec(&*next).map_err(|e| Error::Internal(e.to_string()))?;
-    let revision = app
-        .kv
-        .create(id.as_str(), value.into())
-        .await
-        .map_err(|e| Error::Unavailable(format!("re-creating record {id}: {e}")))?;
+    let revision = match app.records.create(&next).await {
+        Ok(revision) => revision,
+        // Another retry brought it back first.
+        Err(records::Error::Conflict) => {
+            return Err(Error::Unavailable(format!("task {id} changed meanwhile; try again")));
+        }
+        Err(e) => return Err(e.into()),
+    };
     run_effect(app, &next, revision, verb, Effect::Enqueue).await?;
     Ok(*next)
 }

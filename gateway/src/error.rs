@@ -31,6 +31,9 @@ pub enum Error {
     Conflict { message: String, status: claw_proto::Status },
     #[error("request body exceeds {0} bytes")]
     TooLarge(usize),
+    /// The task's record (the spec with what admission adds) would not fit in the bucket.
+    #[error("the task's record would be {bytes} bytes; a record may have at most {max}")]
+    RecordTooLarge { bytes: usize, max: usize },
     #[error("the task queue is full; retry later")]
     QueueFull { retry_after_s: u64 },
     /// NATS, JetStream or the archive cannot be reached; nothing was stored.
@@ -54,6 +57,21 @@ impl From<ParseError> for Error {
     }
 }
 
+impl From<claw_proto::records::Error> for Error {
+    /// For callers with nothing better to do; a [`records::Error::Conflict`] that matters to
+    /// the caller (a race it can resolve) is handled before this.
+    ///
+    /// [`records::Error::Conflict`]: claw_proto::records::Error::Conflict
+    fn from(e: claw_proto::records::Error) -> Error {
+        use claw_proto::records::Error as E;
+        match e {
+            E::TooLarge { bytes, max } => Error::RecordTooLarge { bytes, max },
+            E::Unavailable(e) => Error::Unavailable(format!("task records: {e}")),
+            e @ (E::Conflict | E::Corrupt(_)) => Error::Internal(e.to_string()),
+        }
+    }
+}
+
 impl From<Invalid> for Error {
     fn from(i: Invalid) -> Error {
         Error::Invalid(i)
@@ -69,7 +87,7 @@ impl Error {
             Error::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             Error::Forbidden(_) => StatusCode::FORBIDDEN,
             Error::Conflict { .. } => StatusCode::CONFLICT,
-            Error::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Error::TooLarge(_) | Error::RecordTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Error::QueueFull { .. } => StatusCode::TOO_MANY_REQUESTS,
             Error::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Error::Config(_) | Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -84,7 +102,7 @@ impl Error {
             Error::Unauthorized(_) => "unauthorized",
             Error::Forbidden(_) => "forbidden",
             Error::Conflict { .. } => "conflict",
-            Error::TooLarge(_) => "payload_too_large",
+            Error::TooLarge(_) | Error::RecordTooLarge { .. } => "payload_too_large",
             Error::QueueFull { .. } => "queue_full",
             Error::Unavailable(_) => "unavailable",
             Error::Config(_) | Error::Internal(_) => "internal",

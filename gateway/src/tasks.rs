@@ -13,11 +13,11 @@ use std::time::Instant;
 
 use async_nats::HeaderMap;
 use async_nats::jetstream::context::{PublishError, PublishErrorKind};
-use async_nats::jetstream::kv::CreateErrorKind;
 use async_nats::jetstream::{self, ErrorCode};
 use bytes::Bytes;
 use claw_proto::api::{ErrorBody, GetRequest, ListPage, ListQuery};
 use claw_proto::event::Event;
+use claw_proto::records::{self, Stored};
 use claw_proto::spec::{Invalid, TaskSpec};
 use claw_proto::task::{TaskId, TaskRecord};
 use claw_proto::topology::{self, Lane, headers};
@@ -90,6 +90,8 @@ async fn submit_inner(
     };
     let mut record = spec.admit(id, OffsetDateTime::now_utc(), None, &app.catalog, &app.limits)?;
     record.owner = caller.owner().map(str::to_owned);
+    // Before anything is stored: a record that cannot be written must not have a lane message.
+    app.records.encode(&record)?;
     app.ensure_connected()?;
     // Cached after the session's first use in this process, so the hot path stays one round trip.
     sessions::access(app, caller, &record.session, Use::Claim).await?;
@@ -110,9 +112,9 @@ async fn submit_new(
     record: TaskRecord,
     trace: &TraceParent,
 ) -> Result<Submitted, Error> {
-    let (message, value) = encode(&record)?;
+    let message = encode_message(&record)?;
     let ack = publish(app, &record, message, trace).await.map_err(|e| publish_error(e, app))?;
-    let (ack, created) = tokio::join!(ack.into_future(), app.kv.create(record.id.as_str(), value));
+    let (ack, created) = tokio::join!(ack.into_future(), app.records.create(&record));
     if let Err(e) = ack {
         if let Ok(revision) = created {
             forget(app, revision).await;
@@ -123,7 +125,7 @@ async fn submit_new(
         Ok(_) => {}
         // A worker picked the task up before our create landed; its record wins, but it was
         // built from the message, which does not say who submitted the task.
-        Err(e) if e.kind() == CreateErrorKind::AlreadyExists => {
+        Err(records::Error::Conflict) => {
             if let Err(e) = adopt(app, &record).await {
                 tracing::warn!(task_id = %record.id, error = %e, "owner not written; retrying");
                 tokio::spawn(adopt_patiently(app.clone(), record.clone()));
@@ -148,37 +150,30 @@ const ADOPT_PATIENCE: std::time::Duration = std::time::Duration::from_secs(60);
 /// from the message. Nothing to do without an owner (no tokens) or when it is there already.
 /// The id is a fresh one of this gateway's, so no other submitter can hold it.
 pub async fn adopt(app: &App, record: &TaskRecord) -> Result<(), Error> {
-    let Some(owner) = &record.owner else { return Ok(()) };
-    let unavailable = |e: String| Error::Unavailable(format!("owner of {}: {e}", record.id));
+    if record.owner.is_none() {
+        return Ok(());
+    }
     for _ in 0..8 {
-        let entry =
-            app.kv.entry(record.id.as_str()).await.map_err(|e| unavailable(e.to_string()))?;
-        let Some(entry) =
-            entry.filter(|e| e.operation == async_nats::jetstream::kv::Operation::Put)
+        let Some(Stored { record: mut stored, revision }) = app.records.read(&record.id).await?
         else {
-            let (_, value) = encode(record)?;
-            match app.kv.create(record.id.as_str(), value).await {
+            match app.records.create(record).await {
                 Ok(_) => return Ok(()),
-                Err(e) if e.kind() == CreateErrorKind::AlreadyExists => continue,
-                Err(e) => return Err(unavailable(e.to_string())),
+                Err(records::Error::Conflict) => continue,
+                Err(e) => return Err(e.into()),
             }
         };
-        let mut stored: TaskRecord = serde_json::from_slice(&entry.value)
-            .map_err(|e| Error::Internal(format!("record {} does not parse: {e}", record.id)))?;
         if stored.owner.is_some() {
             return Ok(());
         }
-        stored.owner = Some(owner.clone());
-        let value = serde_json::to_vec(&stored).map_err(|e| Error::Internal(e.to_string()))?;
-        match app.kv.update(record.id.as_str(), value.into(), entry.revision).await {
+        stored.owner.clone_from(&record.owner);
+        match app.records.update(&stored, revision).await {
             Ok(_) => return Ok(()),
             // The worker wrote meanwhile: read its newer revision and try again.
-            Err(e) if e.kind() == async_nats::jetstream::kv::UpdateErrorKind::WrongLastRevision => {
-            }
-            Err(e) => return Err(unavailable(e.to_string())),
+            Err(records::Error::Conflict) => {}
+            Err(e) => return Err(e.into()),
         }
     }
-    Err(unavailable("the record kept changing".into()))
+    Err(Error::Unavailable(format!("owner of {}: the record kept changing", record.id)))
 }
 
 /// [`adopt`], retried with pauses for up to [`ADOPT_PATIENCE`].
@@ -208,8 +203,8 @@ async fn submit_once(
     record: TaskRecord,
     trace: &TraceParent,
 ) -> Result<Submitted, Error> {
-    let (message, value) = encode(&record)?;
-    match app.kv.create(record.id.as_str(), value).await {
+    let message = encode_message(&record)?;
+    match app.records.create(&record).await {
         Ok(revision) => {
             let result = match publish(app, &record, message, trace).await {
                 Ok(ack) => ack.into_future().await,
@@ -221,7 +216,7 @@ async fn submit_once(
             }
             Ok(Submitted { record, created: true })
         }
-        Err(e) if e.kind() == CreateErrorKind::AlreadyExists => {
+        Err(records::Error::Conflict) => {
             let existing = read(app, &record.id).await?;
             if !caller.may_see(existing.owner.as_deref()) {
                 // The id is a key of one global bucket: saying it is taken is unavoidable, but
@@ -230,15 +225,15 @@ async fn submit_once(
             }
             Ok(Submitted { record: existing, created: false })
         }
-        Err(e) => Err(Error::Unavailable(format!("creating record: {e}"))),
+        Err(e) => Err(e.into()),
     }
 }
 
-fn encode(record: &TaskRecord) -> Result<(Bytes, Bytes), Error> {
+/// The lane message of a task: its normalized spec.
+fn encode_message(record: &TaskRecord) -> Result<Bytes, Error> {
     let message = serde_json::to_vec(&TaskSpec::of_record(record))
         .map_err(|e| Error::Internal(e.to_string()))?;
-    let value = serde_json::to_vec(record).map_err(|e| Error::Internal(e.to_string()))?;
-    Ok((message.into(), value.into()))
+    Ok(message.into())
 }
 
 /// Sends the task to its lane; the returned future resolves with JetStream's ack.
@@ -258,7 +253,7 @@ async fn publish(
 
 /// Removes a record whose task was refused, so the refusal leaves nothing behind.
 async fn forget(app: &App, revision: u64) {
-    if let Err(e) = app.kv_stream.delete_message(revision).await {
+    if let Err(e) = app.records.remove(revision).await {
         tracing::warn!(revision, error = %e, "could not remove the record of a refused task");
     }
 }
@@ -303,9 +298,8 @@ pub async fn get(app: &App, caller: &Caller, id: &str) -> Result<TaskRecord, Err
 /// The record whoever owns it: live from the bucket, else from the archive.
 async fn read(app: &App, id: &TaskId) -> Result<TaskRecord, Error> {
     app.ensure_connected()?;
-    match app.kv.get(id.as_str()).await {
-        Ok(Some(bytes)) => serde_json::from_slice(&bytes)
-            .map_err(|e| Error::Internal(format!("record {id} does not parse: {e}"))),
+    match app.records.read(id).await {
+        Ok(Some(stored)) => Ok(stored.record),
         Ok(None) => {
             let request = GetRequest { id: id.clone() };
             archive_request(app, topology::ARCHIVE_GET, &request).await.map_err(|e| match e {
@@ -314,7 +308,7 @@ async fn read(app: &App, id: &TaskId) -> Result<TaskRecord, Error> {
                 e => e,
             })
         }
-        Err(e) => Err(Error::Unavailable(format!("reading record {id}: {e}"))),
+        Err(e) => Err(e.into()),
     }
 }
 

@@ -4,11 +4,12 @@
 //! [`spec`] (what a submitter sends and how it becomes a record), [`kinds`] (typed inputs of the
 //! built-in kinds, validated at the edge), [`event`] (what goes out on `progress.>`), [`api`]
 //! (request/reply payloads), [`topology`] (subjects, streams, consumers, the `tasks` bucket and the
-//! one idempotent `ensure`), [`connect`] (how every process dials NATS) and [`nats_server`]
+//! one idempotent `ensure`), [`records`] (reading, creating and compare-and-setting task records:
+//! the one place every service does it), [`connect`] (how every process dials NATS) and [`nats_server`]
 //! (finding and starting a local nats-server for `claw up` and the tests), [`logs`] (the
 //! binaries' log set-up, text or JSON), [`metrics`] (the Prometheus recorder and `/metrics`), [`signal`] (the stop signal), [`trace`] (W3C `traceparent` from submit to worker).
 //!
-//! Only `topology`, `connect`, `nats_server` and `metrics` do I/O; the model modules are plain data.
+//! Only `topology`, `records`, `connect`, `nats_server` and `metrics` do I/O; the model modules are plain data.
 
 pub mod api;
 pub mod connect;
@@ -17,6 +18,7 @@ pub mod kinds;
 pub mod logs;
 pub mod metrics;
 pub mod nats_server;
+pub mod records;
 pub mod signal;
 pub mod spec;
 pub mod task;

@@ -12,6 +12,7 @@ use std::time::Duration;
 use async_nats::jetstream::{self, consumer, kv, stream};
 use serde_json::{Map, Value};
 
+use crate::records::Records;
 use crate::task::{Class, Priority, Session, TaskId};
 
 pub const TASKS_STREAM: &str = "TASKS";
@@ -196,7 +197,10 @@ pub enum Error {
 #[derive(Clone, Debug)]
 pub struct Topology {
     pub js: jetstream::Context,
+    /// The `tasks` bucket itself; services read and write records through [`Topology::records`].
     pub tasks_kv: kv::Store,
+    /// Task records: the one way services read, create and compare-and-set them.
+    pub records: Records,
 }
 
 impl Topology {
@@ -301,7 +305,13 @@ pub async fn ensure(js: &jetstream::Context, settings: &Settings) -> Result<Topo
         .get_key_value(TASKS_BUCKET)
         .await
         .map_err(|e| Error::Nats { what: format!("bucket {TASKS_BUCKET}"), source: e.into() })?;
-    Ok(Topology { js: js.clone(), tasks_kv })
+    let kv_stream = js
+        .get_stream_no_info(TASKS_KV_STREAM)
+        .await
+        .map_err(|e| Error::Nats { what: format!("stream {TASKS_KV_STREAM}"), source: e.into() })?;
+    let max_payload = js.client().server_info().max_payload;
+    let records = Records::new(tasks_kv.clone(), kv_stream, max_payload);
+    Ok(Topology { js: js.clone(), tasks_kv, records })
 }
 
 /// How long a process starting up waits for JetStream to take the topology (see

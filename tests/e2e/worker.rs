@@ -417,3 +417,22 @@ async fn shutdown_hands_running_tasks_back_at_once() {
     assert_eq!((r.status, r.attempt), (Status::Running, 2));
     next.stop().await;
 }
+
+/// A record removed by hand (`nats kv del tasks <id>`, which leaves a delete marker) is no
+/// record: the worker rebuilds it from the lane message and runs the task, rather than reading
+/// the marker as a corrupt record and dead-lettering the task as invalid.
+#[tokio::test]
+async fn a_record_deleted_by_hand_is_rebuilt_from_its_message() {
+    let nats = Nats::start();
+    let topo = nats.topology(&test_settings()).await;
+    let id = submit(&topo, json!({"kind": "sleep", "input": {"seconds": 0}})).await;
+    topo.tasks_kv.delete(id.as_str()).await.expect("kv del");
+    let marker = topo.tasks_kv.entry(id.as_str()).await.unwrap().expect("a delete marker");
+    assert_eq!(marker.operation, async_nats::jetstream::kv::Operation::Delete);
+
+    let worker = Worker::start(&topo, "");
+    let done = wait_status(&topo, &id, Status::Succeeded).await;
+    assert_eq!(done.attempt, 1, "{done:?}");
+    assert_eq!(stream_count(&topo.js, topology::DLQ_STREAM).await, 0, "nothing dead-lettered");
+    worker.stop().await;
+}

@@ -2,9 +2,10 @@
 //! this process, long ones in child processes.
 //!
 //! Reading order: [`config`] (the TOML file), [`pool`] (a class's slots and the pull loop that
-//! fills them from its lanes), `attempt` (one delivery: record, run, outcome, ack),
-//! [`outcome`] (outcome → decision → ack, pure), `record` (CAS reads and writes of the
-//! `tasks` bucket), `control` (routing the gateway's cancel/pause/resume wake-ups to running
+//! fills them from its lanes), `attempt` (one delivery in three stages, and its one ack):
+//! `claim` (the record, and whether an attempt may start), `supervise` (running the handler),
+//! `settle` (the outcome made true in the record, the DLQ and the events); [`outcome`]
+//! (outcome → decision → ack, pure), `control` (routing the gateway's cancel/pause/resume wake-ups to running
 //! attempts), [`events`] (progress subject), [`dlq`] (dead letters), [`handler`] (the
 //! `Handler` trait and its context), [`kinds`] (`sleep`, `exec`), [`process`] and [`protocol`]
 //! (running a child and reading its JSON lines), [`limits`] (`[isolation]`: the child's rlimits,
@@ -17,6 +18,7 @@
 
 mod attempt;
 pub mod child;
+mod claim;
 pub mod cli;
 pub mod config;
 mod control;
@@ -31,9 +33,10 @@ pub mod outcome;
 pub mod pool;
 pub mod process;
 pub mod protocol;
-mod record;
+mod settle;
 pub mod sizing;
 pub mod status;
+mod supervise;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -78,7 +81,7 @@ pub async fn run_with(
     let worker = Arc::new(Worker {
         client: client.clone(),
         js: topology.js.clone(),
-        kv: topology.tasks_kv.clone(),
+        records: topology.records.clone(),
         catalog: registry.catalog(),
         limits: config.admission_limits(),
         registry,

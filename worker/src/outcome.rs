@@ -1,6 +1,7 @@
 //! From an attempt's outcome to what happens next: the [`Decision`] (record transition, events,
 //! DLQ) and its one-to-one ack ([`ack_of`]). Pure functions, so the mapping is tested without a
-//! server.
+//! server. Deliveries that never become an attempt (a duplicate, a stale copy, a record out of
+//! reach) are [`Decision`]s too, so every delivery ends in exactly one ack, from one function.
 
 use std::time::Duration;
 
@@ -39,23 +40,57 @@ pub enum Outcome {
     Stopped(Stop),
 }
 
-/// What the worker does about it.
+/// What becomes of one delivery: the record transition, events and DLQ copy that the stages
+/// made, and the one ack that [`ack_of`] maps it to. The first six end an attempt; the rest
+/// settle a delivery that never became one (the claim stage found no attempt to start).
 #[derive(Clone, Debug, PartialEq)]
 pub enum Decision {
     /// `succeed` the record, publish the result.
     Succeed(Value),
     /// `retry_later`; the message comes back after `delay`.
     Retry { error: TaskError, cause: Cause, delay: Duration },
-    /// `fail` the record and dead-letter the message with `reason`.
+    /// `fail` the record and dead-letter the message with `reason` (also for a task that cannot
+    /// start at all: past its deadline, out of attempts).
     GiveUp { error: TaskError, cause: Cause, reason: &'static str },
     /// Touch nothing: the task belongs to whoever gets the redelivered message.
     Release,
-    /// Put the message back at once, without a record write (the next worker's `start` moves
-    /// the record on, with cause `worker_lost`).
+    /// Put the message back at once (a drain): the next worker takes the task over.
     HandBack,
     /// Touch nothing and remove the message for good: whoever stopped the task (the gateway,
     /// on a user's cancel) already wrote the record.
     Withdraw,
+    /// The task already finished: a duplicate delivery, dropped.
+    Duplicate,
+    /// Another message of the task is the live one (a cancel and a quick retry left this copy
+    /// behind): taking over would run the task twice, so this copy is removed.
+    StaleCopy,
+    /// The task left the queue (paused while queued, or paused while held by a worker that is
+    /// gone): its message is removed, and a resume publishes it again.
+    LeftQueue,
+    /// The record is in a state this worker does not know (one added later): look again then.
+    RecheckLater(Duration),
+    /// The record could not be read or written: no attempt was made, and the message comes
+    /// back after the delay at no cost to the task.
+    Unreachable(Duration),
+    /// Not a valid task: dead-lettered (the copy is stored), with a `failed` record where the
+    /// publisher can find one.
+    Invalid,
+}
+
+impl Decision {
+    /// Whether this decision ends an attempt that ran (as opposed to a delivery settled before
+    /// one could start).
+    pub fn ends_attempt(&self) -> bool {
+        matches!(
+            self,
+            Decision::Succeed(_)
+                | Decision::Retry { .. }
+                | Decision::GiveUp { .. }
+                | Decision::Release
+                | Decision::HandBack
+                | Decision::Withdraw
+        )
+    }
 }
 
 /// Decides what follows `outcome` of attempt `attempt` out of `max_attempts`.
@@ -90,20 +125,28 @@ pub fn decide(outcome: Outcome, attempt: u32, max_attempts: u32, retry: &RetryCo
     Decision::Retry { error, cause, delay: retry_delay(retry, attempt) }
 }
 
-/// The ack that goes with a decision (STYLE 10: done → Ack, retry after d → Nak(d), give up or
-/// withdraw → Term, hand back → Nak now). `None`: send nothing and let the ack deadline pass.
+/// The ack that goes with a decision: done → Ack, retry after d → Nak(d), give up or withdraw →
+/// Term, hand back → Nak now. `None`: send nothing and let the ack deadline pass. The only
+/// mapping from what happened to what the server is told; `attempt::handle` sends it once.
 pub fn ack_of(decision: &Decision) -> Option<AckKind> {
     match decision {
-        Decision::Succeed(_) => Some(AckKind::Ack),
+        Decision::Succeed(_) | Decision::Duplicate => Some(AckKind::Ack),
         Decision::Retry { delay, .. } => Some(AckKind::Nak(Some(*delay))),
-        Decision::GiveUp { .. } => Some(AckKind::Term),
+        Decision::RecheckLater(delay) | Decision::Unreachable(delay) => {
+            Some(AckKind::Nak(Some(*delay)))
+        }
+        Decision::GiveUp { .. }
+        | Decision::Withdraw
+        | Decision::StaleCopy
+        | Decision::LeftQueue
+        | Decision::Invalid => Some(AckKind::Term),
         Decision::Release => None,
         Decision::HandBack => Some(AckKind::Nak(None)),
-        Decision::Withdraw => Some(AckKind::Term),
     }
 }
 
-/// The `outcome` label of `claw_worker_outcomes_total` for a decision.
+/// The label of a decision: `outcome` of `claw_worker_outcomes_total` for the ones that end an
+/// attempt, `reason` of `claw_worker_skipped_total` for the others.
 pub fn label(decision: &Decision) -> &'static str {
     match decision {
         Decision::Succeed(_) => "succeeded",
@@ -112,6 +155,12 @@ pub fn label(decision: &Decision) -> &'static str {
         Decision::Release => "released",
         Decision::HandBack => "handed_back",
         Decision::Withdraw => "cancelled",
+        Decision::Duplicate => "duplicate",
+        Decision::StaleCopy => "stale_copy",
+        Decision::LeftQueue => "left_queue",
+        Decision::RecheckLater(_) => "recheck",
+        Decision::Unreachable(_) => "unreachable",
+        Decision::Invalid => "invalid",
     }
 }
 
@@ -155,6 +204,18 @@ mod tests {
         assert!(matches!(ack(Outcome::Stopped(Stop::Shutdown), 1), Some(AckKind::Nak(None))));
         assert!(matches!(ack(Outcome::Stopped(Stop::Cancelled), 1), Some(AckKind::Term)));
         assert!(matches!(ack(Outcome::Stopped(Stop::Deadline), 1), Some(AckKind::Term)));
+        let secs = Duration::from_secs;
+        assert!(matches!(ack_of(&Decision::Duplicate), Some(AckKind::Ack)));
+        for d in [Decision::StaleCopy, Decision::LeftQueue, Decision::Invalid] {
+            assert!(matches!(ack_of(&d), Some(AckKind::Term)), "{d:?}");
+            assert!(!d.ends_attempt());
+        }
+        assert!(
+            matches!(ack_of(&Decision::Unreachable(secs(2))), Some(AckKind::Nak(Some(d))) if d == secs(2))
+        );
+        assert!(
+            matches!(ack_of(&Decision::RecheckLater(secs(5))), Some(AckKind::Nak(Some(d))) if d == secs(5))
+        );
         let labelled = |o, attempt| label(&decide(o, attempt, 3, &r));
         assert_eq!(labelled(Outcome::Done(Value::Null), 1), "succeeded");
         assert_eq!(labelled(err(true), 1), "retry");

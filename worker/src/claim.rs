@@ -1,0 +1,314 @@
+//! The claim stage of a delivery ([`crate::attempt`]): what is this message, and may an attempt
+//! of it start here?
+//!
+//! It parses the spec (an invalid one is dead-lettered at once), finds the record or creates it
+//! from the message (a NATS-native publisher sends no record), and decides: a finished task's
+//! message is a duplicate; a copy that is not the record's live message is stale; a paused task
+//! has left the queue; a task past its deadline or out of attempts is dead-lettered; otherwise
+//! the compare-and-set to `running` with `attempt + 1` starts the attempt. Everything but the
+//! last is a [`Decision`] the delivery settles with; only a started attempt goes on to
+//! [`crate::supervise`].
+
+use std::time::Duration;
+
+use claw_proto::event::EventBody;
+use claw_proto::records;
+use claw_proto::spec::{Invalid, TaskSpec};
+use claw_proto::{Cause, Status, TaskError, TaskRecord};
+
+use crate::attempt::{Delivery, Held, describe, now};
+use crate::dlq::reason;
+use crate::events;
+use crate::outcome::Decision;
+
+/// Rounds of read → decide → compare-and-set before giving up on a record that keeps changing.
+/// A conflict means someone else wrote (the gateway's create or a control verb); a few rounds
+/// settle any ordinary race, more means something is wrong and redelivery is the better retry.
+pub(crate) const CAS_ROUNDS: usize = 8;
+/// How long a message waits before it is looked at again when its record is in a state this
+/// code does not know (one added to the state machine later).
+const UNKNOWN_RECHECK: Duration = Duration::from_secs(5);
+
+/// What the claim came to.
+pub(crate) enum Claim {
+    /// An attempt started: the record says `running` for it, at this revision.
+    Run(Box<Held>),
+    /// No attempt: what the delivery is settled with (its record and DLQ work already done).
+    Settle(Decision),
+}
+
+enum Load {
+    Invalid(String),
+    Nats(String),
+}
+
+/// What [`load_or_admit`] found.
+enum Loaded {
+    /// The record (the gateway's, or an earlier delivery's) and its revision.
+    Found(TaskRecord, u64),
+    /// There was none: the record was created already running as attempt 1 (the `queued`
+    /// state it skipped was announced).
+    Started(Held),
+}
+
+/// Claims the delivery's task for an attempt, or says why not.
+pub(crate) async fn claim(d: &Delivery, spec: Result<TaskSpec, Invalid>, id_given: bool) -> Claim {
+    let spec = match spec {
+        Ok(spec) => spec,
+        Err(invalid) => {
+            return Claim::Settle(self::invalid(d, None, id_given, &describe(invalid)).await);
+        }
+    };
+    match load_or_admit(d, &spec).await {
+        Ok(Loaded::Found(record, revision)) => start(d, record, revision).await,
+        Ok(Loaded::Started(held)) => Claim::Run(Box::new(held)),
+        Err(Load::Invalid(problem)) => Claim::Settle(invalid(d, Some(&spec), true, &problem).await),
+        Err(Load::Nats(e)) => {
+            tracing::warn!(error = %e, "cannot read or create the record; retrying soon");
+            Claim::Settle(Decision::Unreachable(d.nats_retry()))
+        }
+    }
+}
+
+/// Dead-letters a message that is not a valid task, with a `failed` record when the
+/// publisher can find it (an id it gave, or a spec that parsed).
+async fn invalid(
+    d: &Delivery,
+    spec: Option<&TaskSpec>,
+    write_record: bool,
+    problem: &str,
+) -> Decision {
+    tracing::warn!(problem, "invalid task message; dead-lettering it");
+    if write_record {
+        write_invalid_record(d, spec, problem).await;
+    }
+    let id = write_record.then_some(&d.id);
+    if d.dead_letter(reason::INVALID_TASK, problem, id).await {
+        Decision::Invalid
+    } else {
+        Decision::HandBack
+    }
+}
+
+async fn write_invalid_record(d: &Delivery, spec: Option<&TaskSpec>, problem: &str) {
+    let w = &d.worker;
+    let error = TaskError::new(reason::INVALID_TASK, problem, false);
+    // There is no admitted record to start from, so the `queued` shape admission would have
+    // made is built here and immediately failed through the state machine.
+    let mut record = TaskRecord {
+        id: d.id.clone(),
+        session: spec.and_then(|s| s.session.clone()).unwrap_or_default(),
+        kind: spec.map(|s| s.kind.clone()).unwrap_or_default(),
+        input: spec.map(|s| s.input.clone()).unwrap_or_default(),
+        class: d.lane.class,
+        priority: d.lane.priority,
+        status: Status::Queued,
+        attempt: 0,
+        max_attempts: w.limits.default_max_attempts,
+        timeout_s: w.limits.timeout_cap_s(d.lane.class),
+        progress: None,
+        result: None,
+        error: None,
+        cause: Some(Cause::User),
+        created_at: d.published,
+        started_at: None,
+        finished_at: None,
+        deadline: d.published,
+        worker: Some(w.config.name.clone()),
+        paused_from: None,
+        message_seq: Some(d.stream_seq),
+        owner: None,
+    };
+    if record.fail(error.clone(), Cause::DeadLetter, now()).is_err() {
+        return;
+    }
+    let written = match w.records.create(&record).await {
+        Ok(_) => Some(record),
+        // A record exists (the gateway made it, or an earlier delivery): fail that one.
+        Err(records::Error::Conflict) => match w.records.read(&d.id).await {
+            Ok(Some(mut existing)) => {
+                let failed = existing.record.fail(error.clone(), Cause::DeadLetter, now()).is_ok();
+                let saved =
+                    failed && w.records.update(&existing.record, existing.revision).await.is_ok();
+                saved.then_some(existing.record)
+            }
+            _ => None,
+        },
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot write the failed record of an invalid task");
+            None
+        }
+    };
+    if let Some(record) = written {
+        events::publish(&w.client, &record, EventBody::Error(error)).await;
+        events::status(&w.client, &record).await;
+    }
+}
+
+/// The record of this task. When there is none yet (the task was published straight to
+/// NATS, or the gateway's create is still in flight) it is admitted from the spec and
+/// created in one write already `running` as this delivery's attempt 1: one write instead
+/// of a `queued` create and a `running` update. Both states are announced, as if written.
+async fn load_or_admit(d: &Delivery, spec: &TaskSpec) -> Result<Loaded, Load> {
+    let w = &d.worker;
+    for _ in 0..CAS_ROUNDS {
+        match w.records.read(&d.id).await {
+            Ok(Some(stored)) => return Ok(Loaded::Found(stored.record, stored.revision)),
+            Ok(None) => {}
+            Err(records::Error::Corrupt(e)) => return Err(Load::Invalid(format!("record: {e}"))),
+            Err(e) => return Err(Load::Nats(e.to_string())),
+        }
+        let lane = Some((d.lane.class, d.lane.priority));
+        let queued = spec
+            .admit(d.id.clone(), d.published, lane, &w.catalog, &w.limits)
+            .map_err(|e| Load::Invalid(describe(e)))?;
+        let now = now();
+        if now > queued.deadline {
+            // Too late to start: created `queued`, and `start` dead-letters it.
+            match w.records.create(&queued).await {
+                Ok(revision) => {
+                    events::status(&w.client, &queued).await;
+                    return Ok(Loaded::Found(queued, revision));
+                }
+                Err(records::Error::Conflict) => continue,
+                Err(e) => return Err(load_error(e)),
+            }
+        }
+        let mut running = queued.clone();
+        running.start(1, &w.config.name, now).map_err(|e| Load::Invalid(e.to_string()))?;
+        running.message_seq = Some(d.stream_seq);
+        match w.records.create(&running).await {
+            Ok(revision) => {
+                // `queued` here; `running` once the caller has the attempt in hand.
+                events::status(&w.client, &queued).await;
+                tracing::Span::current().record("attempt", 1);
+                return Ok(Loaded::Started(Held { record: running, revision }));
+            }
+            Err(records::Error::Conflict) => continue,
+            Err(e) => return Err(load_error(e)),
+        }
+    }
+    Err(Load::Nats("the record kept changing".into()))
+}
+
+/// A record the spec admits but the bucket cannot hold is as invalid as a bad spec.
+fn load_error(e: records::Error) -> Load {
+    match e {
+        e @ records::Error::TooLarge { .. } => Load::Invalid(e.to_string()),
+        e => Load::Nats(e.to_string()),
+    }
+}
+
+/// Moves the record to `running` for this attempt, or settles the delivery when no attempt
+/// may start.
+async fn start(d: &Delivery, mut record: TaskRecord, mut revision: u64) -> Claim {
+    let w = &d.worker;
+    for _ in 0..CAS_ROUNDS {
+        if record.status.is_terminal() {
+            tracing::info!(status = %record.status, "task already finished; dropping duplicate");
+            return Claim::Settle(Decision::Duplicate);
+        }
+        if record.is_stale_copy(d.stream_seq) {
+            tracing::info!(live = ?record.message_seq, "a stale copy of a held task; dropping it");
+            return Claim::Settle(Decision::StaleCopy);
+        }
+        if record.paused_while_running() {
+            // A paused task is held by the worker that runs it, and that worker keeps the
+            // message with heartbeats. Its message is here, so that worker is gone: release
+            // the hold so `resume` queues the task again, and drop this copy.
+            let mut next = record.clone();
+            if next.release_pause().is_ok() {
+                match w.records.update(&next, revision).await {
+                    Ok(_) => {
+                        tracing::info!("paused task's holder is gone; released, dropping it");
+                        events::status(&w.client, &next).await;
+                        return Claim::Settle(Decision::LeftQueue);
+                    }
+                    Err(records::Error::Conflict) => match w.records.read(&d.id).await {
+                        Ok(Some(fresh)) => {
+                            (record, revision) = (fresh.record, fresh.revision);
+                            continue;
+                        }
+                        _ => break,
+                    },
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot release a paused task; retrying");
+                        break;
+                    }
+                }
+            }
+        }
+        if record.status == Status::Paused {
+            // Paused while queued or retrying: the task leaves the queue; the gateway
+            // publishes it again on resume.
+            tracing::info!("task is paused; dropping its message until it is resumed");
+            return Claim::Settle(Decision::LeftQueue);
+        }
+        let now = now();
+        let attempt = record.attempt.saturating_add(1);
+        let refusal = refusal(&record, attempt, now);
+        let mut next = record.clone();
+        let moved = match &refusal {
+            Some((error, cause, _)) => next.fail(error.clone(), *cause, now),
+            None => next.start(attempt, &w.config.name, now),
+        };
+        next.message_seq = Some(d.stream_seq);
+        if let Err(illegal) = moved {
+            // Only a state added to the machine after this code was written gets here.
+            tracing::warn!(%illegal, "cannot start the task; looking again later");
+            return Claim::Settle(Decision::RecheckLater(UNKNOWN_RECHECK));
+        }
+        match w.records.update(&next, revision).await {
+            Ok(revision) => {
+                let Some((error, cause, reason)) = refusal else {
+                    tracing::Span::current().record("attempt", attempt);
+                    return Claim::Run(Box::new(Held { record: next, revision }));
+                };
+                tracing::warn!(reason, %error, "task cannot run; dead-lettering it");
+                events::publish(&w.client, &next, EventBody::Error(error.clone())).await;
+                events::status(&w.client, &next).await;
+                if !d.dead_letter(reason, &error.message, Some(&d.id)).await {
+                    return Claim::Settle(Decision::HandBack);
+                }
+                return Claim::Settle(Decision::GiveUp { error, cause, reason });
+            }
+            Err(records::Error::Conflict) => match w.records.read(&d.id).await {
+                Ok(Some(fresh)) => (record, revision) = (fresh.record, fresh.revision),
+                _ => break,
+            },
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot start the task; retrying soon");
+                break;
+            }
+        }
+    }
+    Claim::Settle(Decision::Unreachable(d.nats_retry()))
+}
+
+/// Why attempt `attempt` of `record` may not start at `now`: the error, cause and DLQ reason.
+fn refusal(
+    record: &TaskRecord,
+    attempt: u32,
+    now: time::OffsetDateTime,
+) -> Option<(TaskError, Cause, &'static str)> {
+    if now > record.deadline {
+        let message =
+            format!("the task's deadline {} passed before attempt {attempt}", record.deadline);
+        let error = TaskError::new("deadline_exceeded", message, false);
+        return Some((error, Cause::Timeout, reason::DEADLINE));
+    }
+    if attempt > record.max_attempts {
+        let message = if record.status == Status::Running {
+            // Its holder died (or lost its lease) during the last attempt.
+            format!(
+                "attempt {} of {} ended with its worker; no attempts left",
+                record.attempt, record.max_attempts
+            )
+        } else {
+            format!("{} of {} attempts made", record.attempt, record.max_attempts)
+        };
+        let error = TaskError::new("max_attempts", message, false);
+        return Some((error, Cause::DeadLetter, reason::MAX_ATTEMPTS));
+    }
+    None
+}
