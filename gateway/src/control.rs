@@ -184,7 +184,7 @@ async fn run_effect(
             Ok(())
         }
         Effect::Wake => {
-            let control = Control { id: record.id.clone(), verb };
+            let control = Control { id: record.id.clone(), verb: verb.into() };
             let payload =
                 serde_json::to_vec(&control).map_err(|e| Error::Internal(e.to_string()))?;
             app.client

@@ -42,13 +42,50 @@ impl Verb {
     }
 }
 
-/// The message on `claw.control.<task_id>` after the gateway changed the record of a task a
-/// worker may hold. The record is the truth; this only wakes the worker up to look at it now
-/// instead of at its next periodic check.
+/// Why a worker holding a task is woken on `claw.control.<task_id>`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Wake {
+    /// The gateway wrote a control verb into the record.
+    Cancel,
+    Pause,
+    Resume,
+    Retry,
+    /// Another worker started a new attempt of the task (its message came back after the ack
+    /// deadline): a holder that is still alive must stop at once.
+    Takeover,
+}
+
+impl From<Verb> for Wake {
+    fn from(verb: Verb) -> Wake {
+        match verb {
+            Verb::Cancel => Wake::Cancel,
+            Verb::Pause => Wake::Pause,
+            Verb::Resume => Wake::Resume,
+            Verb::Retry => Wake::Retry,
+        }
+    }
+}
+
+impl Wake {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Wake::Cancel => "cancel",
+            Wake::Pause => "pause",
+            Wake::Resume => "resume",
+            Wake::Retry => "retry",
+            Wake::Takeover => "takeover",
+        }
+    }
+}
+
+/// The message on `claw.control.<task_id>` after the record of a task a worker may hold
+/// changed. The record is the truth; this only wakes the worker up to look at it now instead of
+/// at its next periodic check.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Control {
     pub id: TaskId,
-    pub verb: Verb,
+    pub verb: Wake,
 }
 
 /// A lane as `GET /v1/lanes` and `claw.api.lanes` show it.

@@ -251,6 +251,9 @@ pub enum Cause {
     Limit,
     /// The task was sent to the dead-letter stream.
     DeadLetter,
+    /// A worker draining for a restart gave the task back before its attempt ended; the
+    /// attempt does not count.
+    HandedBack,
 }
 
 /// A handler's progress report.
@@ -475,6 +478,24 @@ impl TaskRecord {
         Ok(())
     }
 
+    /// A worker draining for a restart (a rolling deploy) gives back the task it holds: queued
+    /// again, or, if it was paused while held, no longer held (a resume queues it). The attempt
+    /// it was running does not count (the next start writes the same number again), so
+    /// restarts never use up a long task's attempts.
+    pub fn hand_back(&mut self) -> Result<(), IllegalTransition> {
+        if self.status == Status::Running {
+            self.status = Status::Queued;
+        } else if self.paused_while_running() {
+            self.paused_from = Some(Status::Queued);
+        } else {
+            return Err(self.refuse("hand back"));
+        }
+        self.attempt = self.attempt.saturating_sub(1);
+        self.cause = Some(Cause::HandedBack);
+        self.progress = None;
+        Ok(())
+    }
+
     /// An explicit retry of a finished task: a new round of attempts of the same id. The
     /// absolute deadline starts again from now, as long as the first one was.
     pub fn requeue(&mut self, now: OffsetDateTime) -> Result<(), IllegalTransition> {
@@ -575,6 +596,30 @@ mod tests {
         let mut r = record(Status::Running);
         r.start(2, "w2", now).unwrap();
         assert_eq!(r.cause, Some(Cause::WorkerLost));
+    }
+
+    #[test]
+    fn a_hand_back_gives_the_attempt_back() {
+        let now = OffsetDateTime::now_utc();
+        let mut r = record(Status::Queued);
+        r.max_attempts = 1;
+        for _ in 0..3 {
+            r.start(r.attempt + 1, "w", now).unwrap();
+            assert_eq!(r.attempt, 1);
+            r.hand_back().unwrap();
+            assert_eq!(
+                (r.status, r.attempt, r.cause),
+                (Status::Queued, 0, Some(Cause::HandedBack))
+            );
+        }
+        r.start(1, "w", now).unwrap();
+        r.pause().unwrap();
+        r.hand_back().unwrap();
+        assert_eq!((r.status, r.paused_from, r.attempt), (Status::Paused, Some(Status::Queued), 0));
+        assert!(!r.maybe_held());
+        r.resume().unwrap();
+        assert_eq!(r.status, Status::Queued);
+        assert!(r.hand_back().is_err(), "only a held task can be handed back");
     }
 
     #[test]

@@ -59,7 +59,7 @@ async fn control(
             Err(e) => panic!("{verb:?}: {e}"),
         }
     };
-    let wake = serde_json::to_vec(&Control { id: id.clone(), verb }).unwrap();
+    let wake = serde_json::to_vec(&Control { id: id.clone(), verb: verb.into() }).unwrap();
     client.publish(topology::control_subject(id), wake.into()).await.unwrap();
     client.flush().await.unwrap();
     (record, revision)
@@ -442,4 +442,70 @@ async fn a_cancelled_in_process_task_stops_and_a_retry_runs_it_again() {
     })
     .await;
     worker.stop().await;
+}
+
+/// A holder that is still alive when another worker takes its task over (its heartbeats were
+/// late, its process not dead) hears of it from the takeover wake-up, finds another attempt in
+/// the record, and kills its child at once (no kill grace: the new attempt owns the task), well
+/// within the new attempt's fence (`claim::TAKEOVER_FENCE`, 1 s); and it writes nothing over
+/// the new attempt. The takeover is made here the way a worker's claim makes it: the record is
+/// moved to a new attempt of the same message, then `takeover` goes out on the control subject.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_holder_that_is_taken_over_kills_its_child_within_the_fence() {
+    use claw_proto::api::Wake;
+    let nats = Nats::start();
+    let topology = nats.topology(&test_settings()).await;
+    let client = nats.client().await;
+    let dir = nats.dir.path();
+    // Ignores TERM: only a KILL ends it, and a KILL after a grace would take 5 s here.
+    let script = write_script(
+        dir,
+        "stubborn.sh",
+        "#!/bin/sh\ntrap '' TERM\necho $$ > \"$1/leader.pid\"\nwhile :; do sleep 0.05; done\n",
+    );
+    let toml = worker_toml("w-holder", Some(&script))
+        .replace(&format!("kill_grace_s = {}", KILL_GRACE.as_secs_f64()), "kill_grace_s = 5.0");
+    let _worker = start_worker(&topology, &toml);
+    let spec =
+        json!({"kind": "exec", "input": {"program": "script", "args": [dir.to_str().unwrap()]}});
+    let id = submit(&topology, spec).await;
+    let leader = read_pid(&dir.join("leader.pid")).await;
+    let held = wait_status(&topology, &id, Status::Running).await;
+
+    let taken_over = loop {
+        let entry = topology.tasks_kv.entry(id.as_str()).await.unwrap().expect("record");
+        let mut record: TaskRecord = serde_json::from_slice(&entry.value).unwrap();
+        record.start(record.attempt + 1, "w-new", OffsetDateTime::now_utc()).unwrap();
+        let bytes = serde_json::to_vec(&record).unwrap();
+        match topology.tasks_kv.update(id.as_str(), bytes.into(), entry.revision).await {
+            Ok(_) => break record,
+            Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => continue,
+            Err(e) => panic!("takeover: {e}"),
+        }
+    };
+    let wake = serde_json::to_vec(&Control { id: id.clone(), verb: Wake::Takeover }).unwrap();
+    let woken = Instant::now();
+    client.publish(topology::control_subject(&id), wake.into()).await.unwrap();
+    client.flush().await.unwrap();
+    wait_for("the superseded holder's child to die", WAIT, || async {
+        is_dead(&leader).then_some(())
+    })
+    .await;
+    let overlap = woken.elapsed();
+    assert!(
+        overlap < Duration::from_secs(1),
+        "the holder's child lived {overlap:?} past the takeover"
+    );
+
+    // The holder released the task: the record is still the new attempt's.
+    holds_for("the new attempt's record", Duration::from_secs(1), || async {
+        let now = record(&topology, id.as_str()).await.ok_or("no record")?;
+        if (now.attempt, now.worker.as_deref()) == (taken_over.attempt, Some("w-new")) {
+            Ok(())
+        } else {
+            Err(format!("{now:?}"))
+        }
+    })
+    .await;
+    assert_eq!(held.attempt + 1, taken_over.attempt);
 }

@@ -312,7 +312,7 @@ async fn cancel(topology: &Topology, client: &async_nats::Client, id: &TaskId) {
             break;
         }
     }
-    let wake = serde_json::to_vec(&Control { id: id.clone(), verb: Verb::Cancel }).unwrap();
+    let wake = serde_json::to_vec(&Control { id: id.clone(), verb: Verb::Cancel.into() }).unwrap();
     client.publish(topology::control_subject(id), wake.into()).await.unwrap();
     client.flush().await.unwrap();
 }

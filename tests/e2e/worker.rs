@@ -414,8 +414,59 @@ async fn shutdown_hands_running_tasks_back_at_once() {
         "taken after {:?}",
         stopping.elapsed()
     );
-    assert_eq!((r.status, r.attempt), (Status::Running, 2));
+    // The hand-back gave the attempt back: the next worker runs attempt 1 again.
+    assert_eq!((r.status, r.attempt), (Status::Running, 1));
+    let events = events_of(&topology.js, &id).await;
+    assert!(
+        events.iter().any(|e| matches!(
+            e.body,
+            EventBody::Status { status: Status::Queued, cause: Some(Cause::HandedBack), .. }
+        )),
+        "{events:?}"
+    );
     next.stop().await;
+}
+
+/// Rolling restarts: a task handed back by three draining workers in a row still has every
+/// attempt it had. With `max_attempts` 1 it would be dead-lettered at the first hand-back if a
+/// drain used up an attempt.
+#[tokio::test]
+async fn three_drains_of_one_task_use_up_no_attempt() {
+    let nats = Nats::start();
+    let topology = nats.topology(&test_settings()).await;
+    let toml = |name: &str| format!("name = {name:?}\nack_deadline_s = 2.0\ndrain_s = 0.2");
+    let mut holder = Worker::start(&topology, &toml("w1"));
+    let spec = json!({"kind": "sleep", "max_attempts": 1, "input": {"seconds": 3, "steps": 3}});
+    let id = submit(&topology, spec).await;
+    wait_status(&topology, id.as_str(), Status::Running).await;
+    for n in 2..=4 {
+        let next = Worker::start(&topology, &toml(&format!("w{n}")));
+        holder.stop().await;
+        let name = format!("w{n}");
+        let r = wait_for(&format!("{name} to take the task over"), WAIT, || async {
+            record(&topology, id.as_str()).await.filter(|r| {
+                r.status == Status::Running && r.worker.as_deref() == Some(name.as_str())
+            })
+        })
+        .await;
+        assert_eq!(r.attempt, 1, "drain {}: {r:?}", n - 1);
+        holder = next;
+    }
+    let done = wait_for("the task to finish", WAIT, || async {
+        record(&topology, id.as_str()).await.filter(|r| r.status.is_terminal())
+    })
+    .await;
+    assert_eq!(
+        (done.status, done.attempt, done.worker.as_deref()),
+        (Status::Succeeded, 1, Some("w4"))
+    );
+    assert_eq!(stream_count(&topology.js, topology::DLQ_STREAM).await, 0, "nothing dead-lettered");
+    let handed_back = statuses(&events_of(&topology.js, &id).await)
+        .into_iter()
+        .filter(|&(s, a)| (s, a) == (Status::Queued, 0))
+        .count();
+    assert!(handed_back >= 3, "three hand-backs announced, then queued: {handed_back}");
+    holder.stop().await;
 }
 
 /// A record removed by hand (`nats kv del tasks <id>`, which leaves a delete marker) is no

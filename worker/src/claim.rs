@@ -11,9 +11,11 @@
 
 use std::time::Duration;
 
+use claw_proto::api::{Control, Wake};
 use claw_proto::event::EventBody;
 use claw_proto::records;
 use claw_proto::spec::{Invalid, TaskSpec};
+use claw_proto::topology;
 use claw_proto::{Cause, Status, TaskError, TaskRecord};
 
 use crate::attempt::{Delivery, Held, describe, now};
@@ -79,15 +81,15 @@ async fn invalid(
     problem: &str,
 ) -> Decision {
     tracing::warn!(problem, "invalid task message; dead-lettering it");
+    // The copy first: a record never says dead-lettered while the DLQ has nothing.
+    let id = write_record.then_some(&d.id);
+    if !d.dead_letter(reason::INVALID_TASK, problem, id).await {
+        return Decision::HandBack;
+    }
     if write_record {
         write_invalid_record(d, spec, problem).await;
     }
-    let id = write_record.then_some(&d.id);
-    if d.dead_letter(reason::INVALID_TASK, problem, id).await {
-        Decision::Invalid
-    } else {
-        Decision::HandBack
-    }
+    Decision::Invalid
 }
 
 async fn write_invalid_record(d: &Delivery, spec: Option<&TaskSpec>, problem: &str) {
@@ -203,6 +205,8 @@ fn load_error(e: records::Error) -> Load {
 /// may start.
 async fn start(d: &Delivery, mut record: TaskRecord, mut revision: u64) -> Claim {
     let w = &d.worker;
+    // Set once the DLQ holds this message, so a retried write does not store a second copy.
+    let mut dead_lettered = false;
     for _ in 0..CAS_ROUNDS {
         if record.status.is_terminal() {
             tracing::info!(status = %record.status, "task already finished; dropping duplicate");
@@ -258,18 +262,27 @@ async fn start(d: &Delivery, mut record: TaskRecord, mut revision: u64) -> Claim
             tracing::warn!(%illegal, "cannot start the task; looking again later");
             return Claim::Settle(Decision::RecheckLater(UNKNOWN_RECHECK));
         }
+        if let Some((error, _, reason)) = &refusal
+            && !dead_lettered
+        {
+            // The copy first: a record never says dead-lettered while the DLQ has nothing.
+            tracing::warn!(reason, %error, "task cannot run; dead-lettering it");
+            if !d.dead_letter(reason, &error.message, Some(&d.id)).await {
+                return Claim::Settle(Decision::HandBack);
+            }
+            dead_lettered = true;
+        }
         match w.records.update(&next, revision).await {
             Ok(revision) => {
                 let Some((error, cause, reason)) = refusal else {
                     tracing::Span::current().record("attempt", attempt);
+                    if record.status == Status::Running {
+                        fence_off_the_holder(d).await;
+                    }
                     return Claim::Run(Box::new(Held { record: next, revision }));
                 };
-                tracing::warn!(reason, %error, "task cannot run; dead-lettering it");
                 events::publish(&w.client, &next, EventBody::Error(error.clone())).await;
                 events::status(&w.client, &next).await;
-                if !d.dead_letter(reason, &error.message, Some(&d.id)).await {
-                    return Claim::Settle(Decision::HandBack);
-                }
                 return Claim::Settle(Decision::GiveUp { error, cause, reason });
             }
             Err(records::Error::Conflict) => match w.records.read(&d.id).await {
@@ -283,6 +296,29 @@ async fn start(d: &Delivery, mut record: TaskRecord, mut revision: u64) -> Claim
         }
     }
     Claim::Settle(Decision::Unreachable(d.nats_retry()))
+}
+
+/// How long a takeover waits before its handler starts. The previous holder, if it is alive
+/// after all (its heartbeats were late, not its process dead), reads its record on the wake-up,
+/// finds another attempt there, and kills its child at once: milliseconds. A second bounds the
+/// overlap of the two attempts to nothing in that case, for a second's delay on a takeover,
+/// which happens only after a full ack deadline without heartbeats anyway.
+pub(crate) const TAKEOVER_FENCE: Duration = Duration::from_secs(1);
+
+/// The record said `running` under another attempt, and this one has just replaced it there:
+/// wakes the previous holder (`claw.control.<id>`, `takeover`), so a holder that is still alive
+/// stops now rather than at its next look, a third of an ack deadline later, and gives it
+/// [`TAKEOVER_FENCE`] to do so. A lost wake-up leaves the holder's next look (its heartbeat) to
+/// find the takeover, and its lease, timed by the same deadline, to end it.
+async fn fence_off_the_holder(d: &Delivery) {
+    let control = Control { id: d.id.clone(), verb: Wake::Takeover };
+    let payload = serde_json::to_vec(&control).expect("a control message serializes");
+    let subject = topology::control_subject(&d.id);
+    if let Err(e) = d.worker.client.publish(subject, payload.into()).await {
+        tracing::warn!(error = %e, "could not wake the previous holder of the task");
+    }
+    tracing::info!(fence = ?TAKEOVER_FENCE, "took the task over; fencing off its previous holder");
+    tokio::time::sleep(TAKEOVER_FENCE).await;
 }
 
 /// Why attempt `attempt` of `record` may not start at `now`: the error, cause and DLQ reason.

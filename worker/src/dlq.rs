@@ -33,8 +33,14 @@ pub async fn publish(
     task_id: Option<&TaskId>,
 ) -> Result<(), Error> {
     let subject = lane.map_or_else(|| topology::DLQ_INVALID.to_owned(), Lane::dlq_subject);
-    let deliveries = msg.info().map(|i| i.delivered).unwrap_or(1);
+    let info = msg.info().ok();
+    let deliveries = info.as_ref().map_or(1, |i| i.delivered);
     let mut h = HeaderMap::new();
+    if let Some(info) = &info {
+        // One copy per original message: a second try (a delivery after a lost ack, a retried
+        // write) within the DLQ's duplicate window is dropped by JetStream.
+        h.insert(headers::MSG_ID, format!("dlq:{}", info.stream_sequence).as_str());
+    }
     h.insert(headers::DLQ_REASON, reason);
     // Header values cannot hold line breaks.
     h.insert(headers::DLQ_MESSAGE, message.replace(['\r', '\n'], " ").as_str());

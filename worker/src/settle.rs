@@ -39,6 +39,7 @@ pub(crate) async fn settle(
     let w = &d.worker;
     let (attempt, max_attempts) = (held.record.attempt, held.record.max_attempts);
     let mut decision = decide(outcome, attempt, max_attempts, &w.config.retry);
+    let mut dead_lettered = false;
     loop {
         match &decision {
             Decision::Release => {
@@ -49,12 +50,29 @@ pub(crate) async fn settle(
                 tracing::info!("attempt stopped; the record already says why");
                 return decision;
             }
+            Decision::HandBack => {
+                give_back(d, &mut held).await;
+                return decision;
+            }
+            Decision::GiveUp { error, reason, .. } if !dead_lettered => {
+                // The copy is stored before the record says so: a record never says
+                // dead-lettered while the DLQ has nothing.
+                if !d.dead_letter(reason, &error.to_string(), Some(&d.id)).await {
+                    give_back(d, &mut held).await;
+                    return Decision::HandBack;
+                }
+                dead_lettered = true;
+            }
             Decision::Succeed(_) | Decision::Retry { .. } | Decision::GiveUp { .. } => {}
-            // A drain, or a decision that no attempt ends with: nothing to write.
+            // A decision that no attempt ends with: nothing to write.
             _ => return decision,
         }
         match write_final(d, &mut held, &decision).await {
             Written::Done => break,
+            Written::Settled(Decision::HandBack) => {
+                give_back(d, &mut held).await;
+                return Decision::HandBack;
+            }
             Written::Settled(instead) => return instead,
             Written::TooLarge(error) => {
                 if matches!(decision, Decision::GiveUp { .. }) {
@@ -79,13 +97,47 @@ pub(crate) async fn settle(
         }
     }
     announce(d, &held.record, &decision).await;
-    if let Decision::GiveUp { error, reason, .. } = &decision
-        && !d.dead_letter(reason, &error.to_string(), Some(&d.id)).await
-    {
-        // The drain deadline passed with the copy unstored: the message goes back unterminated.
-        return Decision::HandBack;
-    }
     decision
+}
+
+/// How long a draining worker tries to write a hand-back: the drain deadline has passed, and
+/// without the write the task merely loses the attempt.
+const GIVE_BACK_PATIENCE: Duration = Duration::from_secs(2);
+
+/// Writes the hand-back of a draining worker ([`claw_proto::TaskRecord::hand_back`]): the task
+/// is queued again without using up the attempt it was running. If the write does not happen
+/// (the bucket is unavailable, another attempt took over), the message is handed back all the
+/// same, and the next start counts the attempt as ended with its worker.
+async fn give_back(d: &Delivery, held: &mut Held) {
+    let write = async {
+        for _ in 0..CAS_ROUNDS {
+            let mut next = held.record.clone();
+            if next.hand_back().is_err() {
+                return;
+            }
+            match d.worker.records.update(&next, held.revision).await {
+                Ok(revision) => {
+                    *held = Held { record: next, revision };
+                    events::status(&d.worker.client, &held.record).await;
+                    tracing::info!("handed back; the attempt does not count");
+                    return;
+                }
+                Err(records::Error::Conflict) => match d.worker.records.read(&d.id).await {
+                    Ok(Some(fresh)) if same_attempt(&fresh.record, &held.record) => {
+                        *held = Held { record: fresh.record, revision: fresh.revision };
+                    }
+                    _ => return,
+                },
+                Err(e) => {
+                    tracing::warn!(error = %e, "hand-back not recorded; the attempt will count");
+                    return;
+                }
+            }
+        }
+    };
+    if tokio::time::timeout(GIVE_BACK_PATIENCE, write).await.is_err() {
+        tracing::warn!("hand-back not recorded in time; the attempt will count");
+    }
 }
 
 /// What became of a terminal write ([`write_final`]).
@@ -114,7 +166,7 @@ async fn announce(d: &Delivery, record: &TaskRecord, decision: &Decision) {
             events::publish(client, record, EventBody::Error(error.clone())).await;
         }
         Decision::GiveUp { error, reason, .. } => {
-            tracing::warn!(%error, reason, "task failed; dead-lettering it");
+            tracing::warn!(%error, reason, "task failed and dead-lettered");
             events::publish(client, record, EventBody::Error(error.clone())).await;
         }
         _ => return,

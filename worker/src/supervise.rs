@@ -232,10 +232,16 @@ impl Default for Stopping {
 
 impl Stopping {
     /// Once there is a reason, tells the handler (once) and gives it `grace` before the abort.
+    /// A superseded attempt gets no grace: another attempt owns the task now, and its handler
+    /// starts as soon as this one's child is gone ([`crate::claim::TAKEOVER_FENCE`]).
     fn begin(&mut self, ctx: &Context, grace: Duration) {
         if self.why.is_some() && !self.begun {
             self.begun = true;
-            ctx.cancel();
+            if self.why == Some(Stop::Superseded) {
+                ctx.cancel_now();
+            } else {
+                ctx.cancel();
+            }
             self.abort.as_mut().reset(Instant::now() + grace);
         }
     }
