@@ -120,7 +120,10 @@ pub async fn apply(app: &App, caller: &Caller, id: &str, verb: Verb) -> Result<T
                 metrics::counter!("claw_gateway_control_total", "verb" => verb.as_str())
                     .increment(1);
                 for effect in effects {
-                    run_effect(app, &next, revision, verb, effect).await?;
+                    if let Err(e) = run_effect(app, &next, revision, verb, effect).await {
+                        undo(app, &record, &next, revision).await;
+                        return Err(e);
+                    }
                 }
                 let event = Event::status(&next);
                 let _ = app.client.publish(next.progress_subject(), event.to_json()).await;
@@ -159,8 +162,28 @@ async fn not_live(
         }
         Err(e) => return Err(e.into()),
     };
-    run_effect(app, &next, revision, verb, Effect::Enqueue).await?;
+    if let Err(e) = run_effect(app, &next, revision, verb, Effect::Enqueue).await {
+        // Nothing was queued: the task stays where the archive has it.
+        if let Err(undo) = app.records.remove(revision).await {
+            tracing::warn!(task_id = %id, error = %undo, "could not undo a refused retry");
+        }
+        return Err(e);
+    }
     Ok(*next)
+}
+
+/// Puts `before` back after the effect of a verb that moved it to `after` (at `revision`) was
+/// refused (a full queue, JetStream down), so the record never says `queued` without a message
+/// and a repeat of the verb does the work again. If the record changed meanwhile, or the write
+/// fails, it is left to the archiver's reconciler, which publishes a queued task that has no
+/// message.
+async fn undo(app: &App, before: &TaskRecord, after: &TaskRecord, revision: u64) {
+    match app.records.update(before, revision).await {
+        Ok(_) => tracing::info!(task_id = %after.id, status = %before.status,
+            "verb undone: its effect was refused"),
+        Err(e) => tracing::warn!(task_id = %after.id, error = %e,
+            "could not undo a verb whose effect was refused; the reconciler will repair it"),
+    }
 }
 
 fn refused(verb: Verb, record: &TaskRecord) -> Error {
@@ -187,10 +210,14 @@ async fn run_effect(
             let control = Control { id: record.id.clone(), verb: verb.into() };
             let payload =
                 serde_json::to_vec(&control).map_err(|e| Error::Internal(e.to_string()))?;
-            app.client
-                .publish(topology::control_subject(&record.id), payload.into())
-                .await
-                .map_err(|e| Error::Unavailable(format!("waking the worker: {e}")))
+            // A hint only: the worker re-reads the record at its next heartbeat anyway, so a
+            // wake-up that cannot be sent does not undo the verb.
+            if let Err(e) =
+                app.client.publish(topology::control_subject(&record.id), payload.into()).await
+            {
+                tracing::warn!(task_id = %record.id, error = %e, "could not wake the worker");
+            }
+            Ok(())
         }
         Effect::Enqueue => enqueue(app, record, revision).await,
     }
@@ -209,8 +236,8 @@ async fn enqueue(app: &App, record: &TaskRecord, revision: u64) -> Result<(), Er
         .js
         .publish_with_headers(lane.subject(), headers, message.into())
         .await
-        .map_err(|e| Error::Unavailable(format!("publishing the task: {e}")))?;
-    ack.await.map_err(|e| Error::Unavailable(format!("JetStream did not store the task: {e}")))?;
+        .map_err(|e| tasks::publish_error(e, app))?;
+    ack.await.map_err(|e| tasks::publish_error(e, app))?;
     Ok(())
 }
 

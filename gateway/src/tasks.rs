@@ -223,10 +223,36 @@ async fn submit_once(
                 // nothing of the other task is shown.
                 return Err(Invalid::field("id", "is taken by another task").into());
             }
+            republish_if_young(app, &existing, trace).await?;
             Ok(Submitted { record: existing, created: false })
         }
         Err(e) => Err(e.into()),
     }
+}
+
+/// How long after its first publish JetStream drops a second message with the same
+/// `Nats-Msg-Id` (the `TASKS` stream's duplicate window, less a margin for clock skew).
+const DEDUPLICATED_FOR: time::Duration = time::Duration::seconds(110);
+
+/// A repeat of a keyed submit that found the task still `queued` and never started: its first
+/// submit may have died between the record's create and the lane publish, leaving a record
+/// with no message. Within the duplicate window it is published again under the task id:
+/// JetStream drops the copy if the first one was stored, and stores it if not. Later, the
+/// archiver's reconciler finds such a record (it scans the lanes) and publishes it.
+async fn republish_if_young(
+    app: &App,
+    record: &TaskRecord,
+    trace: &TraceParent,
+) -> Result<(), Error> {
+    let young = OffsetDateTime::now_utc() - record.created_at < DEDUPLICATED_FOR;
+    let never_started = record.status == claw_proto::Status::Queued && record.attempt == 0;
+    if !(young && never_started && record.message_seq.is_none()) {
+        return Ok(());
+    }
+    let message = encode_message(record)?;
+    let ack = publish(app, record, message, trace).await.map_err(|e| publish_error(e, app))?;
+    ack.into_future().await.map_err(|e| publish_error(e, app))?;
+    Ok(())
 }
 
 /// The lane message of a task: its normalized spec.
@@ -258,7 +284,7 @@ async fn forget(app: &App, revision: u64) {
     }
 }
 
-fn publish_error(e: PublishError, app: &App) -> Error {
+pub(crate) fn publish_error(e: PublishError, app: &App) -> Error {
     match e.kind() {
         PublishErrorKind::MaxPayloadExceeded => Error::TooLarge(app.config.body_limit),
         PublishErrorKind::Other if is_store_full(&e) => {

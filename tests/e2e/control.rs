@@ -411,3 +411,38 @@ async fn cancel_then_retry_before_the_worker_noticed_runs_the_task_once() {
     assert_eq!(count(Status::Running), 2, "the first attempt and the retry: {statuses:?}");
     assert_eq!(stream_messages(&topo.js, topology::TASKS_STREAM).await, 0);
 }
+
+/// A resume whose publish the full queue refuses answers 429 with `Retry-After` and leaves the
+/// task paused, so nothing says `queued` without a message; repeated once there is room, it
+/// queues the task for real. (It used to answer 503, leave a `queued` record with no message,
+/// and answer every repeat 200 without publishing anything.)
+#[tokio::test]
+async fn a_resume_refused_by_a_full_queue_is_undone_and_a_repeat_queues_the_task() {
+    use claw_proto::topology::Settings;
+    let nats = Nats::start();
+    let topo = nats.topology(&Settings { queue_max: 2, ..test_settings() }).await;
+    let api = Api {
+        gw: Gateway::start(&topo, &["--retry-after-s", "3"]).await,
+        http: reqwest::Client::new(),
+    };
+    let paused = api.submit(json!({"kind": "sleep", "input": {"seconds": 0}})).await;
+    assert_eq!(api.verb(&paused, "pause").await.0, StatusCode::OK);
+    let first = api.submit(json!({"kind": "sleep"})).await;
+    api.submit(json!({"kind": "sleep"})).await;
+    assert_eq!(stream_messages(&topo.js, topology::TASKS_STREAM).await, 2, "the queue is full");
+
+    let response =
+        api.http.post(api.gw.url(&format!("/v1/tasks/{paused}/resume"))).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(response.headers()["retry-after"], "3");
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "queue_full", "{body}");
+    assert_eq!(record(&topo, &paused).await.unwrap().status, Status::Paused, "undone");
+
+    assert_eq!(api.verb(&first, "cancel").await.0, StatusCode::OK);
+    let (status, body) = api.verb(&paused, "resume").await;
+    assert_eq!((status, body["status"].as_str()), (StatusCode::OK, Some("queued")), "{body}");
+    assert_eq!(stream_messages(&topo.js, topology::TASKS_STREAM).await, 2, "its message is back");
+    let _worker = start_worker(&topo, "ack_deadline_s = 2.0");
+    wait_status(&topo, &paused, Status::Succeeded).await;
+}

@@ -222,3 +222,56 @@ async fn submit_over_nats_request_reply_uses_the_same_path() {
     let body: Value = serde_json::from_slice(&bad.payload).unwrap();
     assert_eq!(body["error"]["code"], "malformed_json");
 }
+
+/// A keyed submit whose gateway died between the record's create and the lane publish leaves a
+/// `queued` record with no message. A repeat with the same `Idempotency-Key` answers with that
+/// task and publishes its message (JetStream's duplicate window would drop it had the first
+/// publish landed), so the task runs instead of waiting forever.
+#[tokio::test]
+async fn a_repeat_of_an_orphaned_keyed_submit_queues_its_task() {
+    use claw_proto::kinds::Catalog;
+    use claw_proto::spec::{Limits, TaskSpec};
+    let nats = Nats::start();
+    let topo = nats.topology(&test_settings()).await;
+    let gw = Gateway::start(&topo, &[]).await;
+    let spec = json!({"kind": "sleep", "input": {"seconds": 0}});
+    // What submit_once wrote before its gateway died: the claimed record, no lane message.
+    let id = claw_proto::TaskId::derived("idempotency-key", "orphan-1");
+    let parsed: TaskSpec = serde_json::from_value(spec.clone()).unwrap();
+    let orphan = parsed
+        .admit(
+            id.clone(),
+            time::OffsetDateTime::now_utc(),
+            None,
+            &Catalog::builtin(),
+            &Limits::STANDARD,
+        )
+        .unwrap();
+    topo.records.create(&orphan).await.unwrap();
+    assert_eq!(stream_messages(&topo.js, topology::TASKS_STREAM).await, 0);
+
+    let response = reqwest::Client::new()
+        .post(gw.url("/v1/tasks"))
+        .header("Idempotency-Key", "orphan-1")
+        .body(spec.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["id"], id.as_str());
+    assert_eq!(stream_messages(&topo.js, topology::TASKS_STREAM).await, 1, "its message is queued");
+
+    // A second repeat within the duplicate window stores nothing more.
+    let again = reqwest::Client::new()
+        .post(gw.url("/v1/tasks"))
+        .header("Idempotency-Key", "orphan-1")
+        .body(spec.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(again.status(), StatusCode::OK);
+    assert_eq!(stream_messages(&topo.js, topology::TASKS_STREAM).await, 1, "deduplicated");
+    let _worker = claw_tests::start_worker(&topo, "ack_deadline_s = 2.0");
+    claw_tests::wait_status(&topo, &id, claw_proto::Status::Succeeded).await;
+}
