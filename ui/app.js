@@ -340,7 +340,7 @@ function applyRecord(t, rec, fresh) {
   } else {
     for (const k of STATIC_FIELDS) t.rec[k] = rec[k];
     if (rec.status === t.rec.status) {
-      for (const k of ['result', 'error', 'started_at', 'finished_at']) {
+      for (const k of ['result', 'result_ref', 'error', 'started_at', 'finished_at']) {
         if (t.rec[k] == null && rec[k] != null) t.rec[k] = rec[k];
       }
     }
@@ -391,6 +391,7 @@ function onEvent(ev) {
       if (d.status === 'queued' && TERMINAL.has(was)) {
         // `retry`: a new round of attempts; the old outcome no longer applies.
         r.result = null;
+        r.result_ref = null;
         r.error = null;
         r.finished_at = null;
         r.progress = null;
@@ -413,6 +414,10 @@ function onEvent(ev) {
       break;
     case 'result':
       r.result = d;
+      break;
+    case 'result_ref':
+      // Too large for an event: the result is in the object store, downloaded on request.
+      r.result_ref = d;
       break;
     case 'error':
       r.error = d;
@@ -481,7 +486,9 @@ function renderOutcome(t) {
   const box = t.els.outcome;
   box.replaceChildren();
   box.classList.remove('error');
-  if (r.status === 'succeeded' && r.result !== undefined && r.result !== null) {
+  if (r.status === 'succeeded' && r.result_ref) {
+    box.append('result ', download(t.id, r.result_ref));
+  } else if (r.status === 'succeeded' && r.result !== undefined && r.result !== null) {
     box.append('result ', code(json(r.result, 600)));
   } else if (r.error && r.status !== 'succeeded' && r.status !== 'queued') {
     box.classList.add('error');
@@ -491,6 +498,37 @@ function renderOutcome(t) {
     box.append(`${r.status}${r.cause ? ` by ${r.cause}` : ''}`);
   }
   box.hidden = box.childNodes.length === 0;
+}
+
+/** A button that fetches a stored result (with the token, which a plain link would not send)
+ *  and saves it as `<id>-result.json`. */
+function download(id, ref) {
+  const b = document.createElement('button');
+  b.type = 'button';
+  b.className = 'download';
+  b.textContent = `download (${bytes(ref.size)})`;
+  b.setAttribute('aria-label', `download the result of task ${id}, ${bytes(ref.size)}`);
+  b.addEventListener('click', async () => {
+    const headers = state.token ? { authorization: `Bearer ${state.token}` } : {};
+    const response = await fetch(`${taskPath(id)}/result`, { headers });
+    if (!response.ok) {
+      b.textContent = `download failed (${response.status})`;
+      return;
+    }
+    const url = URL.createObjectURL(await response.blob());
+    const a = document.createElement('a');
+    a.href = url;
+    a.download = `${id}-result.json`;
+    a.click();
+    setTimeout(() => URL.revokeObjectURL(url), 60_000);
+  });
+  return b;
+}
+
+function bytes(n) {
+  if (n >= 1024 * 1024) return `${(n / 1024 / 1024).toFixed(1)} MiB`;
+  if (n >= 1024) return `${(n / 1024).toFixed(1)} KiB`;
+  return `${n} B`;
 }
 
 function code(text) {
@@ -820,7 +858,7 @@ function historyRow(rec) {
   cells[5].textContent = Number.isFinite(start) && Number.isFinite(end) ? duration(end - start) : '';
   cells[6].className = 'outcome';
   const outcome = rec.status === 'succeeded'
-    ? json(rec.result ?? null, 200)
+    ? (rec.result_ref ? `stored result, ${bytes(rec.result_ref.size)}` : json(rec.result ?? null, 200))
     : rec.error ? `${rec.error.code}: ${rec.error.message}` : (rec.cause || '');
   cells[6].textContent = outcome;
   cells[6].title = outcome;

@@ -8,16 +8,18 @@
 //! The client does not validate a task spec: the gateway is the one validator (its kind catalog
 //! and limits are its configuration), and its answer names the field at fault.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use async_nats::HeaderMap;
 use async_nats::client::RequestErrorKind;
 use claw_proto::api::{ApiError, ErrorBody, Verb};
 use claw_proto::connect::{self, NatsArgs};
+use claw_proto::payloads::{Part, Payloads};
 use claw_proto::topology;
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
+use tokio::io::AsyncWriteExt;
 
 use crate::error::{Error, root_cause};
 
@@ -111,6 +113,28 @@ impl Client {
         }
     }
 
+    /// Writes task `id`'s input or result (JSON) to `file` (`-`: stdout): inline from the
+    /// record, or streamed from the `payloads` object store when the record refers to it.
+    pub async fn save_payload(&self, id: &str, part: Part, file: &Path) -> Result<(), Error> {
+        let mut out: Box<dyn tokio::io::AsyncWrite + Unpin + Send> = if file == Path::new("-") {
+            Box::new(tokio::io::stdout())
+        } else {
+            let f = tokio::fs::File::create(file).await.map_err(|e| {
+                Error::Usage(format!("cannot write {}: {}", file.display(), root_cause(&e)))
+            })?;
+            Box::new(f)
+        };
+        match self {
+            Client::Http(http) => http.save_payload(id, part, &mut out).await?,
+            Client::Nats(nats) => {
+                let value = self.call(Op::Get { id }).await?;
+                let record: claw_proto::TaskRecord = parse(&value, "a task record")?;
+                nats.save_payload(&record, part, &mut out).await?;
+            }
+        }
+        out.flush().await.map_err(|e| Error::Usage(format!("writing {}: {e}", file.display())))
+    }
+
     pub async fn call(&self, op: Op<'_>) -> Result<Value, Error> {
         let result = match self {
             Client::Http(http) => http.call(op).await,
@@ -146,6 +170,8 @@ pub struct Http {
 /// anything slower than this is a gateway that hangs, not one that is busy.
 const HTTP_TIMEOUT: Duration = Duration::from_secs(30);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Reading a payload: 64 MiB at a slow 1 MB/s, with room to spare.
+const PAYLOAD_TIMEOUT: Duration = Duration::from_secs(120);
 
 impl Http {
     /// A client of the gateway at `base`, sending `token` as `Authorization: Bearer` with
@@ -237,6 +263,31 @@ impl Http {
             }
         };
         Err(Error::Api { status, error })
+    }
+
+    /// `GET /v1/tasks/{id}/input|result`, copied to `out` as it arrives.
+    async fn save_payload(
+        &self,
+        id: &str,
+        part: Part,
+        out: &mut (dyn tokio::io::AsyncWrite + Unpin + Send),
+    ) -> Result<(), Error> {
+        // A payload may be 64 MiB: the whole-request timeout of the other calls does not fit.
+        let url = self.url(&["v1", "tasks", id, part.as_str()]);
+        let request = self.http.get(url).timeout(PAYLOAD_TIMEOUT);
+        let mut response = request.send().await.map_err(|e| self.transport(&e))?;
+        let status = response.status().as_u16();
+        if !(200..300).contains(&status) {
+            let body = response.bytes().await.map_err(|e| self.transport(&e))?;
+            return Err(match serde_json::from_slice::<ErrorBody>(&body) {
+                Ok(ErrorBody { error }) => Error::Api { status, error },
+                Err(_) => Error::Unavailable(format!("the gateway answered {status}")),
+            });
+        }
+        while let Some(chunk) = response.chunk().await.map_err(|e| self.transport(&e))? {
+            out.write_all(&chunk).await.map_err(|e| Error::Usage(format!("writing: {e}")))?;
+        }
+        Ok(())
     }
 
     fn transport(&self, e: &reqwest::Error) -> Error {
@@ -336,6 +387,36 @@ impl Nats {
         }
         serde_json::from_slice(&reply.payload)
             .map_err(|e| Error::Unavailable(format!("the reply on {subject} is not JSON: {e}")))
+    }
+}
+
+impl Nats {
+    /// The payload of `record`: inline, or read from the `payloads` object store (which the
+    /// `operator` and `publisher` roles may read).
+    async fn save_payload(
+        &self,
+        record: &claw_proto::TaskRecord,
+        part: Part,
+        out: &mut (dyn tokio::io::AsyncWrite + Unpin + Send),
+    ) -> Result<(), Error> {
+        let (inline, stored) = match part {
+            Part::Input => (Some(&record.input), &record.input_ref),
+            Part::Result => (record.result.as_ref(), &record.result_ref),
+        };
+        let write = |e: std::io::Error| Error::Usage(format!("writing: {e}"));
+        let Some(stored) = stored else {
+            let value = inline.ok_or_else(|| {
+                Error::Usage(format!("task {} has no result: it is {}", record.id, record.status))
+            })?;
+            let json = serde_json::to_vec(value).expect("JSON values serialize");
+            return out.write_all(&json).await.map_err(write);
+        };
+        let js = connect::jetstream(self.client.clone());
+        let unavailable = |e: claw_proto::payloads::Error| Error::Unavailable(e.to_string());
+        let payloads = Payloads::open(&js, usize::MAX).await.map_err(unavailable)?;
+        let mut object = payloads.reader(stored).await.map_err(unavailable)?;
+        tokio::io::copy(&mut object, out).await.map_err(write)?;
+        Ok(())
     }
 }
 

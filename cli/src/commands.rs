@@ -5,6 +5,7 @@
 use std::io::Write;
 
 use claw_proto::api::{Lanes, ListPage, Verb};
+use claw_proto::payloads::Part;
 use claw_proto::task::{Status, TaskRecord};
 use serde_json::{Map, Value};
 
@@ -18,8 +19,8 @@ use crate::watch::{self, Watched};
 pub enum Command {
     /// Submit a task; prints its id (with --watch, then follows it).
     Submit(SubmitArgs),
-    /// Show a task's record.
-    Get(TaskArgs),
+    /// Show a task's record (with --result or --input, save that payload).
+    Get(GetArgs),
     /// List finished tasks from the archive, newest first.
     Ls(LsArgs),
     /// Follow a task live until it is over (exit 0 if it succeeded), or a session's tasks until
@@ -79,6 +80,21 @@ pub struct SubmitArgs {
 pub struct TaskArgs {
     /// The task id.
     pub id: String,
+    #[command(flatten)]
+    pub client: ClientArgs,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct GetArgs {
+    /// The task id.
+    pub id: String,
+    /// Save the task's result (JSON) to FILE (`-` for stdout) instead of showing the record;
+    /// a large one is read from the object store, whole.
+    #[arg(long, value_name = "FILE", conflicts_with = "input")]
+    pub result: Option<std::path::PathBuf>,
+    /// Save the task's input (JSON) to FILE (`-` for stdout).
+    #[arg(long, value_name = "FILE")]
+    pub input: Option<std::path::PathBuf>,
     #[command(flatten)]
     pub client: ClientArgs,
 }
@@ -156,7 +172,8 @@ pub async fn run(command: Command) -> u8 {
 fn client_args(command: &Command) -> &ClientArgs {
     match command {
         Command::Submit(a) => &a.client,
-        Command::Get(a) | Command::Cancel(a) | Command::Pause(a) | Command::Resume(a) => &a.client,
+        Command::Get(a) => &a.client,
+        Command::Cancel(a) | Command::Pause(a) | Command::Resume(a) => &a.client,
         Command::Retry(a) => &a.client,
         Command::Ls(a) => &a.client,
         Command::Watch(a) => &a.client,
@@ -171,6 +188,15 @@ async fn execute(command: Command) -> Result<u8, Error> {
     match &command {
         Command::Submit(a) => submit(&client, a, json).await,
         Command::Get(a) => {
+            let part = match (&a.result, &a.input) {
+                (Some(file), _) => Some((Part::Result, file)),
+                (None, Some(file)) => Some((Part::Input, file)),
+                (None, None) => None,
+            };
+            if let Some((part, file)) = part {
+                client.save_payload(&a.id, part, file).await?;
+                return Ok(EXIT_OK);
+            }
             let value = client.call(Op::Get { id: &a.id }).await?;
             print_record(&value, json)?;
             Ok(EXIT_OK)

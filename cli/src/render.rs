@@ -93,8 +93,16 @@ pub fn record(r: &TaskRecord) -> String {
     if let Some(w) = &r.worker {
         lines.push(("worker", w.clone()));
     }
-    lines.push(("input", r.input.to_string()));
-    if let Some(result) = &r.result {
+    let stored = |p: &claw_proto::PayloadRef, flag: &str| {
+        format!("{} bytes, stored as {} (claw get {} --{flag} FILE)", p.size, p.name, r.id)
+    };
+    match &r.input_ref {
+        Some(p) => lines.push(("input", stored(p, "input"))),
+        None => lines.push(("input", r.input.to_string())),
+    }
+    if let Some(p) = &r.result_ref {
+        lines.push(("result", stored(p, "result")));
+    } else if let Some(result) = &r.result {
         lines.push(("result", result.to_string()));
     }
     if let Some(e) = &r.error {

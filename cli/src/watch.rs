@@ -245,6 +245,12 @@ fn session_lines(event: &Event) -> String {
         EventBody::Progress(p) => format!("{id}  {}\n", render::progress(p)),
         EventBody::Output { text } => text.lines().map(|l| format!("{id}  | {l}\n")).collect(),
         EventBody::Result(v) => format!("{id}  result: {v}\n"),
+        EventBody::ResultRef(r) => {
+            format!(
+                "{id}  result: {} bytes stored as {} (claw get {id} --result FILE)\n",
+                r.size, r.name
+            )
+        }
         EventBody::Error(e) => format!("{id}  error: {e}\n"),
     }
 }

@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use async_nats::jetstream;
 use claw_proto::kinds::Catalog;
+use claw_proto::payloads::Payloads;
 use claw_proto::records::Records;
 use claw_proto::spec::Limits;
 use claw_proto::topology::{self, Topology};
@@ -23,6 +24,8 @@ pub struct Inner {
     pub js: jetstream::Context,
     /// Task records (`claw_proto::records`): every read and write of the bucket.
     pub records: Records,
+    /// Inputs and results too large for a record, capped at the configured payload size.
+    pub payloads: Payloads,
     /// API tokens, or none (every caller anonymous).
     pub auth: Auth,
     /// Session owners (the `sessions` bucket and its cache): only with tokens, as nobody
@@ -55,6 +58,7 @@ impl App {
             client: topology.js.client(),
             js: topology.js,
             records: topology.records,
+            payloads: topology.payloads.with_max_bytes(config.payload_max_bytes),
             auth,
             sessions,
             catalog: config.catalog(),

@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use claw_proto::kinds::Catalog;
+use claw_proto::payloads;
 use claw_proto::spec::Limits;
 use claw_proto::task::Class;
 
@@ -21,9 +22,14 @@ pub struct Config {
     /// every task. Only behind something else that authenticates.
     #[arg(long, env = "CLAW_INSECURE_NO_AUTH")]
     pub insecure_no_auth: bool,
-    /// Largest accepted request body in bytes (the task spec with its input).
-    #[arg(long, env = "CLAW_BODY_LIMIT", default_value_t = 1024 * 1024)]
+    /// Largest accepted request body in bytes: the task spec with its input. The default is
+    /// the payload cap plus 64 KiB for the rest of the spec.
+    #[arg(long, env = "CLAW_BODY_LIMIT", default_value_t = payloads::DEFAULT_MAX_BYTES + 64 * 1024)]
     pub body_limit: usize,
+    /// Largest input in bytes of JSON. Inputs over 64 KiB are kept in the `payloads` object
+    /// store, not in the task's record.
+    #[arg(long, env = "CLAW_PAYLOAD_MAX_BYTES", default_value_t = payloads::DEFAULT_MAX_BYTES)]
+    pub payload_max_bytes: usize,
     /// `Retry-After` seconds sent with 429 when the queue is full.
     #[arg(long, env = "CLAW_RETRY_AFTER_S", default_value_t = 1)]
     pub retry_after_s: u64,

@@ -34,6 +34,13 @@ pub enum Error {
     /// The task's record (the spec with what admission adds) would not fit in the bucket.
     #[error("the task's record would be {bytes} bytes; a record may have at most {max}")]
     RecordTooLarge { bytes: usize, max: usize },
+    /// An input larger than the payload cap.
+    #[error("the input is {bytes} bytes of JSON; at most {max} are accepted")]
+    PayloadTooLarge { bytes: usize, max: usize },
+    /// What was asked for existed but is not kept any more (a payload removed with its record
+    /// after the retention).
+    #[error("{0}")]
+    Gone(String),
     #[error("the task queue is full; retry later")]
     QueueFull { retry_after_s: u64 },
     /// NATS, JetStream or the archive cannot be reached; nothing was stored.
@@ -72,6 +79,18 @@ impl From<claw_proto::records::Error> for Error {
     }
 }
 
+impl From<claw_proto::payloads::Error> for Error {
+    fn from(e: claw_proto::payloads::Error) -> Error {
+        use claw_proto::payloads::Error as E;
+        match e {
+            E::TooLarge { bytes, max, .. } => Error::PayloadTooLarge { bytes, max },
+            E::NotFound(name) => Error::Gone(format!("payload {name} is no longer stored")),
+            E::Unavailable(e) => Error::Unavailable(format!("payloads: {e}")),
+            e @ E::Corrupt { .. } => Error::Internal(e.to_string()),
+        }
+    }
+}
+
 impl From<Invalid> for Error {
     fn from(i: Invalid) -> Error {
         Error::Invalid(i)
@@ -87,7 +106,10 @@ impl Error {
             Error::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             Error::Forbidden(_) => StatusCode::FORBIDDEN,
             Error::Conflict { .. } => StatusCode::CONFLICT,
-            Error::TooLarge(_) | Error::RecordTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Error::TooLarge(_) | Error::RecordTooLarge { .. } | Error::PayloadTooLarge { .. } => {
+                StatusCode::PAYLOAD_TOO_LARGE
+            }
+            Error::Gone(_) => StatusCode::GONE,
             Error::QueueFull { .. } => StatusCode::TOO_MANY_REQUESTS,
             Error::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Error::Config(_) | Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -102,7 +124,10 @@ impl Error {
             Error::Unauthorized(_) => "unauthorized",
             Error::Forbidden(_) => "forbidden",
             Error::Conflict { .. } => "conflict",
-            Error::TooLarge(_) | Error::RecordTooLarge { .. } => "payload_too_large",
+            Error::TooLarge(_) | Error::RecordTooLarge { .. } | Error::PayloadTooLarge { .. } => {
+                "payload_too_large"
+            }
+            Error::Gone(_) => "gone",
             Error::QueueFull { .. } => "queue_full",
             Error::Unavailable(_) => "unavailable",
             Error::Config(_) | Error::Internal(_) => "internal",

@@ -13,13 +13,14 @@ use std::collections::HashMap;
 
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
 use bytes::Bytes;
 use claw_proto::api::{self, ListQuery};
+use claw_proto::payloads::Part;
 use claw_proto::spec::Invalid;
 use claw_proto::task::{Session, Status};
 use claw_proto::topology;
@@ -35,7 +36,7 @@ pub fn router(app: App) -> Router {
     let authenticated = Router::new()
         .route("/v1/tasks", post(submit).get(list))
         .route("/v1/tasks/{id}", get(get_task))
-        .route("/v1/tasks/{id}/{verb}", post(control))
+        .route("/v1/tasks/{id}/{verb}", post(control).get(payload))
         .route("/v1/lanes", get(lanes))
         .route("/v1/lanes/{class}/{priority}/{action}", post(lane_control))
         .route("/metrics", get(metrics))
@@ -98,6 +99,42 @@ async fn control(
         .find(|v| v.as_str() == verb)
         .ok_or_else(|| Error::NotFound(format!("no verb {verb:?}")))?;
     Ok(Json(crate::control::apply(&app, &caller, &id, verb).await?).into_response())
+}
+
+/// `GET /v1/tasks/{id}/input|result` → the payload as JSON: from the record when it is inline,
+/// streamed from the `payloads` object store when the record only refers to it. 404 when the
+/// task has no result (yet); 410 when a stored payload was removed with its record.
+async fn payload(
+    State(app): State<App>,
+    Extension(caller): Extension<Caller>,
+    Path((id, part)): Path<(String, String)>,
+) -> Result<Response, Error> {
+    let part = match part.as_str() {
+        "input" => Part::Input,
+        "result" => Part::Result,
+        other => return Err(Error::NotFound(format!("no payload {other:?}"))),
+    };
+    let record = tasks::get(&app, &caller, &id).await?;
+    let (inline, stored) = match part {
+        Part::Input => (Some(&record.input), &record.input_ref),
+        Part::Result => (record.result.as_ref(), &record.result_ref),
+    };
+    if let Some(stored) = stored {
+        let object = app.payloads.reader(stored).await?;
+        let body = axum::body::Body::from_stream(tokio_util::io::ReaderStream::new(object));
+        let headers = [
+            (header::CONTENT_TYPE, "application/json".to_owned()),
+            (header::CONTENT_LENGTH, stored.size.to_string()),
+        ];
+        return Ok((headers, body).into_response());
+    }
+    match inline {
+        Some(value) => Ok(Json(value).into_response()),
+        None => Err(Error::NotFound(format!(
+            "task {} has no result: it is {}",
+            record.id, record.status
+        ))),
+    }
 }
 
 async fn lanes(State(app): State<App>) -> Result<Response, Error> {

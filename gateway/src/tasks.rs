@@ -17,6 +17,7 @@ use async_nats::jetstream::{self, ErrorCode};
 use bytes::Bytes;
 use claw_proto::api::{ErrorBody, GetRequest, ListPage, ListQuery};
 use claw_proto::event::Event;
+use claw_proto::payloads;
 use claw_proto::records::{self, Stored};
 use claw_proto::spec::{Invalid, TaskSpec};
 use claw_proto::task::{TaskId, TaskRecord};
@@ -88,22 +89,76 @@ async fn submit_inner(
         (None, Some(id)) => id.clone(),
         (None, None) => TaskId::generate(),
     };
+    if spec.input_ref.is_some() {
+        let message = "is set by the gateway for a large input; send the input itself";
+        return Err(Invalid::field("input_ref", message).into());
+    }
     let mut record = spec.admit(id, OffsetDateTime::now_utc(), None, &app.catalog, &app.limits)?;
     record.owner = caller.owner().map(str::to_owned);
-    // Before anything is stored: a record that cannot be written must not have a lane message.
-    app.records.encode(&record)?;
+    let keyed = idempotency_key.is_some() || spec.id.is_some();
+    // An input that may be over the inline limit (the body is larger than it) is measured; one
+    // that is goes to the object store, after every check that could still refuse the task.
+    let large = body.len() > payloads::INLINE_MAX
+        && payloads::json_size(&record.input) > payloads::INLINE_MAX;
+    if !large {
+        // Before anything is stored: a record that cannot be written must not have a message.
+        app.records.encode(&record)?;
+    }
     app.ensure_connected()?;
     // Cached after the session's first use in this process, so the hot path stays one round trip.
     sessions::access(app, caller, &record.session, Use::Claim).await?;
-    let submitted = if idempotency_key.is_some() || spec.id.is_some() {
-        submit_once(app, caller, record, trace).await?
-    } else {
-        submit_new(app, record, trace).await?
-    };
-    if submitted.created {
-        announce(app, &submitted.record).await;
+    if large {
+        if keyed && let Some(found) = existing(app, caller, &record.id, trace).await? {
+            // A repeat: the first submit stored the input; storing it again would replace it.
+            return Ok(found);
+        }
+        let bytes = payloads::json_size(&record.input);
+        if bytes > app.payloads.max_bytes() {
+            return Err(Error::PayloadTooLarge { bytes, max: app.payloads.max_bytes() });
+        }
+        app.payloads.externalize_input(&mut record).await?;
+        if let Err(e) = app.records.encode(&record) {
+            forget_input(app, &record).await;
+            return Err(e.into());
+        }
     }
-    Ok(submitted)
+    let submitted = if keyed {
+        submit_once(app, caller, record.clone(), trace).await
+    } else {
+        submit_new(app, record.clone(), trace).await
+    };
+    match &submitted {
+        Ok(s) if s.created => announce(app, &s.record).await,
+        // Refused after the input was stored (queue full, JetStream down): nothing is left.
+        Err(_) if large => forget_input(app, &record).await,
+        // A keyed repeat that raced the first submit of the same key past the check above
+        // wrote the same object name; the key promises the same task, so it stays.
+        _ => {}
+    }
+    submitted
+}
+
+/// Removes the stored input of a task whose submit was refused.
+async fn forget_input(app: &App, record: &TaskRecord) {
+    if let Err(e) = app.payloads.remove(&record.id).await {
+        tracing::warn!(task_id = %record.id, error = %e, "could not remove a refused task's input");
+    }
+}
+
+/// The task a keyed submit names, if it exists: what a repeat answers (200), after the same
+/// visibility check and re-publish of an orphan as [`submit_once`]'s conflict.
+async fn existing(
+    app: &App,
+    caller: &Caller,
+    id: &TaskId,
+    trace: &TraceParent,
+) -> Result<Option<Submitted>, Error> {
+    let Some(Stored { record, .. }) = app.records.read(id).await? else { return Ok(None) };
+    if !caller.may_see(record.owner.as_deref()) {
+        return Err(Invalid::field("id", "is taken by another task").into());
+    }
+    republish_if_young(app, &record, trace).await?;
+    Ok(Some(Submitted { record, created: false }))
 }
 
 /// A fresh id: nobody else can hold this key, so publish and create are pipelined.

@@ -1,7 +1,7 @@
 //! Events on `progress.<session>.<task_id>` (stream `PROGRESS`): what the UI, `claw watch` and
 //! `nats sub 'progress.>'` see while a task lives.
 //!
-//! The wire form is `{"type": "status|progress|output|result|error", "task_id", "session",
+//! The wire form is `{"type": "status|progress|output|result|result_ref|error", "task_id", "session",
 //! "at", "data"}`. The per-stream sequence a WebSocket client resumes from is the JetStream
 //! sequence of the message, not a field of the payload.
 
@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use time::OffsetDateTime;
 
-use crate::task::{Cause, Progress, Session, Status, TaskError, TaskId, TaskRecord};
+use crate::task::{Cause, PayloadRef, Progress, Session, Status, TaskError, TaskId, TaskRecord};
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Event {
@@ -37,6 +37,10 @@ pub enum EventBody {
         text: String,
     },
     Result(Value),
+    /// The result of a task whose result is too large for an event: where it is stored
+    /// (`GET /v1/tasks/{id}/result` reads it).
+    #[serde(rename = "result_ref")]
+    ResultRef(PayloadRef),
     Error(TaskError),
 }
 

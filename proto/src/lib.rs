@@ -5,11 +5,12 @@
 //! built-in kinds, validated at the edge), [`event`] (what goes out on `progress.>`), [`api`]
 //! (request/reply payloads), [`topology`] (subjects, streams, consumers, the `tasks` bucket and the
 //! one idempotent `ensure`), [`records`] (reading, creating and compare-and-setting task records:
-//! the one place every service does it), [`connect`] (how every process dials NATS) and [`nats_server`]
+//! the one place every service does it), [`payloads`] (inputs and results too large for a record,
+//! in the object store), [`connect`] (how every process dials NATS) and [`nats_server`]
 //! (finding and starting a local nats-server for `claw up` and the tests), [`logs`] (the
 //! binaries' log set-up, text or JSON), [`metrics`] (the Prometheus recorder and `/metrics`), [`signal`] (the stop signal), [`trace`] (W3C `traceparent` from submit to worker).
 //!
-//! Only `topology`, `records`, `connect`, `nats_server` and `metrics` do I/O; the model modules are plain data.
+//! Only `topology`, `records`, `payloads`, `connect`, `nats_server` and `metrics` do I/O; the model modules are plain data.
 
 pub mod api;
 pub mod connect;
@@ -18,6 +19,7 @@ pub mod kinds;
 pub mod logs;
 pub mod metrics;
 pub mod nats_server;
+pub mod payloads;
 pub mod records;
 pub mod signal;
 pub mod spec;
@@ -25,4 +27,6 @@ pub mod task;
 pub mod topology;
 pub mod trace;
 
-pub use task::{Cause, Class, Priority, Progress, Session, Status, TaskError, TaskId, TaskRecord};
+pub use task::{
+    Cause, Class, PayloadRef, Priority, Progress, Session, Status, TaskError, TaskId, TaskRecord,
+};

@@ -11,7 +11,7 @@ use serde_json::Value;
 use time::OffsetDateTime;
 
 use crate::kinds::Catalog;
-use crate::task::{Cause, Class, Priority, Session, Status, TaskId, TaskRecord};
+use crate::task::{Cause, Class, PayloadRef, Priority, Session, Status, TaskId, TaskRecord};
 
 /// A task as submitted. Unknown fields are refused so that a typo is an error, not a default.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -38,6 +38,11 @@ pub struct TaskSpec {
     /// Seconds from submission after which no attempt starts (queueing and retries included).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deadline_s: Option<u64>,
+    /// Set by the gateway (or a worker) on the lane message of a task whose input is in the
+    /// `payloads` object store; `input` is then `null`. A submitter never sets it: a worker
+    /// takes only the object named after the task's own id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub input_ref: Option<PayloadRef>,
 }
 
 /// The limits admission enforces. The caps are configuration of the gateway (and of the worker
@@ -154,7 +159,15 @@ impl TaskSpec {
         if !catalog.knows(&self.kind) {
             return Err(Invalid::field("kind", format!("unknown kind {:?}", self.kind)));
         }
-        catalog.validate_input(&self.kind, &self.input)?;
+        match &self.input_ref {
+            // Checked when it was stored, by whoever stored it; its content is not here.
+            Some(stored) => {
+                if stored.name != crate::payloads::object_name(&id, crate::payloads::Part::Input) {
+                    return Err(Invalid::field("input_ref", "names another task's payload"));
+                }
+            }
+            None => catalog.validate_input(&self.kind, &self.input)?,
+        }
         let (class, priority) = match lane {
             Some(lane) => lane,
             None => (self.resolve_class(catalog)?, self.priority.unwrap_or(Priority::Normal)),
@@ -215,6 +228,8 @@ impl TaskSpec {
             paused_from: None,
             message_seq: None,
             owner: None,
+            input_ref: self.input_ref.clone(),
+            result_ref: None,
         })
     }
 
@@ -233,6 +248,7 @@ impl TaskSpec {
             timeout_s: Some(record.timeout_s),
             max_attempts: Some(record.max_attempts),
             deadline_s: Some(remaining),
+            input_ref: record.input_ref.clone(),
         }
     }
 }

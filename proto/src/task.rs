@@ -280,6 +280,23 @@ impl TaskError {
     }
 }
 
+/// A task's input or result kept in the `payloads` object store instead of in its record,
+/// because it is larger than [`crate::payloads::INLINE_MAX`]: the record, every revision of it,
+/// the lane message and the events stay small, and a payload can be larger than a NATS message.
+/// `GET /v1/tasks/{id}/input` and `/result` read it; so does `nats object get payloads <name>`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PayloadRef {
+    /// The object store bucket (`payloads`).
+    pub bucket: String,
+    /// The object's name: `<task_id>/input` or `<task_id>/result`.
+    pub name: String,
+    /// Bytes of JSON.
+    pub size: u64,
+    /// The object store's digest, `SHA-256=<base64url>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub digest: Option<String>,
+}
+
 /// The record of one task: the value under its id in the `tasks` bucket.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct TaskRecord {
@@ -330,6 +347,12 @@ pub struct TaskRecord {
     /// `claw.api.submit`, and a gateway without tokens; only admin principals see those.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub owner: Option<String>,
+    /// Where the input is when it is too large to be inline (`input` is then `null`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub input_ref: Option<PayloadRef>,
+    /// Where the result is when it is too large to be inline (`result` is then `null`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result_ref: Option<PayloadRef>,
 }
 
 /// A move the state machine does not allow, with the state it was refused in.
@@ -377,12 +400,31 @@ impl TaskRecord {
     }
 
     pub fn succeed(&mut self, result: Value, now: OffsetDateTime) -> Result<(), IllegalTransition> {
+        self.succeed_with(Some(result), None, now)
+    }
+
+    /// Succeeds with a result kept in the object store ([`PayloadRef`]).
+    pub fn succeed_stored(
+        &mut self,
+        result: PayloadRef,
+        now: OffsetDateTime,
+    ) -> Result<(), IllegalTransition> {
+        self.succeed_with(None, Some(result), now)
+    }
+
+    fn succeed_with(
+        &mut self,
+        result: Option<Value>,
+        result_ref: Option<PayloadRef>,
+        now: OffsetDateTime,
+    ) -> Result<(), IllegalTransition> {
         if self.status != Status::Running {
             return Err(self.refuse("complete"));
         }
         self.status = Status::Succeeded;
         self.cause = Some(Cause::Worker);
-        self.result = Some(result);
+        self.result = result;
+        self.result_ref = result_ref;
         self.error = None;
         self.finished_at = Some(now);
         if let Some(p) = &mut self.progress {
@@ -508,6 +550,7 @@ impl TaskRecord {
         self.attempt = 0;
         self.cause = Some(Cause::User);
         self.result = None;
+        self.result_ref = None;
         self.finished_at = None;
         self.progress = None;
         self.paused_from = None;
@@ -549,6 +592,8 @@ mod tests {
             paused_from: None,
             message_seq: None,
             owner: None,
+            input_ref: None,
+            result_ref: None,
         }
     }
 

@@ -12,6 +12,7 @@ use std::time::Duration;
 use async_nats::jetstream::{self, consumer, kv, stream};
 use serde_json::{Map, Value};
 
+use crate::payloads::{self, Payloads};
 use crate::records::Records;
 use crate::task::{Class, Priority, Session, TaskId};
 
@@ -25,6 +26,10 @@ pub const TASKS_KV_STREAM: &str = "KV_tasks";
 /// used it), and the stream behind it. Only a gateway with API tokens writes it.
 pub const SESSIONS_BUCKET: &str = "sessions";
 pub const SESSIONS_KV_STREAM: &str = "KV_sessions";
+/// The object store bucket of large task inputs and results (`claw_proto::payloads`), and the
+/// stream behind it.
+pub const PAYLOADS_BUCKET: &str = "payloads";
+pub const PAYLOADS_STREAM: &str = "OBJ_payloads";
 /// The archiver's durable consumer on [`TASKS_KV_STREAM`].
 pub const ARCHIVER_CONSUMER: &str = "archiver";
 
@@ -201,6 +206,9 @@ pub struct Topology {
     pub tasks_kv: kv::Store,
     /// Task records: the one way services read, create and compare-and-set them.
     pub records: Records,
+    /// Large inputs and results, capped at [`payloads::DEFAULT_MAX_BYTES`]; a service with
+    /// another cap takes `payloads.with_max_bytes(..)`.
+    pub payloads: Payloads,
 }
 
 impl Topology {
@@ -226,12 +234,13 @@ macro_rules! def {
     };
 }
 
-const STREAMS: [Definition; 5] = [
+const STREAMS: [Definition; 6] = [
     def!("streams/TASKS.json"),
     def!("streams/PROGRESS.json"),
     def!("streams/DLQ.json"),
     def!("streams/KV_tasks.json"),
     def!("streams/KV_sessions.json"),
+    def!("streams/OBJ_payloads.json"),
 ];
 
 const LANE_CONSUMERS: [Definition; 6] = [
@@ -311,7 +320,10 @@ pub async fn ensure(js: &jetstream::Context, settings: &Settings) -> Result<Topo
         .map_err(|e| Error::Nats { what: format!("stream {TASKS_KV_STREAM}"), source: e.into() })?;
     let max_payload = js.client().server_info().max_payload;
     let records = Records::new(tasks_kv.clone(), kv_stream, max_payload);
-    Ok(Topology { js: js.clone(), tasks_kv, records })
+    let payloads = Payloads::open(js, payloads::DEFAULT_MAX_BYTES)
+        .await
+        .map_err(|e| Error::Nats { what: format!("bucket {PAYLOADS_BUCKET}"), source: e.into() })?;
+    Ok(Topology { js: js.clone(), tasks_kv, records, payloads })
 }
 
 /// How long a process starting up waits for JetStream to take the topology (see

@@ -346,3 +346,43 @@ async fn cancel_tasks_and_pause_lanes() {
     assert_eq!(watched.status.code(), Some(1), "{stdout}");
     assert!(stdout.lines().last().unwrap_or_default().starts_with("cancelled"), "{stdout}");
 }
+
+/// `claw get --result FILE` saves a result whole, whether inline or in the object store, over
+/// HTTP and over NATS; `--input` does the same for the input. `claw get` shows where a stored
+/// payload is instead of printing it.
+#[tokio::test]
+async fn get_saves_a_stored_result_whole_over_http_and_nats() {
+    let s = stack(WORKER).await;
+    // Over the 64 KiB inline limit, under the 128 KiB an argument may have.
+    let echo = "e".repeat(100_000);
+    let spec = serde_json::json!({"seconds": 0, "echo": echo}).to_string();
+    let out = http(&s.gw, &["submit", "sleep", "--input", &spec, "--json"]).await;
+    assert_eq!(out.code, 0, "{out:?}");
+    let id = out.json()["id"].as_str().unwrap().to_owned();
+    let url = s.gw.url(&format!("/v1/tasks/{id}"));
+    wait_for("the task to succeed", Duration::from_secs(20), || async {
+        let r: Value = reqwest::get(&url).await.ok()?.json().await.ok()?;
+        (r["status"] == "succeeded").then_some(())
+    })
+    .await;
+
+    let shown = http(&s.gw, &["get", &id]).await;
+    assert!(shown.stdout.contains(&format!("stored as {id}/result")), "{shown:?}");
+    assert!(!shown.stdout.contains(&echo[..1000]), "the payload is not printed");
+    for (backend, file) in [("http", "r-http.json"), ("nats", "r-nats.json")] {
+        let path = s.nats.dir.path().join(file);
+        let path = path.to_str().unwrap();
+        let out = match backend {
+            "http" => http(&s.gw, &["get", &id, "--result", path]).await,
+            _ => nats(&s.nats, &["get", &id, "--result", path]).await,
+        };
+        assert_eq!(out.code, 0, "{backend}: {out:?}");
+        let saved: Value = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
+        assert_eq!(saved["echo"].as_str(), Some(echo.as_str()), "{backend}");
+    }
+    let path = s.nats.dir.path().join("input.json");
+    let out = nats(&s.nats, &["get", &id, "--input", path.to_str().unwrap()]).await;
+    assert_eq!(out.code, 0, "{out:?}");
+    let input: Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    assert_eq!(input, serde_json::from_str::<Value>(&spec).unwrap());
+}

@@ -14,6 +14,7 @@ mod interop;
 mod isolation;
 mod llm;
 mod metrics;
+mod payloads;
 mod permissions;
 mod pipeline;
 mod shipped;

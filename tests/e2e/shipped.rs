@@ -62,13 +62,22 @@ async fn tasks_succeed_first_time_as_shipped(nats: Shipped) {
         assert_eq!(answer["status"], "queued", "{answer}");
         ids.push(id_of(&answer));
     }
+    // A task whose input and result are too large for a record: the object store, as the
+    // gateway's and the worker's roles use it.
+    let echo = "z".repeat(200_000);
+    let spec =
+        json!({"kind": "sleep", "session": "shipped", "input": {"seconds": 1, "echo": echo}});
+    let answer = post_json(&http, &gateway.url("/v1/tasks"), Some(&spec)).await;
+    assert!(answer["input_ref"].is_object(), "{}", answer["error"]);
+    let large = id_of(&answer);
+    ids.push(large.clone());
     // A NATS-native task, published by the publisher role straight to its lane.
     let publisher = connect_as(&nats, "publisher").await;
     let mut headers = HeaderMap::new();
     let native_id = format!("shipped-native-{}", uuid::Uuid::new_v4().simple());
     headers.insert("Nats-Msg-Id", native_id.as_str());
     let spec = json!({"kind": "sleep", "session": "publisher", "input": {"seconds": 3}});
-    claw_proto::connect::jetstream(publisher)
+    claw_proto::connect::jetstream(publisher.clone())
         .publish_with_headers("tasks.short.normal", headers, spec.to_string().into())
         .await
         .expect("publish")
@@ -94,13 +103,40 @@ async fn tasks_succeed_first_time_as_shipped(nats: Shipped) {
         );
     }
 
+    // The large result reads back over HTTP, and over NATS as the publisher role (a
+    // NATS-native client follows the record's reference into the object store).
+    let result: Value = http
+        .get(gateway.url(&format!("/v1/tasks/{large}/result")))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(result["echo"].as_str().map(str::len), Some(200_000));
+    let record: TaskRecord = http
+        .get(gateway.url(&format!("/v1/tasks/{large}")))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let stored = record.result_ref.expect("the result is stored");
+    let pub_js = claw_proto::connect::jetstream(publisher);
+    let payloads = claw_proto::payloads::Payloads::open(&pub_js, usize::MAX)
+        .await
+        .expect("the bucket, as publisher");
+    let bytes = payloads.read(&stored).await.expect("the result, as publisher");
+    assert_eq!(serde_json::from_slice::<Value>(&bytes).unwrap(), result);
+
     // History comes from the archiver, as its role.
     let page: Value = wait_for("the archived history", Duration::from_secs(30), || {
         let url = gateway.url("/v1/tasks?session=shipped");
         let http = &http;
         async move {
             let page: Value = http.get(url).send().await.ok()?.json().await.ok()?;
-            (page["tasks"].as_array()?.len() == 5).then_some(page)
+            (page["tasks"].as_array()?.len() == 6).then_some(page)
         }
     })
     .await;

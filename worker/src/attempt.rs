@@ -32,6 +32,7 @@ use std::time::Duration;
 use async_nats::Client;
 use async_nats::jetstream::{self, AckKind};
 use claw_proto::kinds::Catalog;
+use claw_proto::payloads::Payloads;
 use claw_proto::records::Records;
 use claw_proto::spec::{Invalid, Limits, TaskSpec};
 use claw_proto::topology::{Lane, headers};
@@ -66,6 +67,8 @@ pub(crate) struct Worker {
     pub client: Client,
     pub js: jetstream::Context,
     pub records: Records,
+    /// Large inputs and results, capped at the configured payload size.
+    pub payloads: Payloads,
     pub config: Config,
     pub registry: Registry,
     pub catalog: Catalog,

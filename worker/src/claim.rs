@@ -120,11 +120,19 @@ async fn write_invalid_record(d: &Delivery, spec: Option<&TaskSpec>, problem: &s
         paused_from: None,
         message_seq: Some(d.stream_seq),
         owner: None,
+        input_ref: spec.and_then(|s| s.input_ref.clone()),
+        result_ref: None,
     };
     if record.fail(error.clone(), Cause::DeadLetter, now()).is_err() {
         return;
     }
-    let written = match w.records.create(&record).await {
+    let mut created = w.records.create(&record).await;
+    if let Err(records::Error::TooLarge { .. }) = created {
+        // The input is what made the message invalid or too large: the record goes without it.
+        record.input = serde_json::Value::Null;
+        created = w.records.create(&record).await;
+    }
+    let written = match created {
         Ok(_) => Some(record),
         // A record exists (the gateway made it, or an earlier delivery): fail that one.
         Err(records::Error::Conflict) => match w.records.read(&d.id).await {
@@ -161,9 +169,17 @@ async fn load_or_admit(d: &Delivery, spec: &TaskSpec) -> Result<Loaded, Load> {
             Err(e) => return Err(Load::Nats(e.to_string())),
         }
         let lane = Some((d.lane.class, d.lane.priority));
-        let queued = spec
+        let mut queued = spec
             .admit(d.id.clone(), d.published, lane, &w.catalog, &w.limits)
             .map_err(|e| Load::Invalid(describe(e)))?;
+        // A NATS-native message may carry an input up to the server's message size: one over
+        // the inline limit is stored as the gateway would have stored it.
+        if let Err(e) = w.payloads.externalize_input(&mut queued).await {
+            return Err(match e {
+                e @ claw_proto::payloads::Error::TooLarge { .. } => Load::Invalid(e.to_string()),
+                e => Load::Nats(e.to_string()),
+            });
+        }
         let now = now();
         if now > queued.deadline {
             // Too late to start: created `queued`, and `start` dead-letters it.

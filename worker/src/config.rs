@@ -65,6 +65,14 @@ pub struct Config {
     /// The `llm` kind's endpoint; without it the worker does not run `llm` tasks.
     #[serde(default)]
     pub llm: Option<crate::kinds::llm::LlmConfig>,
+    /// Largest result in bytes of JSON. Results over 64 KiB are kept in the `payloads` object
+    /// store, not in the record; a larger one fails the task (`result_too_large`).
+    #[serde(default = "default_payload_max_bytes")]
+    pub payload_max_bytes: usize,
+}
+
+fn default_payload_max_bytes() -> usize {
+    claw_proto::payloads::DEFAULT_MAX_BYTES
 }
 
 /// `[pools]`.

@@ -82,6 +82,7 @@ pub async fn run_with(
         client: client.clone(),
         js: topology.js.clone(),
         records: topology.records.clone(),
+        payloads: topology.payloads.with_max_bytes(config.payload_max_bytes),
         catalog: registry.catalog(),
         limits: config.admission_limits(),
         registry,

@@ -11,7 +11,7 @@
 use std::time::Duration;
 
 use claw_proto::event::EventBody;
-use claw_proto::{TaskError, TaskRecord, records};
+use claw_proto::{PayloadRef, TaskError, TaskRecord, payloads, records};
 use tokio::time::{Instant, MissedTickBehavior};
 
 use crate::attempt::{Delivery, Held, now, same_attempt};
@@ -40,6 +40,8 @@ pub(crate) async fn settle(
     let (attempt, max_attempts) = (held.record.attempt, held.record.max_attempts);
     let mut decision = decide(outcome, attempt, max_attempts, &w.config.retry);
     let mut dead_lettered = false;
+    // Where a result too large for the record went, once it is stored.
+    let mut stored: Option<PayloadRef> = None;
     loop {
         match &decision {
             Decision::Release => {
@@ -63,11 +65,28 @@ pub(crate) async fn settle(
                 }
                 dead_lettered = true;
             }
+            Decision::Succeed(value)
+                if stored.is_none() && payloads::json_size(value) > payloads::INLINE_MAX =>
+            {
+                match store_result(d, value).await {
+                    Ok(reference) => stored = Some(reference),
+                    Err(Unstored::TooLarge(error)) => {
+                        let cause = claw_proto::Cause::Error;
+                        decision = Decision::GiveUp { error, cause, reason: reason::NON_RETRYABLE };
+                        continue;
+                    }
+                    Err(Unstored::Settled(Decision::HandBack)) => {
+                        give_back(d, &mut held).await;
+                        return Decision::HandBack;
+                    }
+                    Err(Unstored::Settled(instead)) => return instead,
+                }
+            }
             Decision::Succeed(_) | Decision::Retry { .. } | Decision::GiveUp { .. } => {}
             // A decision that no attempt ends with: nothing to write.
             _ => return decision,
         }
-        match write_final(d, &mut held, &decision).await {
+        match write_final(d, &mut held, &decision, stored.as_ref()).await {
             Written::Done => break,
             Written::Settled(Decision::HandBack) => {
                 give_back(d, &mut held).await;
@@ -96,8 +115,50 @@ pub(crate) async fn settle(
             }
         }
     }
-    announce(d, &held.record, &decision).await;
+    announce(d, &held.record, &decision, stored.as_ref()).await;
     decision
+}
+
+/// Why a result was not stored.
+enum Unstored {
+    /// Larger than the payload cap: the task fails, saying so.
+    TooLarge(TaskError),
+    /// The bucket stayed unavailable: the delivery ends like an unwritable outcome.
+    Settled(Decision),
+}
+
+/// Stores a result too large for the record in the `payloads` object store, retrying while the
+/// bucket is unavailable under the same patience, and with the same lease, as the record write.
+async fn store_result(d: &Delivery, value: &serde_json::Value) -> Result<PayloadRef, Unstored> {
+    let w = &d.worker;
+    let json = serde_json::to_vec(value).expect("a JSON value serializes");
+    let patience = Instant::now() + FINAL_WRITE_PATIENCE;
+    let lease_limit = w.ack_deadline * 2 / 3;
+    let mut wait = Duration::from_millis(100);
+    loop {
+        let e = match w.payloads.put(&d.id, payloads::Part::Result, &json).await {
+            Ok(reference) => return Ok(reference),
+            Err(e @ payloads::Error::TooLarge { .. }) => {
+                return Err(Unstored::TooLarge(TaskError::new(
+                    "result_too_large",
+                    e.to_string(),
+                    false,
+                )));
+            }
+            Err(e) => e,
+        };
+        if Instant::now() + wait > patience || w.contact.silence() > lease_limit {
+            tracing::warn!(error = %e, "could not store the result; leaving the task to redelivery");
+            return Err(Unstored::Settled(Decision::Release));
+        }
+        tracing::warn!(error = %e, ?wait, "cannot store the result yet; retrying");
+        d.heartbeat().await;
+        tokio::select! {
+            () = tokio::time::sleep(wait) => {}
+            () = w.hand_back.cancelled() => return Err(Unstored::Settled(Decision::HandBack)),
+        }
+        wait = (wait * 2).min(FINAL_WRITE_RETRY_MAX);
+    }
 }
 
 /// How long a draining worker tries to write a hand-back: the drain deadline has passed, and
@@ -154,12 +215,21 @@ enum Written {
 }
 
 /// The events of a written outcome: the result or error, then the new status.
-async fn announce(d: &Delivery, record: &TaskRecord, decision: &Decision) {
+async fn announce(
+    d: &Delivery,
+    record: &TaskRecord,
+    decision: &Decision,
+    stored: Option<&PayloadRef>,
+) {
     let client = &d.worker.client;
     match decision {
         Decision::Succeed(value) => {
             tracing::info!("attempt succeeded");
-            events::publish(client, record, EventBody::Result(value.clone())).await;
+            let body = match stored {
+                Some(reference) => EventBody::ResultRef(reference.clone()),
+                None => EventBody::Result(value.clone()),
+            };
+            events::publish(client, record, body).await;
         }
         Decision::Retry { error, delay, .. } => {
             tracing::info!(%error, ?delay, "attempt failed; will retry");
@@ -199,7 +269,12 @@ async fn hold_paused(d: &Delivery, held: &mut Held, control: &Registration) -> O
 /// following newer revisions of its own record. While the bucket is unavailable (a leader
 /// election) it keeps trying, and keeps the lease, for up to [`FINAL_WRITE_PATIENCE`]: giving
 /// up means redelivery, and redelivery means running the task again.
-async fn write_final(d: &Delivery, held: &mut Held, decision: &Decision) -> Written {
+async fn write_final(
+    d: &Delivery,
+    held: &mut Held,
+    decision: &Decision,
+    stored: Option<&PayloadRef>,
+) -> Written {
     let w = &d.worker;
     let patience = Instant::now() + FINAL_WRITE_PATIENCE;
     let lease_limit = w.ack_deadline * 2 / 3;
@@ -231,7 +306,10 @@ async fn write_final(d: &Delivery, held: &mut Held, decision: &Decision) -> Writ
             let mut next = held.record.clone();
             let now = now();
             let moved = match decision {
-                Decision::Succeed(value) => next.succeed(value.clone(), now),
+                Decision::Succeed(value) => match stored {
+                    Some(reference) => next.succeed_stored(reference.clone(), now),
+                    None => next.succeed(value.clone(), now),
+                },
                 Decision::Retry { error, cause, .. } => next.retry_later(error.clone(), *cause),
                 Decision::GiveUp { error, cause, .. } => next.fail(error.clone(), *cause, now),
                 _ => return Written::Settled(decision.clone()),

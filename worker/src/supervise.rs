@@ -44,11 +44,18 @@ const ABORT_SLACK: Duration = Duration::from_secs(1);
 /// record's control states (cancel, pause, resume).
 pub(crate) async fn supervise(d: &Delivery, held: &mut Held, control: &Registration) -> Outcome {
     let w = &d.worker;
-    let task = held.record.clone();
+    let mut task = held.record.clone();
     let Some(handler) = w.registry.get(&task.kind) else {
         let message = format!("this worker has no handler for kind {:?}", task.kind);
         return Outcome::Failed(TaskError::new("unknown_kind", message, false));
     };
+    // The handler sees the input itself, even when the record only refers to it.
+    if task.input_ref.is_some() {
+        match w.payloads.input_of(&task).await {
+            Ok(input) => task.input = input,
+            Err(e) => return Outcome::Failed(input_error(e)),
+        }
+    }
     let limits = w.config.isolation.for_attempt(task.timeout_s);
     let ctx = Context::new(CancellationToken::new()).with_child_limits(limits);
     let in_child =
@@ -179,6 +186,13 @@ pub(crate) async fn supervise(d: &Delivery, held: &mut Held, control: &Registrat
         Ok(Err(error)) => Outcome::Failed(error),
         Err(e) => Outcome::Failed(TaskError::new("panic", format!("handler: {e}"), true)),
     }
+}
+
+/// Why a stored input could not be had: retryable only while the bucket is unavailable.
+fn input_error(e: claw_proto::payloads::Error) -> TaskError {
+    use claw_proto::payloads::Error as E;
+    let retryable = matches!(e, E::Unavailable(_));
+    TaskError::new("input_unavailable", format!("the task's stored input: {e}"), retryable)
 }
 
 /// Watches the worker's contact with the server on its own task, and stops the handler (kills
