@@ -54,6 +54,17 @@ pub fn lease_subject(probe: &str) -> String {
     format!("claw.lease.{probe}")
 }
 
+/// Every worker answers status requests here (gather the replies).
+pub const WORKER_STATUS_ALL: &str = "claw.worker.status";
+
+/// Only the worker called `name` answers here: `claw.worker.<name>.status`, with `.`, `*`, `>`
+/// and spaces in the name made `_` so it stays one token.
+pub fn worker_status_subject(name: &str) -> String {
+    let token: String =
+        name.chars().map(|c| if matches!(c, '.' | '*' | '>' | ' ') { '_' } else { c }).collect();
+    format!("claw.worker.{token}.status")
+}
+
 /// Request/reply services.
 pub const API_SERVICE: &str = "claw-api";
 pub const API_GROUP: &str = "claw.api";
@@ -546,6 +557,53 @@ mod tests {
         assert_eq!(tasks["num_replicas"], 3);
         let kv = streams.iter().find(|m| m["name"] == TASKS_KV_STREAM).unwrap();
         assert_eq!(kv["max_age"], 60_000_000_000u64);
+    }
+
+    /// "No file but topology.rs spells a subject": every service's source (tests aside) is
+    /// searched for string literals that start like one of our subjects. `bench/` is left out:
+    /// it measures the system from outside, as a NATS-native client would, without our crates.
+    #[test]
+    fn no_other_source_spells_a_subject() {
+        const SUBJECT_STARTS: [&str; 11] = [
+            "\"tasks.",
+            "\"progress.",
+            "\"dlq.",
+            "\"claw.api",
+            "\"claw.archive",
+            "\"claw.control",
+            "\"claw.lease",
+            "\"claw.worker",
+            "\"$KV.",
+            "\"$O.",
+            "\"_CLAW",
+        ];
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let mut found = Vec::new();
+        let mut dirs: Vec<_> = ["proto", "gateway", "worker", "archiver", "cli", "examples"]
+            .iter()
+            .map(|d| root.join(d))
+            .collect();
+        while let Some(dir) = dirs.pop() {
+            for entry in std::fs::read_dir(&dir).unwrap().flatten() {
+                let path = entry.path();
+                if path.is_dir() {
+                    dirs.push(path);
+                    continue;
+                }
+                if path.extension().is_none_or(|e| e != "rs") || path.ends_with("topology.rs") {
+                    continue;
+                }
+                let text = std::fs::read_to_string(&path).unwrap();
+                // Unit tests may spell subjects to check them.
+                let code = text.split("#[cfg(test)]").next().unwrap_or_default();
+                for (n, line) in code.lines().enumerate() {
+                    if SUBJECT_STARTS.iter().any(|s| line.contains(s)) {
+                        found.push(format!("{}:{}: {}", path.display(), n + 1, line.trim()));
+                    }
+                }
+            }
+        }
+        assert!(found.is_empty(), "subjects spelled outside topology.rs:\n{}", found.join("\n"));
     }
 
     #[test]

@@ -15,13 +15,11 @@ use crate::Error;
 use crate::sizing::{PoolStatus, Slots, rss_bytes};
 
 /// The subject every worker answers on.
-pub const ALL_SUBJECT: &str = "claw.worker.status";
+pub const ALL_SUBJECT: &str = claw_proto::topology::WORKER_STATUS_ALL;
 
 /// The subject only the worker called `name` answers on.
 pub fn subject_of(name: &str) -> String {
-    let token: String =
-        name.chars().map(|c| if matches!(c, '.' | '*' | '>' | ' ') { '_' } else { c }).collect();
-    format!("claw.worker.{token}.status")
+    claw_proto::topology::worker_status_subject(name)
 }
 
 /// One worker's answer.
