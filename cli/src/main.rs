@@ -43,7 +43,7 @@ enum Command {
 }
 
 fn main() -> anyhow::Result<ExitCode> {
-    if std::env::args().nth(1).as_deref() == Some("__run-task") {
+    if std::env::args().nth(1).as_deref() == Some(claw_worker::child::RUN_TASK_ARG) {
         std::process::exit(claw_worker::child::run_task_main());
     }
     let cli = Cli::parse();

@@ -1,4 +1,4 @@
-//! API tokens and the principals they stand for (DESIGN §4, "Security").
+//! API tokens and the principals they stand for: a principal sees only its own tasks and sessions.
 //!
 //! With `--tokens FILE` every `/v1/*` request names a principal with `Authorization: Bearer
 //! <token>` (a WebSocket may instead offer the subprotocol `claw.bearer.<token>`, because

@@ -1,4 +1,4 @@
-//! API tokens and principals (DESIGN §4): a gateway started with a tokens file of two principals
+//! API tokens and principals: a gateway started with a tokens file of two principals
 //! (alice, bob) and an admin (ops), on a real nats-server with a worker and the archiver.
 //! Without a known token every `/v1/*` route is 401; a principal sees, controls, lists and
 //! watches only its own tasks and sessions (404 otherwise, as for what does not exist); an admin
