@@ -250,27 +250,22 @@ async fn a_repeat_of_an_orphaned_keyed_submit_queues_its_task() {
     topo.records.create(&orphan).await.unwrap();
     assert_eq!(stream_messages(&topo.js, topology::TASKS_STREAM).await, 0);
 
-    let response = reqwest::Client::new()
-        .post(gw.url("/v1/tasks"))
-        .header("Idempotency-Key", "orphan-1")
-        .body(spec.to_string())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), StatusCode::OK);
-    let body: Value = response.json().await.unwrap();
+    let repeat = || async {
+        let response = reqwest::Client::new()
+            .post(gw.url("/v1/tasks"))
+            .header("Idempotency-Key", "orphan-1")
+            .body(spec.to_string())
+            .send()
+            .await
+            .unwrap();
+        (response.status(), response.json::<Value>().await.unwrap())
+    };
+    let (status, body) = repeat().await;
+    assert_eq!(status, StatusCode::OK);
     assert_eq!(body["id"], id.as_str());
     assert_eq!(stream_messages(&topo.js, topology::TASKS_STREAM).await, 1, "its message is queued");
-
     // A second repeat within the duplicate window stores nothing more.
-    let again = reqwest::Client::new()
-        .post(gw.url("/v1/tasks"))
-        .header("Idempotency-Key", "orphan-1")
-        .body(spec.to_string())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(again.status(), StatusCode::OK);
+    assert_eq!(repeat().await.0, StatusCode::OK);
     assert_eq!(stream_messages(&topo.js, topology::TASKS_STREAM).await, 1, "deduplicated");
     let _worker = claw_tests::start_worker(&topo, "ack_deadline_s = 2.0");
     claw_tests::wait_status(&topo, &id, claw_proto::Status::Succeeded).await;

@@ -112,12 +112,7 @@ impl Shipped {
         // Bound and released: a port taken meanwhile by another test fails the start, which
         // is retried with new ports.
         for _ in 0..5 {
-            let ports: Vec<u16> = (0..3)
-                .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("free port"))
-                .collect::<Vec<_>>()
-                .iter()
-                .map(|l| l.local_addr().expect("addr").port())
-                .collect();
+            let ports = crate::free_ports(3);
             let routes: Vec<String> =
                 ports.iter().map(|p| format!("nats://127.0.0.1:{p}")).collect();
             let mut nodes = Vec::new();

@@ -533,6 +533,14 @@ impl Nats {
     }
 }
 
+/// `n` distinct loopback ports that were free a moment ago (bound together, then released):
+/// whoever uses them must cope with one being taken meanwhile.
+pub fn free_ports(n: usize) -> Vec<u16> {
+    let listeners: Vec<_> =
+        (0..n).map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("free port")).collect();
+    listeners.iter().map(|l| l.local_addr().expect("addr").port()).collect()
+}
+
 /// Three nats-server processes forming one JetStream cluster on loopback (configs written like
 /// `nats/cluster/n*.conf`, with free ports), each with its own store.
 #[derive(Debug)]
@@ -545,12 +553,7 @@ impl Cluster {
     pub fn start() -> Cluster {
         init_tracing();
         let dir = TestDir::new();
-        let ports: Vec<u16> = (0..3)
-            .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("free port"))
-            .collect::<Vec<_>>()
-            .iter()
-            .map(|l| l.local_addr().expect("addr").port())
-            .collect();
+        let ports = free_ports(3);
         let routes: Vec<String> =
             ports.iter().map(|p| format!("\"nats-route://127.0.0.1:{p}\"")).collect();
         let nodes = (0..3)
