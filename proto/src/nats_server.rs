@@ -260,11 +260,11 @@ impl NatsServer {
     }
 }
 
-#[allow(unsafe_code)]
 fn signal(child: &Child, sig: libc::c_int) {
-    // SAFETY: kill(2) on the pid of a child we have not reaped yet cannot hit another process.
-    unsafe {
-        libc::kill(child.id() as libc::pid_t, sig);
+    use nix::sys::signal::{Signal, kill};
+    // A child not reaped yet: its pid cannot belong to another process.
+    if let (Ok(pid), Ok(sig)) = (i32::try_from(child.id()), Signal::try_from(sig)) {
+        let _ = kill(nix::unistd::Pid::from_raw(pid), sig);
     }
 }
 

@@ -272,12 +272,11 @@ pub async fn record(topology: &Topology, id: &str) -> Option<claw_proto::TaskRec
     serde_json::from_slice(&bytes).ok()
 }
 
-/// Sends `sig` to process `pid`.
-#[allow(unsafe_code)]
+/// Sends `sig` to process `pid`; a stale pid at worst signals nothing.
 pub fn signal(pid: u32, sig: libc::c_int) {
-    // SAFETY: kill(2) has no memory effects; a stale pid at worst signals nothing.
-    unsafe {
-        libc::kill(pid as libc::pid_t, sig);
+    use nix::sys::signal::{Signal, kill};
+    if let (Ok(pid), Ok(sig)) = (i32::try_from(pid), Signal::try_from(sig)) {
+        let _ = kill(nix::unistd::Pid::from_raw(pid), sig);
     }
 }
 
