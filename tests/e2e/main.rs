@@ -17,6 +17,7 @@ mod metrics;
 mod permissions;
 mod pipeline;
 mod shipped;
+mod soak;
 mod topology;
 mod up;
 mod worker;
