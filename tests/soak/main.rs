@@ -53,6 +53,15 @@ fn seconds(text: &str) -> Result<Duration, String> {
 
 fn main() {
     let args = Args::parse();
+    // The soak's own diagnostics (its NATS client reconnecting through the faults) go to
+    // stderr, errors only unless RUST_LOG says otherwise, so stdout holds the report.
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "error".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
     let dir = args.dir.unwrap_or_else(|| {
         let stamp = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)

@@ -529,7 +529,7 @@ async fn quiesce(
         }
         if !still.is_empty() {
             // A record may have left the bucket already; the archive then has the last word.
-            let rows = archive_rows(db).await;
+            let rows = archive_rows_of(db, &still).await;
             still.retain(|id| match rows.get(id) {
                 Some(row) if row.is_terminal() => {
                     finals.insert(id.clone(), ("archive".into(), row.clone()));
@@ -563,6 +563,31 @@ async fn wait_archived(db: &Path, ids: &BTreeSet<String>) -> BTreeMap<String, Re
     }
 }
 
+/// The archive's rows for `ids` (a whole-table read when there are many).
+async fn archive_rows_of(db: &Path, ids: &[String]) -> BTreeMap<String, RecordView> {
+    if ids.len() > 200 {
+        return archive_rows(db).await;
+    }
+    let options = sqlx::sqlite::SqliteConnectOptions::new().filename(db).read_only(true);
+    let Ok(mut conn) = sqlx::ConnectOptions::connect(&options).await else {
+        return BTreeMap::new();
+    };
+    let mut rows = BTreeMap::new();
+    for id in ids {
+        let row: Option<(String, String)> =
+            sqlx::query_as("SELECT status, record FROM tasks WHERE id = ?")
+                .bind(id)
+                .fetch_optional(&mut conn)
+                .await
+                .ok()
+                .flatten();
+        if let Some((status, record)) = row {
+            rows.insert(id.clone(), record_view(status, &record));
+        }
+    }
+    rows
+}
+
 /// Every row of the archive, by id, with the record it holds (read-only; only the archiver
 /// writes). Empty if the file cannot be read yet.
 async fn archive_rows(db: &Path) -> BTreeMap<String, RecordView> {
@@ -575,21 +600,20 @@ async fn archive_rows(db: &Path) -> BTreeMap<String, RecordView> {
             .fetch_all(&mut conn)
             .await
             .unwrap_or_default();
-    rows.into_iter()
-        .map(|(id, status, record)| {
-            let view = serde_json::from_str::<RecordView>(&record).unwrap_or(RecordView {
-                status: status.clone(),
-                attempt: 0,
-                cause: None,
-                worker: None,
-                error: None,
-                input: Value::Null,
-            });
-            // The column is what listing filters on; it must agree with the JSON.
-            let view = RecordView { status, ..view };
-            (id, view)
-        })
-        .collect()
+    rows.into_iter().map(|(id, status, record)| (id, record_view(status, &record))).collect()
+}
+
+/// A row as a record: its JSON, with the `status` column, which is what listing filters on.
+fn record_view(status: String, record: &str) -> RecordView {
+    let view = serde_json::from_str::<RecordView>(record).unwrap_or(RecordView {
+        status: status.clone(),
+        attempt: 0,
+        cause: None,
+        worker: None,
+        error: None,
+        input: Value::Null,
+    });
+    RecordView { status, ..view }
 }
 
 /// Every event stored in `PROGRESS`, in sequence order.

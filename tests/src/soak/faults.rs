@@ -134,8 +134,8 @@ pub async fn run(
             rng.shuffle(&mut round);
         }
         let fault = round.pop().expect("a non-empty round");
+        let closes_before = ws.ends_with("1012");
         let at = Instant::now();
-        let closes_before = closes_1012(ws);
         let (detail, mut problems) = apply(stack, fault).await;
         let not_ready = stack.wait_ready(READY_TIMEOUT).await;
         let recovered_s = not_ready.is_empty().then(|| at.elapsed().as_secs_f64());
@@ -145,10 +145,8 @@ pub async fn run(
         }
         let detail = match fault {
             Fault::GatewayRestart | Fault::GatewayKill => {
-                format!(
-                    "{detail}; WebSockets closed with 1012: {}",
-                    closes_1012(ws) - closes_before
-                )
+                let closes = ws.ends_with("1012") - closes_before;
+                format!("{detail}; WebSockets closed with 1012: {closes}")
             }
             _ => detail,
         };
@@ -173,11 +171,6 @@ pub async fn run(
     }
     log.crashes.extend(restart_crashed(stack, started).await);
     log
-}
-
-/// WebSocket connections that ended with close code 1012 so far, over all clients.
-fn closes_1012(ws: &WsClients) -> u64 {
-    ws.snapshot().iter().map(|l| l.ends.get("1012").copied().unwrap_or(0)).sum()
 }
 
 /// Applies `fault` and restarts what it stopped; returns what was done and any problem.

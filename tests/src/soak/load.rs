@@ -378,6 +378,12 @@ impl WsClients {
         Ok(())
     }
 
+    /// Connections, over all clients, that ended with `end` (a close code, `error`, ...).
+    pub fn ends_with(&self, end: &str) -> u64 {
+        let ends = |l: &Arc<Mutex<WsLog>>| l.lock().expect("ws log").ends.get(end).copied();
+        self.logs.iter().map(|l| ends(l).unwrap_or(0)).sum()
+    }
+
     /// A copy of every client's log.
     pub fn snapshot(&self) -> Vec<WsLog> {
         self.logs.iter().map(|l| l.lock().expect("ws log").clone()).collect()
