@@ -100,6 +100,10 @@ pub struct Report {
     pub executions_beyond_attempts: Vec<TaskEvidence>,
     /// Tasks whose program ran twice at the same time.
     pub concurrent_executions: Vec<TaskEvidence>,
+    /// Runs of the task program that went on after their worker was SIGKILLed (nothing kills
+    /// a dead worker's children; with tasks longer than the ack deadline such a run overlaps
+    /// the redelivered attempt). Reported, not a violation: the soak's tasks are short.
+    pub runs_outliving_their_worker: Vec<String>,
     /// Runs of the program for keys that were never accepted (a submit that was stored but
     /// whose answer never came; allowed, counted).
     pub executions_of_unresolved_keys: usize,
@@ -240,6 +244,8 @@ struct StoredEvent {
 #[derive(Clone, Debug)]
 struct Run {
     pid: u32,
+    /// The worker process that started it.
+    ppid: u32,
     start_ns: u128,
     end_ns: Option<u128>,
 }
@@ -272,6 +278,7 @@ pub async fn check(inputs: Inputs<'_>) -> Report {
     let events = scan_progress(&js).await;
     let ws_logs = catch_up(ws, &events).await;
     let runs = read_runs(exec_log);
+    let start_wall = wall_ns_of(started);
     let queue_left = stream_messages(&js, topology::TASKS_STREAM).await;
     let dlq_messages = stream_messages(&js, topology::DLQ_STREAM).await;
 
@@ -294,7 +301,7 @@ pub async fn check(inputs: Inputs<'_>) -> Report {
             .unwrap_or_default();
         let runs = runs
             .get(key)
-            .map(|rs| rs.iter().map(|r| describe_run(r, started)).collect())
+            .map(|rs| rs.iter().map(|r| describe_run(r, start_wall)).collect())
             .unwrap_or_default();
         let submit = submissions.keys.get(key).map_or("never sent".to_owned(), |k| {
             format!(
@@ -359,6 +366,7 @@ pub async fn check(inputs: Inputs<'_>) -> Report {
         attempts: BTreeMap::new(),
         executions_beyond_attempts: Vec::new(),
         concurrent_executions: Vec::new(),
+        runs_outliving_their_worker: outliving(&runs, faults, start_wall),
         executions_of_unresolved_keys: 0,
         ws: Vec::new(),
         queue_left,
@@ -710,17 +718,19 @@ fn ws_figures(logs: &[(WsLog, bool)], events: &[StoredEvent]) -> Vec<WsFigures> 
         .collect()
 }
 
-/// The executions log, by key. Lines: `start|end <key> <pid> <unix ns>`.
+/// The executions log, by key. Lines: `start|end <key> <pid> <parent pid> <unix ns>`.
 fn read_runs(log: &Path) -> HashMap<String, Vec<Run>> {
     let text = std::fs::read_to_string(log).unwrap_or_default();
     let mut runs: HashMap<String, Vec<Run>> = HashMap::new();
     for line in text.lines() {
         let parts: Vec<&str> = line.split_whitespace().collect();
-        let [what, key, pid, ns] = parts.as_slice() else { continue };
-        let (Ok(pid), Ok(ns)) = (pid.parse::<u32>(), ns.parse::<u128>()) else { continue };
+        let [what, key, pid, ppid, ns] = parts.as_slice() else { continue };
+        let (Ok(pid), Ok(ppid), Ok(ns)) = (pid.parse(), ppid.parse(), ns.parse::<u128>()) else {
+            continue;
+        };
         let task_runs = runs.entry((*key).to_owned()).or_default();
         match *what {
-            "start" => task_runs.push(Run { pid, start_ns: ns, end_ns: None }),
+            "start" => task_runs.push(Run { pid, ppid, start_ns: ns, end_ns: None }),
             "end" => {
                 if let Some(run) = task_runs.iter_mut().rev().find(|r| r.pid == pid) {
                     run.end_ns = Some(ns);
@@ -739,18 +749,50 @@ fn overlapping(runs: &[Run]) -> bool {
     sorted.windows(2).any(|w| w[0].end_ns.is_some_and(|end| w[1].start_ns < end))
 }
 
-fn describe_run(run: &Run, started: Instant) -> String {
-    // Wall-clock nanoseconds of the run, shown relative to the run's start (also wall clock).
-    let start_wall = std::time::SystemTime::now()
+/// The wall-clock time (Unix nanoseconds) of `started`: the program's log is in wall-clock
+/// time, the soak's own times are from its start.
+fn wall_ns_of(started: Instant) -> u128 {
+    std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_nanos())
         .unwrap_or(0)
-        .saturating_sub(started.elapsed().as_nanos());
-    let at = |ns: u128| ns.saturating_sub(start_wall) as f64 / 1e9;
-    match run.end_ns {
-        Some(end) => format!("{:.3}..{:.3} s pid {}", at(run.start_ns), at(end), run.pid),
-        None => format!("{:.3}..(no end) s pid {}", at(run.start_ns), run.pid),
+        .saturating_sub(started.elapsed().as_nanos())
+}
+
+/// Seconds from the run's start of wall-clock nanoseconds `ns`.
+fn since_start(ns: u128, start_wall: u128) -> f64 {
+    ns.saturating_sub(start_wall) as f64 / 1e9
+}
+
+fn describe_run(run: &Run, start_wall: u128) -> String {
+    let at = |ns: u128| since_start(ns, start_wall);
+    let end = run.end_ns.map_or("(no end)".to_owned(), |end| format!("{:.3}", at(end)));
+    format!("{:.3}..{end} s pid {} worker pid {}", at(run.start_ns), run.pid, run.ppid)
+}
+
+/// Runs that were still going after their worker was SIGKILLed, and ended later: the child
+/// outlived its worker (and its lease). One line each.
+fn outliving(runs: &HashMap<String, Vec<Run>>, faults: &FaultLog, start_wall: u128) -> Vec<String> {
+    let kills: HashMap<u32, f64> =
+        faults.records.iter().filter_map(|f| Some((f.killed_worker_pid?, f.at_s))).collect();
+    let mut lines = Vec::new();
+    for (key, task_runs) in runs {
+        for run in task_runs {
+            let (Some(killed_at), Some(end)) = (kills.get(&run.ppid), run.end_ns) else {
+                continue;
+            };
+            let (start, end) =
+                (since_start(run.start_ns, start_wall), since_start(end, start_wall));
+            if start < *killed_at && end > *killed_at {
+                lines.push(format!(
+                    "{key}: pid {} ran {start:.3}..{end:.3} s; its worker (pid {}) was killed at {killed_at:.3} s",
+                    run.pid, run.ppid
+                ));
+            }
+        }
     }
+    lines.sort();
+    lines
 }
 
 async fn stream_messages(js: &jetstream::Context, name: &str) -> u64 {
@@ -932,6 +974,7 @@ impl fmt::Display for Report {
         writeln!(f, "runs of unresolved keys' tasks: {}", self.executions_of_unresolved_keys)?;
         show_tasks(f, "concurrent executions", &self.concurrent_executions)?;
         show_tasks(f, "executions beyond attempts", &self.executions_beyond_attempts)?;
+        show_list(f, "runs outliving their SIGKILLed worker", &self.runs_outliving_their_worker)?;
         writeln!(f, "WebSocket clients:")?;
         for w in &self.ws {
             writeln!(
@@ -985,7 +1028,7 @@ mod tests {
 
     #[test]
     fn runs_overlap_only_when_one_starts_before_the_other_ends() {
-        let run = |start_ns, end_ns| Run { pid: 1, start_ns, end_ns };
+        let run = |start_ns, end_ns| Run { pid: 1, ppid: 2, start_ns, end_ns };
         assert!(!overlapping(&[run(0, Some(10)), run(20, Some(30))]));
         assert!(overlapping(&[run(20, Some(30)), run(0, Some(25))]));
         // A run killed before it ended (no end line) cannot be said to overlap.

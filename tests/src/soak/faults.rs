@@ -87,6 +87,8 @@ pub struct FaultRecord {
     pub recovered_s: Option<f64>,
     /// What went wrong while applying it or recovering (a finding each).
     pub problems: Vec<String>,
+    /// The pid of the worker a `worker_sigkill` killed (its children's parent).
+    pub killed_worker_pid: Option<u32>,
 }
 
 /// Everything the faults did.
@@ -135,6 +137,10 @@ pub async fn run(
         }
         let fault = round.pop().expect("a non-empty round");
         let closes_before = ws.ends_with("1012");
+        let killed_worker_pid = match fault {
+            Fault::WorkerKill(i) => stack.workers[i].pid(),
+            _ => None,
+        };
         let at = Instant::now();
         let (detail, mut problems) = apply(stack, fault).await;
         let not_ready = stack.wait_ready(READY_TIMEOUT).await;
@@ -156,6 +162,7 @@ pub async fn run(
             detail,
             recovered_s,
             problems,
+            killed_worker_pid,
         };
         eprintln!(
             "soak: {:7.2} s  {:<26} {} (recovered in {})",

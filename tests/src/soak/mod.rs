@@ -121,6 +121,7 @@ pub async fn run(config: &Config) -> anyhow::Result<Report> {
         submissions.keys.len(),
         submissions.accepted()
     );
+    still_there(&config.dir)?;
     let inputs = check::Inputs {
         config,
         submissions: &submissions,
@@ -137,9 +138,23 @@ pub async fn run(config: &Config) -> anyhow::Result<Report> {
     ws.stop().await;
     stack.stop_and_keep_logs();
 
+    still_there(&config.dir)?;
     let json = serde_json::to_vec_pretty(&report).context("report to JSON")?;
     std::fs::write(config.dir.join("report.json"), json).context("writing report.json")?;
     Ok(report)
+}
+
+/// Fails when the run dir has gone: something outside the soak removed it (a clean-up of the
+/// temp dir while tests run), taking the archive and the logs with it, so no figure is valid.
+fn still_there(dir: &Path) -> anyhow::Result<()> {
+    if !dir.join("logs").is_dir() {
+        anyhow::bail!(
+            "the run dir {} was removed during the run by something outside the soak; \
+             the archive and the logs went with it, so the run says nothing",
+            dir.display()
+        );
+    }
+    Ok(())
 }
 
 /// How long submits that are still retrying when the load stops may go on.

@@ -386,16 +386,17 @@ fn path_str(path: &Path) -> anyhow::Result<&str> {
     path.to_str().with_context(|| format!("{} is not UTF-8", path.display()))
 }
 
-/// The task program: appends `start <key> <pid> <unix ns>` to `$SOAK_LOG` (one `write` with
-/// O_APPEND, so lines of concurrent runs never interleave), sleeps the seconds it is given,
-/// appends `end ...`, and prints its result. The key is the task's `Idempotency-Key`, passed as
-/// the first argument, because `exec` gives a program no task id.
+/// The task program: appends `start <key> <pid> <parent pid> <unix ns>` to `$SOAK_LOG` (one
+/// `write` with O_APPEND, so lines of concurrent runs never interleave), sleeps the seconds it
+/// is given, appends `end ...`, and prints its result. The key is the task's
+/// `Idempotency-Key`, passed as the first argument, because `exec` gives a program no task id.
+/// The parent is the worker process that started it.
 fn write_program(dir: &Path) -> anyhow::Result<PathBuf> {
     let script = "#!/bin/sh\n\
         # A soak task: <key> <seconds>. Logs its start and end, sleeps, prints its result.\n\
-        echo \"start $1 $$ $(date +%s%N)\" >> \"$SOAK_LOG\"\n\
+        echo \"start $1 $$ $PPID $(date +%s%N)\" >> \"$SOAK_LOG\"\n\
         sleep \"$2\"\n\
-        echo \"end $1 $$ $(date +%s%N)\" >> \"$SOAK_LOG\"\n\
+        echo \"end $1 $$ $PPID $(date +%s%N)\" >> \"$SOAK_LOG\"\n\
         printf '{\"result\": {\"key\": \"%s\"}}\\n' \"$1\"\n";
     Ok(crate::write_script(dir, "soak-task.sh", script))
 }
