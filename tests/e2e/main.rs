@@ -18,6 +18,7 @@ mod payloads;
 mod permissions;
 mod pipeline;
 mod shipped;
+mod soak;
 mod topology;
 mod up;
 mod worker;

@@ -8,6 +8,7 @@
 //! the services as processes running as their NATS roles.
 
 pub mod deploy;
+pub mod soak;
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
