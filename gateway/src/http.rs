@@ -49,7 +49,13 @@ pub fn router(app: App) -> Router {
         .route("/readyz", get(readyz))
         .merge(authenticated)
         .layer(DefaultBodyLimit::max(body_limit))
-        .layer(tower_http::trace::TraceLayer::new_for_http())
+        // A failed request is logged once, where its error is made (`Error::body`); the trace
+        // layer's own ERROR line for every 5xx would say it twice.
+        .layer(
+            tower_http::trace::TraceLayer::new_for_http().on_failure(
+                tower_http::trace::DefaultOnFailure::new().level(tracing::Level::DEBUG),
+            ),
+        )
         .with_state(app)
 }
 

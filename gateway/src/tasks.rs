@@ -55,7 +55,8 @@ pub async fn submit(
     let started = Instant::now();
     // The caller's trace, or a new one: the task message carries a child of it to the worker.
     let trace = traceparent.and_then(TraceParent::parse).unwrap_or_else(TraceParent::generate);
-    let span = tracing::info_span!("submit", trace_id = %trace.trace_id);
+    let span = tracing::info_span!("submit", trace_id = %trace.trace_id,
+        task_id = tracing::field::Empty);
     let result = submit_inner(app, caller, body, idempotency_key, &trace).instrument(span).await;
     let outcome = match &result {
         Ok(s) if s.created => "created",
@@ -93,6 +94,7 @@ async fn submit_inner(
         let message = "is set by the gateway for a large input; send the input itself";
         return Err(Invalid::field("input_ref", message).into());
     }
+    tracing::Span::current().record("task_id", id.as_str());
     let mut record = spec.admit(id, OffsetDateTime::now_utc(), None, &app.catalog, &app.limits)?;
     record.owner = caller.owner().map(str::to_owned);
     let keyed = idempotency_key.is_some() || spec.id.is_some();
@@ -107,11 +109,13 @@ async fn submit_inner(
     app.ensure_connected()?;
     // Cached after the session's first use in this process, so the hot path stays one round trip.
     sessions::access(app, caller, &record.session, Use::Claim).await?;
+    // A caller-chosen id (idempotency key or explicit id) is looked up first: a repeat answers
+    // with the first task (and stores nothing, a large input included). One extra round trip,
+    // paid only by callers who ask for idempotency.
+    if keyed && let Some(found) = existing(app, caller, &record.id, trace).await? {
+        return Ok(found);
+    }
     if large {
-        if keyed && let Some(found) = existing(app, caller, &record.id, trace).await? {
-            // A repeat: the first submit stored the input; storing it again would replace it.
-            return Ok(found);
-        }
         let bytes = payloads::json_size(&record.input);
         if bytes > app.payloads.max_bytes() {
             return Err(Error::PayloadTooLarge { bytes, max: app.payloads.max_bytes() });
@@ -122,11 +126,7 @@ async fn submit_inner(
             return Err(e.into());
         }
     }
-    let submitted = if keyed {
-        submit_once(app, caller, record.clone(), trace).await
-    } else {
-        submit_new(app, record.clone(), trace).await
-    };
+    let submitted = submit_new(app, record.clone(), trace).await;
     match &submitted {
         Ok(s) if s.created => announce(app, &s.record).await,
         // Refused after the input was stored (queue full, JetStream down): nothing is left.
@@ -145,8 +145,8 @@ async fn forget_input(app: &App, record: &TaskRecord) {
     }
 }
 
-/// The task a keyed submit names, if it exists: what a repeat answers (200), after the same
-/// visibility check and re-publish of an orphan as [`submit_once`]'s conflict.
+/// The task a keyed submit names, if it exists: what a repeat answers (200), if the caller may
+/// see it, after a re-publish when it is an orphan ([`republish_if_young`]).
 async fn existing(
     app: &App,
     caller: &Caller,
@@ -161,7 +161,12 @@ async fn existing(
     Ok(Some(Submitted { record, created: false }))
 }
 
-/// A fresh id: nobody else can hold this key, so publish and create are pipelined.
+/// Publishes the task and creates its record together: both are sent back to back on the one
+/// connection and their acks awaited together, one round trip. The lane message goes first
+/// and carries the task id as `Nats-Msg-Id`, so a record never lands without its message before
+/// it (a gateway that dies, a reply lost in a freeze: the soak found both when keyed submits
+/// created the record first), and a second publish of the same id within the duplicate window
+/// (a concurrent first submit of one key, a retry after a timeout) is dropped by JetStream.
 async fn submit_new(
     app: &App,
     record: TaskRecord,
@@ -178,8 +183,9 @@ async fn submit_new(
     }
     match created {
         Ok(_) => {}
-        // A worker picked the task up before our create landed; its record wins, but it was
-        // built from the message, which does not say who submitted the task.
+        // A worker picked the task up before our create landed (its record wins, but it was
+        // built from the message, which does not say who submitted the task), or another
+        // submit of the same key did: either way the owner must be there.
         Err(records::Error::Conflict) => {
             if let Err(e) = adopt(app, &record).await {
                 tracing::warn!(task_id = %record.id, error = %e, "owner not written; retrying");
@@ -249,49 +255,13 @@ async fn adopt_patiently(app: App, record: TaskRecord) {
     }
 }
 
-/// A caller-chosen id (idempotency key or explicit id): claim the key first, then publish, so
-/// a repeat finds the first task instead of queueing a second one. One extra round trip, paid
-/// only by callers who ask for idempotency.
-async fn submit_once(
-    app: &App,
-    caller: &Caller,
-    record: TaskRecord,
-    trace: &TraceParent,
-) -> Result<Submitted, Error> {
-    let message = encode_message(&record)?;
-    match app.records.create(&record).await {
-        Ok(revision) => {
-            let result = match publish(app, &record, message, trace).await {
-                Ok(ack) => ack.into_future().await,
-                Err(e) => Err(e),
-            };
-            if let Err(e) = result {
-                forget(app, revision).await;
-                return Err(publish_error(e, app));
-            }
-            Ok(Submitted { record, created: true })
-        }
-        Err(records::Error::Conflict) => {
-            let existing = read(app, &record.id).await?;
-            if !caller.may_see(existing.owner.as_deref()) {
-                // The id is a key of one global bucket: saying it is taken is unavoidable, but
-                // nothing of the other task is shown.
-                return Err(Invalid::field("id", "is taken by another task").into());
-            }
-            republish_if_young(app, &existing, trace).await?;
-            Ok(Submitted { record: existing, created: false })
-        }
-        Err(e) => Err(e.into()),
-    }
-}
-
 /// How long after its first publish JetStream drops a second message with the same
 /// `Nats-Msg-Id` (the `TASKS` stream's duplicate window, less a margin for clock skew).
 const DEDUPLICATED_FOR: time::Duration = time::Duration::seconds(110);
 
 /// A repeat of a keyed submit that found the task still `queued` and never started: its first
-/// submit may have died between the record's create and the lane publish, leaving a record
-/// with no message. Within the duplicate window it is published again under the task id:
+/// submit may have been refused (a full queue) and died before it removed its record, leaving
+/// a record with no message. Within the duplicate window it is published again under the task id:
 /// JetStream drops the copy if the first one was stored, and stores it if not. Later, the
 /// archiver's reconciler finds such a record (it scans the lanes) and publishes it.
 async fn republish_if_young(

@@ -342,3 +342,55 @@ async fn sigterm_drains_then_hands_tasks_to_another_worker_at_once() {
     assert!(dlq.is_empty());
     staying.stop().await;
 }
+
+/// A worker SIGKILLed (or OOM-killed) cannot stop its children, and a program that ran on would
+/// be a second run of its task beside the redelivered one. The leader dies with the worker
+/// (parent-death signal); what the leader started itself is killed, and the task's working
+/// directory removed, by the next worker that starts on the machine.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_workers_programs_die_with_it_or_at_the_next_start() {
+    let nats = Nats::start();
+    let topology = nats.topology(&test_settings()).await;
+    let dir = nats.dir.path();
+    let script = write_script(
+        dir,
+        "orphan.sh",
+        &format!(
+            "#!/bin/sh\necho $$ > {:?}\nsleep 600 &\necho $! > {:?}\nwait\n",
+            dir.join("leader.pid"),
+            dir.join("grandchild.pid")
+        ),
+    );
+    let toml = format!(
+        "name = \"w-doomed\"\nack_deadline_s = 2.0\n[programs.orphan]\npath = {script:?}\n"
+    );
+    let mut doomed = WorkerProcess::start(&nats, "w-doomed", &toml);
+    submit(&topology, json!({"kind": "exec", "input": {"program": "orphan"}})).await;
+    let leader =
+        wait_for("the leader's pid", WAIT, || async { first_pid(&dir.join("leader.pid")) }).await;
+    let grandchild =
+        wait_for("the grandchild's pid", WAIT, || async { first_pid(&dir.join("grandchild.pid")) })
+            .await;
+    let workdir = std::fs::read_link(format!("/proc/{leader}/cwd")).expect("the leader's cwd");
+    assert!(workdir.file_name().unwrap().to_str().unwrap().starts_with("claw-task-"));
+
+    doomed.child.kill().unwrap();
+    doomed.child.wait().unwrap();
+    let killed = Instant::now();
+    wait_for("the leader to die with its worker", Duration::from_secs(2), || async {
+        (!alive(leader)).then_some(())
+    })
+    .await;
+    eprintln!("leader gone {:?} after its worker", killed.elapsed());
+    assert!(alive(grandchild), "the grandchild outlives the leader until a worker starts");
+
+    let _next = WorkerProcess::start(&nats, "w-next", &toml);
+    wait_for("the next worker to end the grandchild", WAIT, || async {
+        (!alive(grandchild)).then_some(())
+    })
+    .await;
+    wait_for("the dead worker's task directory to go", WAIT, || async {
+        (!workdir.exists()).then_some(())
+    })
+    .await;
+}

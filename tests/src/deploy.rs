@@ -169,8 +169,8 @@ impl Shipped {
     }
 }
 
-/// A service binary running as a child process, its stderr in `<dir>/<name>.log`; killed on
-/// drop.
+/// A service binary running as a child process, its output (logs go to stdout, errors at start
+/// to stderr) in `<dir>/<name>.log`; killed on drop.
 #[derive(Debug)]
 pub struct Service {
     pub name: String,
@@ -192,7 +192,7 @@ const CLEARED: [&str; 8] = [
 
 impl Service {
     /// Starts `bin_name` (a workspace binary) with `args` and `env`, and nothing else of the
-    /// test's environment that would change its defaults; its stderr goes to `<dir>/<name>.log`.
+    /// test's environment that would change its defaults; its output goes to `<dir>/<name>.log`.
     pub fn start(
         dir: &Path,
         name: &str,
@@ -201,7 +201,8 @@ impl Service {
         env: &[(String, String)],
     ) -> Service {
         let log = dir.join(format!("{name}.log"));
-        let stderr = std::fs::File::create(&log).expect("service log");
+        let stdout = std::fs::File::create(&log).expect("service log");
+        let stderr = stdout.try_clone().expect("service log");
         let mut command = Command::new(bin(bin_name));
         for var in CLEARED {
             command.env_remove(var);
@@ -211,7 +212,7 @@ impl Service {
             .envs(env.iter().map(|(k, v)| (k, v)))
             .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
+            .stdout(stdout)
             .stderr(stderr)
             .spawn()
             .unwrap_or_else(|e| panic!("spawn {bin_name}: {e}"));

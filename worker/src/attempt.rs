@@ -33,7 +33,7 @@ use async_nats::Client;
 use async_nats::jetstream::{self, AckKind};
 use claw_proto::kinds::Catalog;
 use claw_proto::payloads::Payloads;
-use claw_proto::records::Records;
+use claw_proto::records::{self, Records};
 use claw_proto::spec::{Invalid, Limits, TaskSpec};
 use claw_proto::topology::{Lane, headers};
 use claw_proto::{TaskId, TaskRecord};
@@ -43,7 +43,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::claim::{self, Claim};
+use crate::claim::{self, CAS_ROUNDS, Claim};
 use crate::config::Config;
 use crate::control::Controls;
 use crate::dlq;
@@ -57,6 +57,9 @@ use crate::{settle, supervise};
 /// doubled per delivery up to [`NATS_RETRY_MAX`], rather than after the ack deadline.
 const NATS_RETRY: Duration = Duration::from_secs(1);
 const NATS_RETRY_MAX: Duration = Duration::from_secs(15);
+/// How long a worker tries to write a hand-back: it is draining past its deadline, or its claim
+/// came too late to run; without the write the task merely loses the attempt.
+const GIVE_BACK_PATIENCE: Duration = Duration::from_secs(2);
 /// Longest wait between tries of a DLQ publish. The message is only terminated once its copy is
 /// stored, so the worker keeps trying (and keeps the lease) for as long as JetStream refuses.
 const DLQ_RETRY_MAX: Duration = Duration::from_secs(10);
@@ -128,7 +131,8 @@ pub(crate) async fn handle(
     let span = tracing::info_span!("task", task_id = %id, delivered,
         attempt = tracing::field::Empty, lane = %lane.consumer(),
         trace_id = trace_id.as_deref().unwrap_or(""));
-    let delivery = Delivery { worker, lane, msg, delivered, id, published, stream_seq };
+    let received = Instant::now();
+    let delivery = Delivery { worker, lane, msg, delivered, id, published, stream_seq, received };
     async move {
         let decision = delivery.process(spec, given_id.is_some()).await;
         delivery.answer(&decision).await;
@@ -148,6 +152,8 @@ pub(crate) struct Delivery {
     pub published: OffsetDateTime,
     /// This message's sequence in `TASKS`; the record names the live one (`message_seq`).
     pub stream_seq: u64,
+    /// When this worker got the message: its ack deadline runs from about then.
+    pub received: Instant,
 }
 
 /// The record as this attempt last wrote or read it, and that revision: the CAS fence.
@@ -216,6 +222,43 @@ impl Delivery {
     pub(crate) fn nats_retry(&self) -> Duration {
         let doublings = self.delivered.saturating_sub(1).min(4);
         (NATS_RETRY * 2u32.pow(doublings)).min(NATS_RETRY_MAX)
+    }
+
+    /// Gives the held task back ([`claw_proto::TaskRecord::hand_back`]): it is queued again
+    /// without using up the attempt it was running. If the write does not happen (the bucket is
+    /// unavailable, another attempt took over), the message is handed back all the same, and
+    /// the next start counts the attempt as ended with its worker.
+    pub(crate) async fn give_back(&self, held: &mut Held) {
+        let write = async {
+            for _ in 0..CAS_ROUNDS {
+                let mut next = held.record.clone();
+                if next.hand_back().is_err() {
+                    return;
+                }
+                match self.worker.records.update(&next, held.revision).await {
+                    Ok(revision) => {
+                        *held = Held { record: next, revision };
+                        events::status(&self.worker.client, &held.record).await;
+                        tracing::info!("handed back; the attempt does not count");
+                        return;
+                    }
+                    Err(records::Error::Conflict) => match self.worker.records.read(&self.id).await
+                    {
+                        Ok(Some(fresh)) if same_attempt(&fresh.record, &held.record) => {
+                            *held = Held { record: fresh.record, revision: fresh.revision };
+                        }
+                        _ => return,
+                    },
+                    Err(e) => {
+                        tracing::warn!(error = %e, "hand-back not recorded; the attempt will count");
+                        return;
+                    }
+                }
+            }
+        };
+        if tokio::time::timeout(GIVE_BACK_PATIENCE, write).await.is_err() {
+            tracing::warn!("hand-back not recorded in time; the attempt will count");
+        }
     }
 
     /// Stores the message in DLQ, trying until JetStream takes it: the caller's decision then

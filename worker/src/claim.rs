@@ -63,7 +63,15 @@ pub(crate) async fn claim(d: &Delivery, spec: Result<TaskSpec, Invalid>, id_give
     };
     match load_or_admit(d, &spec).await {
         Ok(Loaded::Found(record, revision)) => start(d, record, revision).await,
-        Ok(Loaded::Started(held)) => Claim::Run(Box::new(held)),
+        Ok(Loaded::Started(mut held)) => {
+            if too_late(d) {
+                tracing::warn!(after = ?d.received.elapsed(),
+                    "claimed too late to run; leaving the task to the redelivery");
+                d.give_back(&mut held).await;
+                return Claim::Settle(Decision::Release);
+            }
+            Claim::Run(Box::new(held))
+        }
         Err(Load::Invalid(problem)) => Claim::Settle(invalid(d, Some(&spec), true, &problem).await),
         Err(Load::Nats(e)) => {
             tracing::warn!(error = %e, "cannot read or create the record; retrying soon");
@@ -291,11 +299,23 @@ async fn start(d: &Delivery, mut record: TaskRecord, mut revision: u64) -> Claim
         match w.records.update(&next, revision).await {
             Ok(revision) => {
                 let Some((error, cause, reason)) = refusal else {
+                    let mut held = Held { record: next, revision };
+                    if too_late(d) {
+                        // The claim landed so long after the delivery (a server that froze, a
+                        // box starved of CPU) that the server may have given the message to
+                        // another worker already: running it here could run the task twice at
+                        // once. The attempt is given back and the message left to whoever has
+                        // it now, or gets it at the ack deadline.
+                        tracing::warn!(after = ?d.received.elapsed(),
+                            "claimed too late to run; leaving the task to the redelivery");
+                        d.give_back(&mut held).await;
+                        return Claim::Settle(Decision::Release);
+                    }
                     tracing::Span::current().record("attempt", attempt);
                     if record.status == Status::Running {
                         fence_off_the_holder(d).await;
                     }
-                    return Claim::Run(Box::new(Held { record: next, revision }));
+                    return Claim::Run(Box::new(held));
                 };
                 events::publish(&w.client, &next, EventBody::Error(error.clone())).await;
                 events::status(&w.client, &next).await;
@@ -312,6 +332,14 @@ async fn start(d: &Delivery, mut record: TaskRecord, mut revision: u64) -> Claim
         }
     }
     Claim::Settle(Decision::Unreachable(d.nats_retry()))
+}
+
+/// Whether the delivery's lease may have run out before its claim landed: two thirds of the
+/// ack deadline have passed since the message arrived, the same limit that stops a running
+/// attempt whose worker lost contact (`supervise`). The message comes back to the lanes after
+/// the full deadline, so up to that limit nobody else can have it.
+fn too_late(d: &Delivery) -> bool {
+    d.received.elapsed() > d.worker.ack_deadline * 2 / 3
 }
 
 /// How long a takeover waits before its handler starts. The previous holder, if it is alive

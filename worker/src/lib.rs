@@ -93,6 +93,8 @@ pub async fn run_with(
         contact: Arc::new(lease::Contact::new()),
         config,
     });
+    // What a worker killed on this machine left running (its programs' own children).
+    process::sweep_stale_workdirs();
     let _probe = lease::probe(&client, worker.contact.clone(), ack_deadline).await?;
     // Before any pool starts, so no attempt runs without its wake-ups; ends with this function.
     let _control = control::listen(&client, worker.controls.clone()).await?;

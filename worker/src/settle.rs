@@ -53,14 +53,14 @@ pub(crate) async fn settle(
                 return decision;
             }
             Decision::HandBack => {
-                give_back(d, &mut held).await;
+                d.give_back(&mut held).await;
                 return decision;
             }
             Decision::GiveUp { error, reason, .. } if !dead_lettered => {
                 // The copy is stored before the record says so: a record never says
                 // dead-lettered while the DLQ has nothing.
                 if !d.dead_letter(reason, &error.to_string(), Some(&d.id)).await {
-                    give_back(d, &mut held).await;
+                    d.give_back(&mut held).await;
                     return Decision::HandBack;
                 }
                 dead_lettered = true;
@@ -76,7 +76,7 @@ pub(crate) async fn settle(
                         continue;
                     }
                     Err(Unstored::Settled(Decision::HandBack)) => {
-                        give_back(d, &mut held).await;
+                        d.give_back(&mut held).await;
                         return Decision::HandBack;
                     }
                     Err(Unstored::Settled(instead)) => return instead,
@@ -89,7 +89,7 @@ pub(crate) async fn settle(
         match write_final(d, &mut held, &decision, stored.as_ref()).await {
             Written::Done => break,
             Written::Settled(Decision::HandBack) => {
-                give_back(d, &mut held).await;
+                d.give_back(&mut held).await;
                 return Decision::HandBack;
             }
             Written::Settled(instead) => return instead,
@@ -158,46 +158,6 @@ async fn store_result(d: &Delivery, value: &serde_json::Value) -> Result<Payload
             () = w.hand_back.cancelled() => return Err(Unstored::Settled(Decision::HandBack)),
         }
         wait = (wait * 2).min(FINAL_WRITE_RETRY_MAX);
-    }
-}
-
-/// How long a draining worker tries to write a hand-back: the drain deadline has passed, and
-/// without the write the task merely loses the attempt.
-const GIVE_BACK_PATIENCE: Duration = Duration::from_secs(2);
-
-/// Writes the hand-back of a draining worker ([`claw_proto::TaskRecord::hand_back`]): the task
-/// is queued again without using up the attempt it was running. If the write does not happen
-/// (the bucket is unavailable, another attempt took over), the message is handed back all the
-/// same, and the next start counts the attempt as ended with its worker.
-async fn give_back(d: &Delivery, held: &mut Held) {
-    let write = async {
-        for _ in 0..CAS_ROUNDS {
-            let mut next = held.record.clone();
-            if next.hand_back().is_err() {
-                return;
-            }
-            match d.worker.records.update(&next, held.revision).await {
-                Ok(revision) => {
-                    *held = Held { record: next, revision };
-                    events::status(&d.worker.client, &held.record).await;
-                    tracing::info!("handed back; the attempt does not count");
-                    return;
-                }
-                Err(records::Error::Conflict) => match d.worker.records.read(&d.id).await {
-                    Ok(Some(fresh)) if same_attempt(&fresh.record, &held.record) => {
-                        *held = Held { record: fresh.record, revision: fresh.revision };
-                    }
-                    _ => return,
-                },
-                Err(e) => {
-                    tracing::warn!(error = %e, "hand-back not recorded; the attempt will count");
-                    return;
-                }
-            }
-        }
-    };
-    if tokio::time::timeout(GIVE_BACK_PATIENCE, write).await.is_err() {
-        tracing::warn!("hand-back not recorded in time; the attempt will count");
     }
 }
 
