@@ -198,42 +198,44 @@ fn workdir_prefix(worker: u32) -> String {
 /// temporary directory (their pid is not a live process), after killing what still runs in
 /// them: the processes a task's program started, which outlived their leader. A process is
 /// only killed when its working directory is that directory, so a reused pid is left alone.
+/// One pass over `/proc`, however many directories are left.
 pub(crate) fn sweep_stale_workdirs() {
-    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else { return };
-    for entry in entries.flatten() {
-        let name = entry.file_name();
-        let Some(rest) = name.to_str().and_then(|n| n.strip_prefix("claw-task-")) else {
-            continue;
-        };
-        let Some(owner) = rest.split_once('-').and_then(|(pid, _)| pid.parse::<i32>().ok()) else {
-            continue;
-        };
-        if owner as u32 == std::process::id()
-            || std::path::Path::new(&format!("/proc/{owner}")).exists()
-        {
-            continue;
-        }
-        let dir = entry.path();
-        let killed = kill_processes_in(&dir);
-        let _ = std::fs::remove_dir_all(&dir);
-        tracing::info!(dir = %dir.display(), killed, "removed a dead worker's task directory");
+    let tmp = std::env::temp_dir();
+    let Ok(entries) = std::fs::read_dir(&tmp) else { return };
+    let stale: Vec<PathBuf> = entries
+        .flatten()
+        .filter(|entry| {
+            let name = entry.file_name();
+            let owner = name
+                .to_str()
+                .and_then(|n| n.strip_prefix("claw-task-"))
+                .and_then(|rest| rest.split_once('-'))
+                .and_then(|(pid, _)| pid.parse::<u32>().ok());
+            owner.is_some_and(|pid| {
+                pid != std::process::id() && !std::path::Path::new(&format!("/proc/{pid}")).exists()
+            })
+        })
+        .map(|entry| entry.path())
+        .collect();
+    if stale.is_empty() {
+        return;
     }
-}
-
-/// SIGKILLs every process whose working directory is `dir`; returns how many.
-fn kill_processes_in(dir: &std::path::Path) -> usize {
-    let Ok(procs) = std::fs::read_dir("/proc") else { return 0 };
     let mut killed = 0;
-    for p in procs.flatten() {
-        let Some(pid) = p.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
-            continue;
-        };
-        if std::fs::read_link(p.path().join("cwd")).is_ok_and(|cwd| cwd == dir) {
-            let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
-            killed += 1;
+    if let Ok(procs) = std::fs::read_dir("/proc") {
+        for p in procs.flatten() {
+            let Some(pid) = p.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
+                continue;
+            };
+            if std::fs::read_link(p.path().join("cwd")).is_ok_and(|cwd| stale.contains(&cwd)) {
+                let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
+                killed += 1;
+            }
         }
     }
-    killed
+    for dir in &stale {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+    tracing::info!(dirs = stale.len(), killed, "removed dead workers' task directories");
 }
 
 /// TERM the group, give it `grace`, then KILL it, and reap the leader. A `frozen` (SIGSTOPped)

@@ -110,6 +110,9 @@ pub struct Report {
     pub ws: Vec<WsFigures>,
     /// Messages left in `TASKS` once everything was terminal.
     pub queue_left: u64,
+    /// When messages were left: the stream's and each lane consumer's state, and the first
+    /// messages left (sequence, subject, task), to tell a stuck consumer from a stuck worker.
+    pub queue_state: Vec<String>,
     pub dlq_messages: u64,
     /// Seconds the quiesce phase took (until every accepted task was terminal, or its deadline).
     pub quiesce_s: f64,
@@ -250,6 +253,52 @@ struct Run {
     end_ns: Option<u128>,
 }
 
+/// The `TASKS` stream's state, every lane consumer's, and the first messages still in it.
+async fn queue_state(js: &async_nats::jetstream::Context) -> Vec<String> {
+    let mut lines = Vec::new();
+    let Ok(mut stream) = js.get_stream(topology::TASKS_STREAM).await else {
+        return vec!["TASKS: no stream info".into()];
+    };
+    if let Ok(info) = stream.info().await {
+        let st = &info.state;
+        lines.push(format!(
+            "TASKS: messages {}, first seq {}, last seq {}",
+            st.messages, st.first_sequence, st.last_sequence
+        ));
+    }
+    for lane in topology::Lane::ALL {
+        match stream.consumer_info(lane.consumer()).await {
+            Ok(c) => lines.push(format!(
+                "{}: delivered {} (consumer {}), ack floor {}, pending {}, ack pending {}, redelivered {}, waiting pulls {}",
+                lane.consumer(),
+                c.delivered.stream_sequence,
+                c.delivered.consumer_sequence,
+                c.ack_floor.stream_sequence,
+                c.num_pending,
+                c.num_ack_pending,
+                c.num_redelivered,
+                c.num_waiting
+            )),
+            Err(e) => lines.push(format!("{}: {e}", lane.consumer())),
+        }
+    }
+    let first = stream.cached_info().state.first_sequence;
+    let mut seq = first;
+    for _ in 0..8 {
+        let Ok(m) = stream.raw_message_builder().sequence(seq).next_by_subject("tasks.>").send().await
+        else {
+            break;
+        };
+        let id = serde_json::from_slice::<Value>(&m.payload)
+            .ok()
+            .and_then(|v| v["id"].as_str().map(str::to_owned))
+            .unwrap_or_default();
+        lines.push(format!("left: seq {} on {} at {}, task {id}", m.sequence, m.subject, m.time));
+        seq = m.sequence + 1;
+    }
+    lines
+}
+
 /// Runs the quiesce phase and every check.
 pub async fn check(inputs: Inputs<'_>) -> Report {
     let Inputs { config, submissions, faults, ws, operator, exec_log, db, logs_dir, started } =
@@ -280,6 +329,7 @@ pub async fn check(inputs: Inputs<'_>) -> Report {
     let runs = read_runs(exec_log);
     let start_wall = wall_ns_of(started);
     let queue_left = stream_messages(&js, topology::TASKS_STREAM).await;
+    let queue_state = if queue_left > 0 { queue_state(&js).await } else { Vec::new() };
     let dlq_messages = stream_messages(&js, topology::DLQ_STREAM).await;
 
     let mut by_task: HashMap<&str, Vec<&StoredEvent>> = HashMap::new();
@@ -370,6 +420,7 @@ pub async fn check(inputs: Inputs<'_>) -> Report {
         executions_of_unresolved_keys: 0,
         ws: Vec::new(),
         queue_left,
+        queue_state,
         dlq_messages,
         quiesce_s,
         log_warnings: BTreeMap::new(),
@@ -1002,6 +1053,9 @@ impl fmt::Display for Report {
             self.terminal_event_missing.len()
         )?;
         writeln!(f, "left in TASKS: {}; DLQ: {}", self.queue_left, self.dlq_messages)?;
+        for line in &self.queue_state {
+            writeln!(f, "  {line}")?;
+        }
         writeln!(f, "service log warnings and errors:")?;
         let mut warnings: Vec<(&String, &u64)> = self.log_warnings.iter().collect();
         warnings.sort_by(|a, b| b.1.cmp(a.1));
