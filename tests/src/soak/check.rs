@@ -282,10 +282,23 @@ async fn queue_state(js: &async_nats::jetstream::Context) -> Vec<String> {
             Err(e) => lines.push(format!("{}: {e}", lane.consumer())),
         }
     }
+    // Whether the workers still pull: their pools' sizes and busy slots.
+    let client = js.client();
+    for name in super::stack::WORKERS {
+        let subject = claw_proto::topology::worker_status_subject(name);
+        let asked = client.request(subject, Vec::new().into());
+        match tokio::time::timeout(Duration::from_secs(2), asked).await {
+            Ok(Ok(reply)) => {
+                lines.push(format!("{name}: {}", String::from_utf8_lossy(&reply.payload)))
+            }
+            _ => lines.push(format!("{name}: no status answer")),
+        }
+    }
     let first = stream.cached_info().state.first_sequence;
     let mut seq = first;
     for _ in 0..8 {
-        let Ok(m) = stream.raw_message_builder().sequence(seq).next_by_subject("tasks.>").send().await
+        let Ok(m) =
+            stream.raw_message_builder().sequence(seq).next_by_subject("tasks.>").send().await
         else {
             break;
         };
