@@ -4,8 +4,26 @@
 //! Every key has a default, so an empty file is a working worker; unknown keys are refused so a
 //! typo is an error, not a silent default. There is deliberately no `Default` impl: the defaults
 //! live in the serde attributes, next to the keys they belong to.
+//!
+//! Every number is checked once, at load: a value out of its range is an [`Error::Config`]
+//! that names the key, the value and what is allowed, so a worker never starts with a
+//! setting it would silently bend (a pool larger than the worker's total, a timeout cap past
+//! the stream's 7 days).
+//!
+//! The plan's numbers and what they mean here:
+//!
+//! - `max_concurrent` (50): attempts running at once on this worker, both classes together.
+//!   Every attempt holds a slot of its class's pool *and* one of these, so the pools' sum never
+//!   exceeds it however they are sized.
+//! - Pools of 2-20: the long pool (a child process per task, each allowed `[isolation]
+//!   memory_mb`) moves between 2 and 20 slots by default. A short task is an async task in this
+//!   process (about 15 KiB while it waits, BENCHMARKS.md), so there is nothing to save by
+//!   keeping the short pool small: it is `max_concurrent` wide by default, and the total is what
+//!   bounds it. When both classes want more than the total, freed slots go to the two pools in
+//!   turn.
 
 use std::collections::BTreeMap;
+use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -17,6 +35,21 @@ use serde::Deserialize;
 use crate::Error;
 use crate::limits::IsolationConfig;
 
+/// The most `max_concurrent` a worker accepts. 10 000 is what one worker was measured to run at
+/// once (BENCHMARKS.md: 10 000 sleeping tasks in 165 MiB), and the default queue limit: a
+/// worker set higher could not fill its slots even from a full queue, so it is a typo.
+pub const MAX_CONCURRENT_LIMIT: usize = 10_000;
+
+/// The plan's "at most 50 concurrent tasks per worker".
+const DEFAULT_MAX_CONCURRENT: usize = 50;
+
+/// The long pool's default range: the plan's pools of 2-20.
+const LONG_POOL_DEFAULT: (usize, usize) = (2, 20);
+
+/// `[limits] max_attempts_cap` at most: with the backoff capped at 5 minutes, 100 attempts
+/// already retry for over 8 hours; more is a loop, not a retry policy.
+pub const MAX_ATTEMPTS_LIMIT: u32 = 100;
+
 /// A worker's configuration (see the module doc for the file format).
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -24,8 +57,12 @@ pub struct Config {
     /// Shows in task records (`worker`) and logs. Default `<hostname>-<pid>`.
     #[serde(default = "default_name")]
     pub name: String,
+    /// Most attempts running at once on this worker, short and long together (the plan's 50).
+    /// 1 to [`MAX_CONCURRENT_LIMIT`]; each pool's max must fit under it.
+    #[serde(default = "default_max_concurrent")]
+    pub max_concurrent: usize,
     /// A fixed number of concurrent short tasks (in-process): `[pools.short]` with
-    /// min = max = this. 0 disables the class on this worker.
+    /// min = max = this, at most `max_concurrent`. 0 disables the class on this worker.
     #[serde(default)]
     pub short_slots: Option<usize>,
     /// A fixed number of concurrent long tasks (child processes), like `short_slots`.
@@ -85,7 +122,8 @@ pub struct PoolsConfig {
     pub long: PoolRange,
 }
 
-/// `[pools.<class>]`: absent keys take the class's default (short 50-50, long 2-10).
+/// `[pools.<class>]`: absent keys take the class's default (short `max_concurrent` wide, long
+/// 2-20, never above `max_concurrent`). `max = 0` disables the class on this worker.
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PoolRange {
@@ -190,12 +228,18 @@ impl Config {
         if !positive(self.sizing.interval_s) {
             return Err(Error::Config("sizing.interval_s must be a positive number".into()));
         }
+        in_range("max_concurrent", self.max_concurrent, 1..=MAX_CONCURRENT_LIMIT)?;
         for class in Class::ALL {
-            let (min, max) = self.pool_range(class);
-            if min > max {
-                return Err(Error::Config(format!("pools.{class}: min {min} is above max {max}")));
-            }
+            self.check_pool(class)?;
         }
+        if Class::ALL.iter().all(|&class| self.slots(class) == 0) {
+            return Err(Error::Config(
+                "both classes are disabled (no short and no long slots): the worker would run \
+                 nothing"
+                    .into(),
+            ));
+        }
+        self.check_limits()?;
         if !positive(self.ack_deadline_s) {
             return Err(Error::Config("ack_deadline_s must be a positive number".into()));
         }
@@ -217,6 +261,57 @@ impl Config {
         Ok(())
     }
 
+    /// A pool's keys: each within 0..=`max_concurrent` (the pool can never use more, as every
+    /// slot also needs one of the total), and min at most max.
+    fn check_pool(&self, class: Class) -> Result<(), Error> {
+        let total = self.max_concurrent;
+        let (fixed, range) = match class {
+            Class::Short => (self.short_slots, &self.pools.short),
+            Class::Long => (self.long_slots, &self.pools.long),
+        };
+        let above = |key: String, value: usize, zero: &str| {
+            Error::Config(format!(
+                "{key} = {value} is above max_concurrent = {total}: allowed 0{zero} to {total}"
+            ))
+        };
+        let disables = " (class disabled)";
+        if let Some(n) = fixed {
+            if n > total {
+                return Err(above(format!("{class}_slots"), n, disables));
+            }
+            return Ok(());
+        }
+        for (key, value, zero) in [("min", range.min, ""), ("max", range.max, disables)] {
+            if let Some(v) = value.filter(|&v| v > total) {
+                return Err(above(format!("pools.{class}.{key}"), v, zero));
+            }
+        }
+        let (min, max) = self.pool_range(class);
+        if min > max {
+            return Err(Error::Config(format!(
+                "pools.{class}.min = {min} is above pools.{class}.max = {max}: allowed 0 to {max}"
+            )));
+        }
+        Ok(())
+    }
+
+    /// `[limits]`: the caps of tasks that arrive straight over NATS, within what the design
+    /// allows (short attempts at most 5 minutes, long ones 24 hours, the deadline 7 days: the
+    /// `TASKS` stream's max age, past which the message itself is gone).
+    fn check_limits(&self) -> Result<(), Error> {
+        let l = &self.limits;
+        let most = Limits::STANDARD;
+        in_range(
+            "limits.short_timeout_cap_s",
+            l.short_timeout_cap_s,
+            1..=most.short_timeout_cap_s,
+        )?;
+        in_range("limits.long_timeout_cap_s", l.long_timeout_cap_s, 1..=most.long_timeout_cap_s)?;
+        in_range("limits.max_deadline_s", l.max_deadline_s, 1..=most.max_deadline_s)?;
+        in_range("limits.max_attempts_cap", l.max_attempts_cap, 1..=MAX_ATTEMPTS_LIMIT)?;
+        in_range("limits.default_max_attempts", l.default_max_attempts, 1..=l.max_attempts_cap)
+    }
+
     pub fn ack_deadline(&self) -> Duration {
         Duration::from_secs_f64(self.ack_deadline_s)
     }
@@ -235,17 +330,18 @@ impl Config {
     }
 
     /// `(min, max)` slots of `class`'s pool: `<class>_slots` fixes both, else `[pools.<class>]`
-    /// with the class's defaults (short 50-50, long 2-10). A min above an explicit max is
-    /// lowered to it.
+    /// with the class's defaults (short: `max_concurrent` wide; long: 2-20 within
+    /// `max_concurrent`). A default min above an explicit max is lowered to it.
     pub fn pool_range(&self, class: Class) -> (usize, usize) {
+        let total = self.max_concurrent;
         let (fixed, range, (dmin, dmax)) = match class {
-            Class::Short => (self.short_slots, &self.pools.short, (50, 50)),
-            Class::Long => (self.long_slots, &self.pools.long, (2, 10)),
+            Class::Short => (self.short_slots, &self.pools.short, (total, total)),
+            Class::Long => (self.long_slots, &self.pools.long, LONG_POOL_DEFAULT),
         };
         if let Some(n) = fixed {
             return (n, n);
         }
-        let max = range.max.unwrap_or(dmax);
+        let max = range.max.unwrap_or(dmax.min(total));
         let min = range.min.unwrap_or(dmin.min(max));
         (min, max)
     }
@@ -316,6 +412,25 @@ fn default_name() -> String {
     format!("{host}-{}", std::process::id())
 }
 
+/// `key = value` unless `value` is in `range`: the error names all three.
+fn in_range<T>(key: &str, value: T, range: RangeInclusive<T>) -> Result<(), Error>
+where
+    T: PartialOrd + std::fmt::Display,
+{
+    if range.contains(&value) {
+        return Ok(());
+    }
+    Err(Error::Config(format!(
+        "{key} = {value} is out of range: allowed {} to {}",
+        range.start(),
+        range.end()
+    )))
+}
+
+fn default_max_concurrent() -> usize {
+    DEFAULT_MAX_CONCURRENT
+}
+
 fn default_ack_deadline_s() -> f64 {
     30.0
 }
@@ -371,7 +486,8 @@ mod tests {
     #[test]
     fn an_empty_file_is_a_working_config() {
         let c = Config::from_toml_str("").unwrap();
-        assert_eq!((c.pool_range(Class::Short), c.pool_range(Class::Long)), ((50, 50), (2, 10)));
+        assert_eq!((c.pool_range(Class::Short), c.pool_range(Class::Long)), ((50, 50), (2, 20)));
+        assert_eq!(c.max_concurrent, 50);
         assert_eq!(c.isolation.memory_mb, 500);
         assert_eq!(c.sizing.interval(), Duration::from_secs(5));
         assert_eq!(c.ack_deadline(), Duration::from_secs(30));
@@ -415,5 +531,69 @@ mod tests {
         assert!(Config::from_toml_str("[isolation]\nmemory = 3").is_err());
         let c = Config::from_toml_str("[pools.long]\nmax = 1\n[pools.short]\nmin = 4").unwrap();
         assert_eq!((c.pool_range(Class::Long), c.pool_range(Class::Short)), ((1, 1), (4, 50)));
+    }
+
+    /// The error of a config that must be refused.
+    fn refused(toml: &str) -> String {
+        match Config::from_toml_str(toml) {
+            Err(Error::Config(message)) => message,
+            other => panic!("{toml:?} was not refused as a config error: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn out_of_range_values_are_refused_naming_key_value_and_range() {
+        let cases = [
+            ("max_concurrent = 0", "max_concurrent = 0 is out of range: allowed 1 to 10000"),
+            (
+                "max_concurrent = 1000000",
+                "max_concurrent = 1000000 is out of range: allowed 1 to 10000",
+            ),
+            (
+                "[pools.long]\nmin = 5\nmax = 3",
+                "pools.long.min = 5 is above pools.long.max = 3: allowed 0 to 3",
+            ),
+            (
+                "max_concurrent = 20\n[pools.long]\nmax = 30",
+                "pools.long.max = 30 is above max_concurrent = 20: allowed 0 (class disabled) to 20",
+            ),
+            (
+                "[pools.short]\nmin = 60",
+                "pools.short.min = 60 is above max_concurrent = 50: allowed 0 to 50",
+            ),
+            (
+                "short_slots = 51",
+                "short_slots = 51 is above max_concurrent = 50: allowed 0 (class disabled) to 50",
+            ),
+            ("short_slots = 0\nlong_slots = 0", "both classes are disabled"),
+            (
+                "[limits]\nshort_timeout_cap_s = 3600",
+                "limits.short_timeout_cap_s = 3600 is out of range: allowed 1 to 300",
+            ),
+            (
+                "[limits]\nmax_deadline_s = 0",
+                "limits.max_deadline_s = 0 is out of range: allowed 1 to 604800",
+            ),
+            (
+                "[limits]\nmax_attempts_cap = 2\ndefault_max_attempts = 3",
+                "limits.default_max_attempts = 3 is out of range: allowed 1 to 2",
+            ),
+        ];
+        for (toml, expected) in cases {
+            let message = refused(toml);
+            assert!(message.starts_with(expected), "{toml:?}: {message}");
+        }
+    }
+
+    #[test]
+    fn the_total_bounds_the_default_pools() {
+        // A small total narrows both defaults; the short pool is the whole total.
+        let c = Config::from_toml_str("max_concurrent = 8").unwrap();
+        assert_eq!((c.pool_range(Class::Short), c.pool_range(Class::Long)), ((8, 8), (2, 8)));
+        let c = Config::from_toml_str("max_concurrent = 1").unwrap();
+        assert_eq!((c.pool_range(Class::Short), c.pool_range(Class::Long)), ((1, 1), (1, 1)));
+        // A pool as wide as the total is allowed; so is disabling one class.
+        let c = Config::from_toml_str("max_concurrent = 3\nlong_slots = 3\nshort_slots = 0");
+        assert_eq!(c.unwrap().pool_range(Class::Long), (3, 3));
     }
 }

@@ -2,7 +2,7 @@
 //! this process, long ones in child processes.
 //!
 //! Reading order: [`config`] (the TOML file), [`pool`] (a class's slots and the pull loop that
-//! fills them from its lanes), `attempt` (one delivery in three stages, and its one ack):
+//! fills them from its lanes), [`capacity`] (the worker's total every slot also needs), `attempt` (one delivery in three stages, and its one ack):
 //! `claim` (the record, and whether an attempt may start), `supervise` (running the handler),
 //! `settle` (the outcome made true in the record, the DLQ and the events); [`outcome`]
 //! (outcome → decision → ack, pure), `control` (routing the gateway's cancel/pause/resume wake-ups to running
@@ -17,6 +17,7 @@
 //! [`run_with`] with its own [`Registry`].
 
 mod attempt;
+pub mod capacity;
 pub mod child;
 mod claim;
 pub mod cli;
@@ -51,6 +52,7 @@ pub use error::Error;
 pub use handler::{Context, Handler, Registry};
 
 use crate::attempt::Worker;
+use crate::capacity::Total;
 use crate::control::Controls;
 use crate::pool::Pool;
 
@@ -99,19 +101,23 @@ pub async fn run_with(
     // Before any pool starts, so no attempt runs without its wake-ups; ends with this function.
     let _control = control::listen(&client, worker.controls.clone()).await?;
     let tracker = TaskTracker::new();
+    let total = Total::new(worker.config.max_concurrent);
     let mut pools = Vec::new();
     let mut slots = Vec::new();
     for class in Class::ALL {
         if worker.config.slots(class) == 0 {
             continue;
         }
-        let pool = Pool::new(worker.clone(), &topology, class).await?;
+        let pool = Pool::new(worker.clone(), &topology, class, total.clone()).await?;
         slots.push(pool.slots());
         pools.push(tokio::spawn(pool.run(tracker.clone(), shutdown.clone())));
     }
-    let _gauges = pool_gauges(slots.clone());
-    let _status = status::listen(&client, &worker.config.name, slots).await?;
-    tracing::info!(worker = %worker.config.name, "worker running");
+    let _gauges = pool_gauges(slots.clone(), total.clone());
+    let _status = status::listen(&client, &worker.config.name, slots, total).await?;
+    tracing::info!(
+        worker = %worker.config.name, max_concurrent = worker.config.max_concurrent,
+        "worker running"
+    );
 
     shutdown.cancelled().await;
     for pool in pools {
@@ -132,10 +138,16 @@ pub async fn run_with(
     Ok(())
 }
 
-/// Sets the pools' gauges (what `claw.worker.status` answers) and the RSS on every scrape of
-/// `/metrics`, until the returned hook is dropped.
-fn pool_gauges(pools: Vec<Arc<sizing::Slots>>) -> claw_proto::metrics::ScrapeHook {
+/// Sets the pools' gauges (what `claw.worker.status` answers), the total's and the RSS on every
+/// scrape of `/metrics`, until the returned hook is dropped.
+fn pool_gauges(
+    pools: Vec<Arc<sizing::Slots>>,
+    total: Arc<Total>,
+) -> claw_proto::metrics::ScrapeHook {
     claw_proto::metrics::on_scrape(move || {
+        let t = total.status();
+        metrics::gauge!("claw_worker_max_concurrent").set(t.max as f64);
+        metrics::gauge!("claw_worker_busy").set(t.busy as f64);
         for slots in &pools {
             let s = slots.status();
             let class = slots.class.as_str();

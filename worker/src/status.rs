@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use tokio_util::task::AbortOnDropHandle;
 
 use crate::Error;
+use crate::capacity::Total;
 use crate::sizing::{PoolStatus, Slots, rss_bytes};
 
 /// The subject every worker answers on.
@@ -28,6 +29,12 @@ pub struct WorkerStatus {
     pub name: String,
     /// By class (`short`, `long`); a class this worker does not run is absent.
     pub pools: BTreeMap<String, PoolStatus>,
+    /// `max_concurrent`: most attempts at once, both classes together.
+    #[serde(default)]
+    pub max_concurrent: usize,
+    /// Attempts running now, both classes together (at most `max_concurrent`).
+    #[serde(default)]
+    pub busy: usize,
     /// The worker process's resident set size.
     pub rss_bytes: u64,
 }
@@ -37,6 +44,7 @@ pub(crate) async fn listen(
     client: &Client,
     name: &str,
     pools: Vec<Arc<Slots>>,
+    total: Arc<Total>,
 ) -> Result<AbortOnDropHandle<()>, Error> {
     let mut subs = Vec::new();
     for subject in [ALL_SUBJECT.to_owned(), subject_of(name)] {
@@ -51,9 +59,12 @@ pub(crate) async fn listen(
     Ok(AbortOnDropHandle::new(tokio::spawn(async move {
         while let Some(msg) = requests.next().await {
             let Some(reply) = msg.reply else { continue };
+            let t = total.status();
             let status = WorkerStatus {
                 name: name.clone(),
                 pools: pools.iter().map(|s| (s.class.to_string(), s.status())).collect(),
+                max_concurrent: t.max,
+                busy: t.busy,
                 rss_bytes: rss_bytes(),
             };
             let body = serde_json::to_vec(&status).unwrap_or_default();
