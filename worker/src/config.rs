@@ -555,7 +555,8 @@ mod tests {
             ),
             (
                 "max_concurrent = 20\n[pools.long]\nmax = 30",
-                "pools.long.max = 30 is above max_concurrent = 20: allowed 0 (class disabled) to 20",
+                "pools.long.max = 30 is above max_concurrent = 20: allowed 0 (class disabled) \
+                 to 20",
             ),
             (
                 "[pools.short]\nmin = 60",
