@@ -21,6 +21,7 @@
 //!   keeping the short pool small: it is `max_concurrent` wide by default, and the total is what
 //!   bounds it. When both classes want more than the total, freed slots go to the two pools in
 //!   turn.
+//! - The worker's memory cap (500 MB): `memory_max_mb`, enforced by [`crate::memory`].
 
 use std::collections::BTreeMap;
 use std::ops::RangeInclusive;
@@ -46,6 +47,11 @@ const DEFAULT_MAX_CONCURRENT: usize = 50;
 /// The long pool's default range: the plan's pools of 2-20.
 const LONG_POOL_DEFAULT: (usize, usize) = (2, 20);
 
+/// `memory_max_mb` when it is not 0. An idle worker is about 18 MiB, `claw up` (gateway and
+/// archiver in the same process) a little more (BENCHMARKS.md): a cap under 64 leaves no room
+/// for tasks. A TiB is more than any host a worker runs on; a number past it is a typo.
+pub const MEMORY_MAX_MB_RANGE: RangeInclusive<u64> = 64..=1 << 20;
+
 /// `[limits] max_attempts_cap` at most: with the backoff capped at 5 minutes, 100 attempts
 /// already retry for over 8 hours; more is a loop, not a retry policy.
 pub const MAX_ATTEMPTS_LIMIT: u32 = 100;
@@ -61,6 +67,16 @@ pub struct Config {
     /// 1 to [`MAX_CONCURRENT_LIMIT`]; each pool's max must fit under it.
     #[serde(default = "default_max_concurrent")]
     pub max_concurrent: usize,
+    /// The cap on this worker process's own memory, in MiB (the plan's 500 MB): above it the
+    /// worker stops pulling and fails its largest in-process attempt with `cause: limit`
+    /// ([`crate::memory`]). 0: no cap; else [`MEMORY_MAX_MB_RANGE`].
+    #[serde(default = "default_memory_max_mb")]
+    pub memory_max_mb: u64,
+    /// Whether the worker may move itself into a cgroup v2 of its own with the cap as its
+    /// memory limit, when its cgroup allows that (`cgroup.rs`). Off: the RSS watchdog
+    /// alone.
+    #[serde(default = "default_memory_cgroup")]
+    pub memory_cgroup: bool,
     /// A fixed number of concurrent short tasks (in-process): `[pools.short]` with
     /// min = max = this, at most `max_concurrent`. 0 disables the class on this worker.
     #[serde(default)]
@@ -139,17 +155,16 @@ pub struct SizingConfig {
     #[serde(default = "default_sizing_interval_s")]
     pub interval_s: f64,
     /// Above this resident set size (MiB) of the worker process, pools do not grow and shrink
-    /// toward what is busy. 0: no memory rule.
-    #[serde(default = "default_memory_soft_mb")]
-    pub memory_soft_mb: u64,
+    /// toward what is busy. Absent: four fifths of `memory_max_mb` (400 for the default 500),
+    /// so the worker stops taking on work before it reaches its cap; 400 when there is no cap.
+    /// 0: no memory rule. Must be below `memory_max_mb`.
+    #[serde(default)]
+    pub memory_soft_mb: Option<u64>,
 }
 
 impl SizingConfig {
     pub fn standard() -> SizingConfig {
-        SizingConfig {
-            interval_s: default_sizing_interval_s(),
-            memory_soft_mb: default_memory_soft_mb(),
-        }
+        SizingConfig { interval_s: default_sizing_interval_s(), memory_soft_mb: None }
     }
 
     pub fn interval(&self) -> Duration {
@@ -161,10 +176,8 @@ fn default_sizing_interval_s() -> f64 {
     5.0
 }
 
-fn default_memory_soft_mb() -> u64 {
-    // Below the plan's 500 MB so the worker stops taking on work before it gets there.
-    400
-}
+/// The soft limit without a cap: what four fifths of the plan's 500 MB come to.
+const MEMORY_SOFT_WITHOUT_CAP_MB: u64 = 400;
 
 /// Retry backoff of retryable failures: attempt k waits the k-th step of an exponential backoff.
 #[derive(Clone, Debug, Deserialize)]
@@ -238,6 +251,26 @@ impl Config {
                  nothing"
                     .into(),
             ));
+        }
+        if self.memory_max_mb != 0 {
+            let range = MEMORY_MAX_MB_RANGE;
+            if !range.contains(&self.memory_max_mb) {
+                return Err(Error::Config(format!(
+                    "memory_max_mb = {} is out of range: allowed 0 (no cap) or {} to {}",
+                    self.memory_max_mb,
+                    range.start(),
+                    range.end()
+                )));
+            }
+            let soft = self.memory_soft_mb();
+            if soft >= self.memory_max_mb {
+                return Err(Error::Config(format!(
+                    "sizing.memory_soft_mb = {soft} is not below memory_max_mb = {}: allowed 0 \
+                     (no soft limit) to {}",
+                    self.memory_max_mb,
+                    self.memory_max_mb - 1
+                )));
+            }
         }
         self.check_limits()?;
         if !positive(self.ack_deadline_s) {
@@ -346,6 +379,15 @@ impl Config {
         (min, max)
     }
 
+    /// The RSS (MiB) above which pools stop growing: `[sizing] memory_soft_mb`, by default four
+    /// fifths of the cap. 0: no soft limit.
+    pub fn memory_soft_mb(&self) -> u64 {
+        self.sizing.memory_soft_mb.unwrap_or(match self.memory_max_mb {
+            0 => MEMORY_SOFT_WITHOUT_CAP_MB,
+            cap => cap / 5 * 4,
+        })
+    }
+
     pub fn admission_limits(&self) -> Limits {
         let l = &self.limits;
         Limits {
@@ -431,6 +473,15 @@ fn default_max_concurrent() -> usize {
     DEFAULT_MAX_CONCURRENT
 }
 
+fn default_memory_max_mb() -> u64 {
+    // The plan's worker memory cap.
+    500
+}
+
+fn default_memory_cgroup() -> bool {
+    true
+}
+
 fn default_ack_deadline_s() -> f64 {
     30.0
 }
@@ -488,6 +539,7 @@ mod tests {
         let c = Config::from_toml_str("").unwrap();
         assert_eq!((c.pool_range(Class::Short), c.pool_range(Class::Long)), ((50, 50), (2, 20)));
         assert_eq!(c.max_concurrent, 50);
+        assert_eq!((c.memory_max_mb, c.memory_soft_mb(), c.memory_cgroup), (500, 400, true));
         assert_eq!(c.isolation.memory_mb, 500);
         assert_eq!(c.sizing.interval(), Duration::from_secs(5));
         assert_eq!(c.ack_deadline(), Duration::from_secs(30));
@@ -568,6 +620,15 @@ mod tests {
             ),
             ("short_slots = 0\nlong_slots = 0", "both classes are disabled"),
             (
+                "memory_max_mb = 10",
+                "memory_max_mb = 10 is out of range: allowed 0 (no cap) or 64 to 1048576",
+            ),
+            (
+                "memory_max_mb = 300\n[sizing]\nmemory_soft_mb = 300",
+                "sizing.memory_soft_mb = 300 is not below memory_max_mb = 300: allowed 0 (no soft \
+                 limit) to 299",
+            ),
+            (
                 "[limits]\nshort_timeout_cap_s = 3600",
                 "limits.short_timeout_cap_s = 3600 is out of range: allowed 1 to 300",
             ),
@@ -596,5 +657,10 @@ mod tests {
         // A pool as wide as the total is allowed; so is disabling one class.
         let c = Config::from_toml_str("max_concurrent = 3\nlong_slots = 3\nshort_slots = 0");
         assert_eq!(c.unwrap().pool_range(Class::Long), (3, 3));
+        // No cap: no memory rule is derived from it, the soft limit stays at 400.
+        let c = Config::from_toml_str("memory_max_mb = 0").unwrap();
+        assert_eq!(c.memory_soft_mb(), 400);
+        let c = Config::from_toml_str("memory_max_mb = 200").unwrap();
+        assert_eq!(c.memory_soft_mb(), 160);
     }
 }

@@ -15,7 +15,7 @@
 //! and times out like any other.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use claw_proto::kinds::Catalog;
@@ -103,6 +103,8 @@ pub struct Context {
     /// How many places of the attempt stand still for the pause right now: checkpoints waiting,
     /// a frozen child. A watch so the supervisor can stop and restart the timeout with it.
     parked: Arc<watch::Sender<usize>>,
+    /// The bytes the handler says it holds ([`Context::report_memory`]).
+    memory: Arc<AtomicU64>,
 }
 
 /// One place where an attempt stands still for its pause; counted in its [`Context`] until
@@ -125,6 +127,7 @@ impl Context {
             urgent: Arc::default(),
             paused: Arc::new(watch::Sender::new(false)),
             parked: Arc::new(watch::Sender::new(0)),
+            memory: Arc::default(),
         }
     }
 
@@ -163,6 +166,19 @@ impl Context {
         }
         buffer.pending.output.push_str(&text[..cut]);
         buffer.dropped += (text.len() - cut) as u64;
+    }
+
+    /// Says how many bytes this attempt holds now (its buffers, a model, a document), for a
+    /// handler that knows. When the worker is over its memory cap it stops the in-process
+    /// attempt that reports the most; without reports, the one started last. Memory a handler
+    /// allocates is not otherwise attributable to it: Rust's allocator does not count per task.
+    pub fn report_memory(&self, bytes: u64) {
+        self.memory.store(bytes, Ordering::Relaxed);
+    }
+
+    /// Where [`Context::report_memory`] writes; for the worker's registry of attempts.
+    pub(crate) fn memory_report(&self) -> Arc<AtomicU64> {
+        self.memory.clone()
     }
 
     pub fn cancelled(&self) -> WaitForCancellationFuture<'_> {

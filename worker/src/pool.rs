@@ -6,7 +6,8 @@
 //! still free (a prefetched message would age toward its ack deadline while it waits, and starve
 //! other workers). A free slot is one of the pool's and one of the worker's total together
 //! ([`crate::capacity`]): with the other class holding the rest of the total, a pool with slots
-//! of its own to spare still fetches only what the total lets it start. When a sweep finds nothing, the loop sleeps until a publish to the class
+//! of its own to spare still fetches only what the total lets it start. While the worker is
+//! over its memory cap ([`crate::memory`]) the loop fetches nothing at all. When a sweep finds nothing, the loop sleeps until a publish to the class
 //! rings the doorbell (a core subscription to `tasks.<class>.*`), or [`IDLE_RESWEEP`] passes,
 //! which catches what a publish does not announce: NAK-delayed retries and redeliveries.
 //!
@@ -29,6 +30,7 @@ use tokio_util::task::{AbortOnDropHandle, TaskTracker};
 use crate::Error;
 use crate::attempt::{self, Worker};
 use crate::capacity::{Slot, Total};
+use crate::memory::MemoryCap;
 use crate::sizing::{self, Slots};
 
 /// A lower lane that was passed over this many sweeps in a row, while higher lanes took every
@@ -54,6 +56,8 @@ pub(crate) struct Pool {
     slots: Arc<Slots>,
     /// The worker's total, which every attempt needs a place in besides its pool's slot.
     total: Arc<Total>,
+    /// The worker's memory cap: over it, nothing is pulled.
+    memory: Arc<MemoryCap>,
     lanes: [(Lane, PullConsumer); 3],
     doorbell: Arc<Notify>,
     /// The task draining the doorbell subscription while there is one; dropping it
@@ -72,6 +76,7 @@ impl Pool {
         topology: &Topology,
         class: Class,
         total: Arc<Total>,
+        memory: Arc<MemoryCap>,
     ) -> Result<Pool, Error> {
         let (min, max) = worker.config.pool_range(class);
         let mut lanes = Vec::with_capacity(3);
@@ -87,6 +92,7 @@ impl Pool {
             worker,
             slots: Slots::new(class, min, max),
             total,
+            memory,
             lanes,
             doorbell,
             ringer: None,
@@ -106,10 +112,16 @@ impl Pool {
         let status = self.slots.status();
         tracing::info!(class = %self.class, size = status.size, min = status.min, max = status.max, "pool started");
         let lanes = self.lanes.iter().map(|(_, c)| c.clone()).collect();
-        let sizing = self.worker.config.sizing.clone();
-        let _sizer =
-            AbortOnDropHandle::new(tokio::spawn(sizing::run(self.slots.clone(), lanes, sizing)));
+        let config = &self.worker.config;
+        let (interval, soft_mb) = (config.sizing.interval(), config.memory_soft_mb());
+        let sizer = sizing::run(self.slots.clone(), lanes, interval, soft_mb);
+        let _sizer = AbortOnDropHandle::new(tokio::spawn(sizer));
         loop {
+            // Over the memory cap: take nothing new until the worker is below it again.
+            tokio::select! {
+                () = shutdown.cancelled() => break,
+                () = self.memory.below_cap() => {}
+            }
             let first = tokio::select! {
                 () = shutdown.cancelled() => break,
                 slot = self.total.slot(&self.slots) => match slot {
@@ -123,7 +135,7 @@ impl Pool {
             }
             // A shrinking pool retires the slots that came back; with none left, wait again.
             self.slots.trim(&mut free);
-            if free.is_empty() {
+            if free.is_empty() || self.memory.is_over() {
                 continue;
             }
             let n_free = free.len();

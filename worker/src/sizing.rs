@@ -20,7 +20,6 @@ use serde::Serialize;
 use tokio::sync::Semaphore;
 
 use crate::capacity::Slot;
-use crate::config::SizingConfig;
 
 /// How long a consumer-info request may take before the sizer skips that look.
 const INFO_TIMEOUT: Duration = Duration::from_secs(2);
@@ -146,11 +145,16 @@ pub fn rss_bytes() -> u64 {
         .map_or(0, |kb| kb * 1024)
 }
 
-/// Resizes `slots` from its lanes' backlog and the memory, every `sizing.interval_s`, forever
-/// (the pool aborts it when it stops).
-pub async fn run(slots: Arc<Slots>, mut lanes: Vec<PullConsumer>, sizing: SizingConfig) {
-    let soft = sizing.memory_soft_mb.saturating_mul(1024 * 1024);
-    let mut tick = tokio::time::interval(sizing.interval());
+/// Resizes `slots` from its lanes' backlog and the memory (no growth above `soft_mb` of RSS; 0:
+/// no such rule), every `interval`, forever (the pool aborts it when it stops).
+pub async fn run(
+    slots: Arc<Slots>,
+    mut lanes: Vec<PullConsumer>,
+    interval: Duration,
+    soft_mb: u64,
+) {
+    let soft = soft_mb.saturating_mul(1024 * 1024);
+    let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;

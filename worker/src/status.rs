@@ -13,6 +13,7 @@ use tokio_util::task::AbortOnDropHandle;
 
 use crate::Error;
 use crate::capacity::Total;
+use crate::memory::{Mechanism, MemoryCap};
 use crate::sizing::{PoolStatus, Slots, rss_bytes};
 
 /// The subject every worker answers on.
@@ -37,6 +38,20 @@ pub struct WorkerStatus {
     pub busy: usize,
     /// The worker process's resident set size.
     pub rss_bytes: u64,
+    /// `memory_max_mb` in bytes; 0: no cap.
+    #[serde(default)]
+    pub memory_max_bytes: u64,
+    /// How the cap is enforced: `cgroup_v2`, `rss_watchdog` or `off`.
+    #[serde(default = "unknown_mechanism")]
+    pub memory_cap: Mechanism,
+    /// Over the cap at the last look: the worker pulls nothing until it is below.
+    #[serde(default)]
+    pub memory_over: bool,
+}
+
+/// What a status from a worker that predates the memory cap had: none.
+fn unknown_mechanism() -> Mechanism {
+    Mechanism::Off
 }
 
 /// Answers status requests until the returned handle is dropped.
@@ -45,6 +60,7 @@ pub(crate) async fn listen(
     name: &str,
     pools: Vec<Arc<Slots>>,
     total: Arc<Total>,
+    memory: Arc<MemoryCap>,
 ) -> Result<AbortOnDropHandle<()>, Error> {
     let mut subs = Vec::new();
     for subject in [ALL_SUBJECT.to_owned(), subject_of(name)] {
@@ -59,13 +75,16 @@ pub(crate) async fn listen(
     Ok(AbortOnDropHandle::new(tokio::spawn(async move {
         while let Some(msg) = requests.next().await {
             let Some(reply) = msg.reply else { continue };
-            let t = total.status();
+            let (t, m) = (total.status(), memory.status());
             let status = WorkerStatus {
                 name: name.clone(),
                 pools: pools.iter().map(|s| (s.class.to_string(), s.status())).collect(),
                 max_concurrent: t.max,
                 busy: t.busy,
                 rss_bytes: rss_bytes(),
+                memory_max_bytes: m.max_bytes,
+                memory_cap: m.mechanism,
+                memory_over: m.over,
             };
             let body = serde_json::to_vec(&status).unwrap_or_default();
             if let Err(e) = client.publish(reply, body.into()).await {

@@ -9,6 +9,10 @@
 //! deadline, the lease (the worker's contact with the server), the drain deadline, and the
 //! abort after a stop.
 //!
+//! The worker's memory cap ([`crate::memory`]) reaches an attempt whose handler runs in this
+//! process through its registration: chosen as the largest, it is woken and stops with
+//! [`Stop::Limit`].
+//!
 //! Control (cancel, pause, resume) reaches a running attempt through its record: the gateway
 //! compare-and-sets the record, then wakes the worker ([`crate::control`]). The attempt
 //! re-reads its record on a wake-up, on every heartbeat (so a lost wake-up costs one heartbeat),
@@ -62,6 +66,10 @@ pub(crate) async fn supervise(d: &Delivery, held: &mut Held, control: &Registrat
     let ctx = Context::new(CancellationToken::new()).with_child_limits(limits);
     let in_child =
         task.class == Class::Long && !handler.spawns_process() && handler.runs_in_child();
+    if !in_child && !handler.spawns_process() {
+        // Its memory is the worker's: a candidate for the memory cap ([`crate::memory`]).
+        control.runs_in_process(&ctx);
+    }
     let mut join = {
         let (ctx, runner, grace) = (ctx.clone(), w.runner.clone(), w.config.kill_grace());
         tokio::spawn(async move {
@@ -122,7 +130,14 @@ pub(crate) async fn supervise(d: &Delivery, held: &mut Held, control: &Registrat
                 // Stands still only while the handler does, whatever the record says.
                 if *parked.borrow_and_update() > 0 { clock.pause() } else { clock.resume() }
             }
-            () = control.woken() => look_now = true,
+            () = control.woken() => match control.limit() {
+                // The worker's memory cap chose this attempt; a record look can wait.
+                Some(limit) if stopping.why.is_none() => {
+                    tracing::warn!(?limit, "stopped to bring the worker under its memory cap");
+                    stopping.why = Some(Stop::Limit(limit));
+                }
+                _ => look_now = true,
+            },
             _ = lease.tick() => {
                 if lease_lost.load(Ordering::SeqCst) && stopping.why.is_none() {
                     stopping.why = Some(Stop::LeaseLost);
@@ -172,6 +187,7 @@ pub(crate) async fn supervise(d: &Delivery, held: &mut Held, control: &Registrat
         }
         stopping.begin(&ctx, w.config.kill_grace() + ABORT_SLACK);
     };
+    control.handler_ended();
     if stopping.why.is_none() && lease_lost.load(Ordering::SeqCst) {
         // The watcher stopped the handler before the loop saw the flag.
         stopping.why = Some(Stop::LeaseLost);
