@@ -2,18 +2,19 @@
 //! this process, long ones in child processes.
 //!
 //! Reading order: [`config`] (the TOML file), [`pool`] (a class's slots and the pull loop that
-//! fills them from its lanes), [`capacity`] (the worker's total every slot also needs), `attempt` (one delivery in three stages, and its one ack):
-//! `claim` (the record, and whether an attempt may start), `supervise` (running the handler),
-//! `settle` (the outcome made true in the record, the DLQ and the events); [`outcome`]
-//! (outcome → decision → ack, pure), `control` (routing the gateway's cancel/pause/resume wake-ups to running
+//! fills them from its lanes), [`capacity`] (the worker's total every slot also needs),
+//! `attempt` (one delivery in three stages, and its one ack): `claim` (the record, and whether
+//! an attempt may start), `supervise` (running the handler), `settle` (the outcome made true in
+//! the record, the DLQ and the events); [`outcome`] (outcome → decision → ack, pure), `control`
+//! (routing the gateway's cancel/pause/resume wake-ups, and the memory cap's, to running
 //! attempts), [`events`] (progress subject), [`dlq`] (dead letters), [`handler`] (the
 //! `Handler` trait and its context), [`kinds`] (`sleep`, `exec`), [`process`] and [`protocol`]
 //! (running a child and reading its JSON lines), [`limits`] (`[isolation]`: the child's rlimits,
 //! the process-count watchdog, naming a limit failure), [`child`] (the `__run-task` side),
 //! [`sizing`] (pool sizes from backlog and memory), [`memory`] (the cap on the worker's own
-//! memory: the RSS watchdog) and `cgroup` (a cgroup v2 of its own, where allowed),
-//! [`status`] (`claw.worker.status`), `lease`
-//! (the worker's contact with the server, which times every attempt's lease), `error`.
+//! memory: the RSS watchdog) and `cgroup` (a cgroup v2 of its own, where allowed), [`status`]
+//! (`claw.worker.status`), `lease` (the worker's contact with the server, which times every
+//! attempt's lease), `error`.
 //!
 //! [`run`] is what `claw-worker` and `claw up` call; a team's own worker binary calls
 //! [`run_with`] with its own [`Registry`].

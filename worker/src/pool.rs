@@ -7,9 +7,11 @@
 //! other workers). A free slot is one of the pool's and one of the worker's total together
 //! ([`crate::capacity`]): with the other class holding the rest of the total, a pool with slots
 //! of its own to spare still fetches only what the total lets it start. While the worker is
-//! over its memory cap ([`crate::memory`]) the loop fetches nothing at all. When a sweep finds nothing, the loop sleeps until a publish to the class
-//! rings the doorbell (a core subscription to `tasks.<class>.*`), or [`IDLE_RESWEEP`] passes,
-//! which catches what a publish does not announce: NAK-delayed retries and redeliveries.
+//! over its memory cap ([`crate::memory`]) the loop fetches nothing at all.
+//!
+//! When a sweep finds nothing, the loop sleeps until a publish to the class rings the doorbell
+//! (a core subscription to `tasks.<class>.*`), or [`IDLE_RESWEEP`] passes, which catches what
+//! a publish does not announce: NAK-delayed retries and redeliveries.
 //!
 //! The doorbell is a copy of every task message, so it is only subscribed while it can help:
 //! from the first empty sweep (followed by one more sweep, for what was published before the
