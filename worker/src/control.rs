@@ -221,6 +221,7 @@ mod tests {
         assert!(controls.largest_in_process().is_none());
         let (ca, cb) = (Context::new(Default::default()), Context::new(Default::default()));
         ra.runs_in_process(&ca);
+        // Not a wait for anything: the two start times must differ for the order to be known.
         tokio::time::sleep(std::time::Duration::from_millis(5)).await;
         rb.runs_in_process(&cb);
         // Nothing reported: the one started last.
