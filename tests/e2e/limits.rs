@@ -1,4 +1,4 @@
-//! The seed's limits on one worker (issue 10, §5): at most `max_concurrent` attempts at once
+//! The limits of one worker: at most `max_concurrent` attempts at once
 //! across both classes; a configuration whose numbers are out of range refused at start, by
 //! the `claw-worker` process, with a sentence that names the key and what is allowed; and the
 //! cap on the worker's own memory, which fails the in-process attempt that grew past it with

@@ -328,9 +328,10 @@ impl Config {
         Ok(())
     }
 
-    /// `[limits]`: the caps of tasks that arrive straight over NATS, within what the design
-    /// allows (short attempts at most 5 minutes, long ones 24 hours, the deadline 7 days: the
-    /// `TASKS` stream's max age, past which the message itself is gone).
+    /// `[limits]`: the caps of tasks that arrive straight over NATS, at most the standard ones
+    /// (short attempts 5 minutes, long ones 24 hours, the deadline 7 days: the `TASKS` stream's
+    /// max age, past which the message itself is gone), so a worker never lets a task run
+    /// longer than the gateway would have admitted it for.
     fn check_limits(&self) -> Result<(), Error> {
         let l = &self.limits;
         let most = Limits::STANDARD;
