@@ -285,7 +285,8 @@ async fn queue_state(js: &async_nats::jetstream::Context) -> Vec<String> {
     let first = stream.cached_info().state.first_sequence;
     let mut seq = first;
     for _ in 0..8 {
-        let Ok(m) = stream.raw_message_builder().sequence(seq).next_by_subject("tasks.>").send().await
+        let Ok(m) =
+            stream.raw_message_builder().sequence(seq).next_by_subject("tasks.>").send().await
         else {
             break;
         };
