@@ -440,7 +440,8 @@ async fn traffic(args: &Args) -> anyhow::Result<()> {
 /// (gateway, worker and archiver; the nats-server is a separate process).
 async fn concurrency(args: &Args) -> anyhow::Result<()> {
     let n = args.concurrent;
-    let system = start_system_with(&format!("short_slots = {n}\n")).await?;
+    // The total must make room for them too: it is what bounds the short pool.
+    let system = start_system_with(&format!("max_concurrent = {n}\nshort_slots = {n}\n")).await?;
     let pid = system.child.id();
     let idle = ws::rss_kib(pid)?;
     let client = async_nats::connect(&system.nats_url).await?;

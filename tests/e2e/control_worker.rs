@@ -256,6 +256,30 @@ async fn pause_holds_an_in_process_task_at_its_next_step() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_handler_that_never_reaches_a_checkpoint_still_times_out() {
+    let nats = Nats::start();
+    let topology = nats.topology(&test_settings()).await;
+    let client = nats.client().await;
+    let worker = start_worker(&topology, &worker_toml("w-no-checkpoint", None));
+    // One step of 30 s: the sleep's only checkpoint is before it, so a pause never holds it,
+    // and the attempt's 2 s timeout must not stand still for a pause that does not happen.
+    let spec = json!({"kind": "sleep", "timeout_s": 2, "max_attempts": 1,
+                      "input": {"seconds": 30}});
+    let id = submit(&topology, spec).await;
+    wait_status(&topology, &id, Status::Running).await;
+    control(&topology, &client, &id, Verb::Pause, |r| r.pause().unwrap()).await;
+
+    let r = wait_status(&topology, &id, Status::Failed).await;
+    assert_eq!((r.cause, error_code(&r)), (Some(Cause::Timeout), Some("timeout")));
+    // It was paused when its time ran out, and ran no longer than its timeout and the grace.
+    assert_eq!(r.paused_from, Some(Status::Running));
+    let ran = r.finished_at.unwrap() - r.started_at.unwrap();
+    assert!(ran >= time::Duration::seconds(2), "stopped after {ran}");
+    assert!(ran < time::Duration::seconds(2) + KILL_GRACE + time::Duration::seconds(1), "{ran}");
+    worker.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn attempt_timeouts_retry_but_the_deadline_does_not() {
     let nats = Nats::start();
     let topology = nats.topology(&test_settings()).await;

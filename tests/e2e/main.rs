@@ -12,6 +12,7 @@ mod custom_kind;
 mod gateway;
 mod interop;
 mod isolation;
+mod limits;
 mod llm;
 mod metrics;
 mod payloads;

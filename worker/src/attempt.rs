@@ -38,11 +38,11 @@ use claw_proto::spec::{Invalid, Limits, TaskSpec};
 use claw_proto::topology::{Lane, headers};
 use claw_proto::{TaskId, TaskRecord};
 use time::OffsetDateTime;
-use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use crate::capacity::Slot;
 use crate::claim::{self, CAS_ROUNDS, Claim};
 use crate::config::Config;
 use crate::control::Controls;
@@ -87,13 +87,9 @@ pub(crate) struct Worker {
     pub contact: Arc<Contact>,
 }
 
-/// Handles one delivery; `_permit` is the pool slot it occupies until it returns.
-pub(crate) async fn handle(
-    worker: Arc<Worker>,
-    lane: Lane,
-    msg: jetstream::Message,
-    _permit: OwnedSemaphorePermit,
-) {
+/// Handles one delivery; `_slot` is its place in the pool and the worker's total until it
+/// returns.
+pub(crate) async fn handle(worker: Arc<Worker>, lane: Lane, msg: jetstream::Message, _slot: Slot) {
     let (delivered, stream_seq, published) = match msg.info() {
         Ok(i) => {
             (u32::try_from(i.delivered).unwrap_or(u32::MAX).max(1), i.stream_sequence, i.published)

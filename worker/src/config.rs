@@ -4,8 +4,27 @@
 //! Every key has a default, so an empty file is a working worker; unknown keys are refused so a
 //! typo is an error, not a silent default. There is deliberately no `Default` impl: the defaults
 //! live in the serde attributes, next to the keys they belong to.
+//!
+//! Every number is checked once, at load: a value out of its range is an [`Error::Config`]
+//! that names the key, the value and what is allowed, so a worker never starts with a
+//! setting it would silently bend (a pool larger than the worker's total, a timeout cap past
+//! the stream's 7 days).
+//!
+//! The plan's numbers and what they mean here:
+//!
+//! - `max_concurrent` (50): attempts running at once on this worker, both classes together.
+//!   Every attempt holds a slot of its class's pool *and* one of these, so the pools' sum never
+//!   exceeds it however they are sized.
+//! - Pools of 2-20: the long pool (a child process per task, each allowed `[isolation]
+//!   memory_mb`) moves between 2 and 20 slots by default. A short task is an async task in this
+//!   process (about 15 KiB while it waits, BENCHMARKS.md), so there is nothing to save by
+//!   keeping the short pool small: it is `max_concurrent` wide by default, and the total is what
+//!   bounds it. When both classes want more than the total, freed slots go to the two pools in
+//!   turn.
+//! - The worker's memory cap (500 MB): `memory_max_mb`, enforced by [`crate::memory`].
 
 use std::collections::BTreeMap;
+use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -17,6 +36,26 @@ use serde::Deserialize;
 use crate::Error;
 use crate::limits::IsolationConfig;
 
+/// The most `max_concurrent` a worker accepts. 10 000 is what one worker was measured to run at
+/// once (BENCHMARKS.md: 10 000 sleeping tasks in 165 MiB), and the default queue limit: a
+/// worker set higher could not fill its slots even from a full queue, so it is a typo.
+pub const MAX_CONCURRENT_LIMIT: usize = 10_000;
+
+/// The plan's "at most 50 concurrent tasks per worker".
+const DEFAULT_MAX_CONCURRENT: usize = 50;
+
+/// The long pool's default range: the plan's pools of 2-20.
+const LONG_POOL_DEFAULT: (usize, usize) = (2, 20);
+
+/// `memory_max_mb` when it is not 0. An idle worker is about 18 MiB, `claw up` (gateway and
+/// archiver in the same process) a little more (BENCHMARKS.md): a cap under 64 leaves no room
+/// for tasks. A TiB is more than any host a worker runs on; a number past it is a typo.
+pub const MEMORY_MAX_MB_RANGE: RangeInclusive<u64> = 64..=1 << 20;
+
+/// `[limits] max_attempts_cap` at most: with the backoff capped at 5 minutes, 100 attempts
+/// already retry for over 8 hours; more is a loop, not a retry policy.
+pub const MAX_ATTEMPTS_LIMIT: u32 = 100;
+
 /// A worker's configuration (see the module doc for the file format).
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -24,8 +63,22 @@ pub struct Config {
     /// Shows in task records (`worker`) and logs. Default `<hostname>-<pid>`.
     #[serde(default = "default_name")]
     pub name: String,
+    /// Most attempts running at once on this worker, short and long together (the plan's 50).
+    /// 1 to [`MAX_CONCURRENT_LIMIT`]; each pool's max must fit under it.
+    #[serde(default = "default_max_concurrent")]
+    pub max_concurrent: usize,
+    /// The cap on this worker process's own memory, in MiB (the plan's 500 MB): above it the
+    /// worker stops pulling and fails its largest in-process attempt with `cause: limit`
+    /// ([`crate::memory`]). 0: no cap; else [`MEMORY_MAX_MB_RANGE`].
+    #[serde(default = "default_memory_max_mb")]
+    pub memory_max_mb: u64,
+    /// Whether the worker may move itself into a cgroup v2 of its own with the cap as its
+    /// memory limit, when its cgroup allows that (`cgroup.rs`). Off: the RSS watchdog
+    /// alone.
+    #[serde(default = "default_memory_cgroup")]
+    pub memory_cgroup: bool,
     /// A fixed number of concurrent short tasks (in-process): `[pools.short]` with
-    /// min = max = this. 0 disables the class on this worker.
+    /// min = max = this, at most `max_concurrent`. 0 disables the class on this worker.
     #[serde(default)]
     pub short_slots: Option<usize>,
     /// A fixed number of concurrent long tasks (child processes), like `short_slots`.
@@ -85,7 +138,8 @@ pub struct PoolsConfig {
     pub long: PoolRange,
 }
 
-/// `[pools.<class>]`: absent keys take the class's default (short 50-50, long 2-10).
+/// `[pools.<class>]`: absent keys take the class's default (short `max_concurrent` wide, long
+/// 2-20, never above `max_concurrent`). `max = 0` disables the class on this worker.
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PoolRange {
@@ -101,17 +155,16 @@ pub struct SizingConfig {
     #[serde(default = "default_sizing_interval_s")]
     pub interval_s: f64,
     /// Above this resident set size (MiB) of the worker process, pools do not grow and shrink
-    /// toward what is busy. 0: no memory rule.
-    #[serde(default = "default_memory_soft_mb")]
-    pub memory_soft_mb: u64,
+    /// toward what is busy. Absent: four fifths of `memory_max_mb` (400 for the default 500),
+    /// so the worker stops taking on work before it reaches its cap; 400 when there is no cap.
+    /// 0: no memory rule. Must be below `memory_max_mb`.
+    #[serde(default)]
+    pub memory_soft_mb: Option<u64>,
 }
 
 impl SizingConfig {
     pub fn standard() -> SizingConfig {
-        SizingConfig {
-            interval_s: default_sizing_interval_s(),
-            memory_soft_mb: default_memory_soft_mb(),
-        }
+        SizingConfig { interval_s: default_sizing_interval_s(), memory_soft_mb: None }
     }
 
     pub fn interval(&self) -> Duration {
@@ -123,10 +176,8 @@ fn default_sizing_interval_s() -> f64 {
     5.0
 }
 
-fn default_memory_soft_mb() -> u64 {
-    // Below the plan's 500 MB so the worker stops taking on work before it gets there.
-    400
-}
+/// The soft limit without a cap: what four fifths of the plan's 500 MB come to.
+const MEMORY_SOFT_WITHOUT_CAP_MB: u64 = 400;
 
 /// Retry backoff of retryable failures: attempt k waits the k-th step of an exponential backoff.
 #[derive(Clone, Debug, Deserialize)]
@@ -190,12 +241,38 @@ impl Config {
         if !positive(self.sizing.interval_s) {
             return Err(Error::Config("sizing.interval_s must be a positive number".into()));
         }
+        in_range("max_concurrent", self.max_concurrent, 1..=MAX_CONCURRENT_LIMIT)?;
         for class in Class::ALL {
-            let (min, max) = self.pool_range(class);
-            if min > max {
-                return Err(Error::Config(format!("pools.{class}: min {min} is above max {max}")));
+            self.check_pool(class)?;
+        }
+        if Class::ALL.iter().all(|&class| self.slots(class) == 0) {
+            return Err(Error::Config(
+                "both classes are disabled (no short and no long slots): the worker would run \
+                 nothing"
+                    .into(),
+            ));
+        }
+        if self.memory_max_mb != 0 {
+            let range = MEMORY_MAX_MB_RANGE;
+            if !range.contains(&self.memory_max_mb) {
+                return Err(Error::Config(format!(
+                    "memory_max_mb = {} is out of range: allowed 0 (no cap) or {} to {}",
+                    self.memory_max_mb,
+                    range.start(),
+                    range.end()
+                )));
+            }
+            let soft = self.memory_soft_mb();
+            if soft >= self.memory_max_mb {
+                return Err(Error::Config(format!(
+                    "sizing.memory_soft_mb = {soft} is not below memory_max_mb = {}: allowed 0 \
+                     (no soft limit) to {}",
+                    self.memory_max_mb,
+                    self.memory_max_mb - 1
+                )));
             }
         }
+        self.check_limits()?;
         if !positive(self.ack_deadline_s) {
             return Err(Error::Config("ack_deadline_s must be a positive number".into()));
         }
@@ -217,6 +294,58 @@ impl Config {
         Ok(())
     }
 
+    /// A pool's keys: each within 0..=`max_concurrent` (the pool can never use more, as every
+    /// slot also needs one of the total), and min at most max.
+    fn check_pool(&self, class: Class) -> Result<(), Error> {
+        let total = self.max_concurrent;
+        let (fixed, range) = match class {
+            Class::Short => (self.short_slots, &self.pools.short),
+            Class::Long => (self.long_slots, &self.pools.long),
+        };
+        let above = |key: String, value: usize, zero: &str| {
+            Error::Config(format!(
+                "{key} = {value} is above max_concurrent = {total}: allowed 0{zero} to {total}"
+            ))
+        };
+        let disables = " (class disabled)";
+        if let Some(n) = fixed {
+            if n > total {
+                return Err(above(format!("{class}_slots"), n, disables));
+            }
+            return Ok(());
+        }
+        for (key, value, zero) in [("min", range.min, ""), ("max", range.max, disables)] {
+            if let Some(v) = value.filter(|&v| v > total) {
+                return Err(above(format!("pools.{class}.{key}"), v, zero));
+            }
+        }
+        let (min, max) = self.pool_range(class);
+        if min > max {
+            return Err(Error::Config(format!(
+                "pools.{class}.min = {min} is above pools.{class}.max = {max}: allowed 0 to {max}"
+            )));
+        }
+        Ok(())
+    }
+
+    /// `[limits]`: the caps of tasks that arrive straight over NATS, at most the standard ones
+    /// (short attempts 5 minutes, long ones 24 hours, the deadline 7 days: the `TASKS` stream's
+    /// max age, past which the message itself is gone), so a worker never lets a task run
+    /// longer than the gateway would have admitted it for.
+    fn check_limits(&self) -> Result<(), Error> {
+        let l = &self.limits;
+        let most = Limits::STANDARD;
+        in_range(
+            "limits.short_timeout_cap_s",
+            l.short_timeout_cap_s,
+            1..=most.short_timeout_cap_s,
+        )?;
+        in_range("limits.long_timeout_cap_s", l.long_timeout_cap_s, 1..=most.long_timeout_cap_s)?;
+        in_range("limits.max_deadline_s", l.max_deadline_s, 1..=most.max_deadline_s)?;
+        in_range("limits.max_attempts_cap", l.max_attempts_cap, 1..=MAX_ATTEMPTS_LIMIT)?;
+        in_range("limits.default_max_attempts", l.default_max_attempts, 1..=l.max_attempts_cap)
+    }
+
     pub fn ack_deadline(&self) -> Duration {
         Duration::from_secs_f64(self.ack_deadline_s)
     }
@@ -235,19 +364,29 @@ impl Config {
     }
 
     /// `(min, max)` slots of `class`'s pool: `<class>_slots` fixes both, else `[pools.<class>]`
-    /// with the class's defaults (short 50-50, long 2-10). A min above an explicit max is
-    /// lowered to it.
+    /// with the class's defaults (short: `max_concurrent` wide; long: 2-20 within
+    /// `max_concurrent`). A default min above an explicit max is lowered to it.
     pub fn pool_range(&self, class: Class) -> (usize, usize) {
+        let total = self.max_concurrent;
         let (fixed, range, (dmin, dmax)) = match class {
-            Class::Short => (self.short_slots, &self.pools.short, (50, 50)),
-            Class::Long => (self.long_slots, &self.pools.long, (2, 10)),
+            Class::Short => (self.short_slots, &self.pools.short, (total, total)),
+            Class::Long => (self.long_slots, &self.pools.long, LONG_POOL_DEFAULT),
         };
         if let Some(n) = fixed {
             return (n, n);
         }
-        let max = range.max.unwrap_or(dmax);
+        let max = range.max.unwrap_or(dmax.min(total));
         let min = range.min.unwrap_or(dmin.min(max));
         (min, max)
+    }
+
+    /// The RSS (MiB) above which pools stop growing: `[sizing] memory_soft_mb`, by default four
+    /// fifths of the cap. 0: no soft limit.
+    pub fn memory_soft_mb(&self) -> u64 {
+        self.sizing.memory_soft_mb.unwrap_or(match self.memory_max_mb {
+            0 => MEMORY_SOFT_WITHOUT_CAP_MB,
+            cap => cap / 5 * 4,
+        })
     }
 
     pub fn admission_limits(&self) -> Limits {
@@ -316,6 +455,34 @@ fn default_name() -> String {
     format!("{host}-{}", std::process::id())
 }
 
+/// `key = value` unless `value` is in `range`: the error names all three.
+fn in_range<T>(key: &str, value: T, range: RangeInclusive<T>) -> Result<(), Error>
+where
+    T: PartialOrd + std::fmt::Display,
+{
+    if range.contains(&value) {
+        return Ok(());
+    }
+    Err(Error::Config(format!(
+        "{key} = {value} is out of range: allowed {} to {}",
+        range.start(),
+        range.end()
+    )))
+}
+
+fn default_max_concurrent() -> usize {
+    DEFAULT_MAX_CONCURRENT
+}
+
+fn default_memory_max_mb() -> u64 {
+    // The plan's worker memory cap.
+    500
+}
+
+fn default_memory_cgroup() -> bool {
+    true
+}
+
 fn default_ack_deadline_s() -> f64 {
     30.0
 }
@@ -371,7 +538,9 @@ mod tests {
     #[test]
     fn an_empty_file_is_a_working_config() {
         let c = Config::from_toml_str("").unwrap();
-        assert_eq!((c.pool_range(Class::Short), c.pool_range(Class::Long)), ((50, 50), (2, 10)));
+        assert_eq!((c.pool_range(Class::Short), c.pool_range(Class::Long)), ((50, 50), (2, 20)));
+        assert_eq!(c.max_concurrent, 50);
+        assert_eq!((c.memory_max_mb, c.memory_soft_mb(), c.memory_cgroup), (500, 400, true));
         assert_eq!(c.isolation.memory_mb, 500);
         assert_eq!(c.sizing.interval(), Duration::from_secs(5));
         assert_eq!(c.ack_deadline(), Duration::from_secs(30));
@@ -415,5 +584,84 @@ mod tests {
         assert!(Config::from_toml_str("[isolation]\nmemory = 3").is_err());
         let c = Config::from_toml_str("[pools.long]\nmax = 1\n[pools.short]\nmin = 4").unwrap();
         assert_eq!((c.pool_range(Class::Long), c.pool_range(Class::Short)), ((1, 1), (4, 50)));
+    }
+
+    /// The error of a config that must be refused.
+    fn refused(toml: &str) -> String {
+        match Config::from_toml_str(toml) {
+            Err(Error::Config(message)) => message,
+            other => panic!("{toml:?} was not refused as a config error: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn out_of_range_values_are_refused_naming_key_value_and_range() {
+        let cases = [
+            ("max_concurrent = 0", "max_concurrent = 0 is out of range: allowed 1 to 10000"),
+            (
+                "max_concurrent = 1000000",
+                "max_concurrent = 1000000 is out of range: allowed 1 to 10000",
+            ),
+            (
+                "[pools.long]\nmin = 5\nmax = 3",
+                "pools.long.min = 5 is above pools.long.max = 3: allowed 0 to 3",
+            ),
+            (
+                "max_concurrent = 20\n[pools.long]\nmax = 30",
+                "pools.long.max = 30 is above max_concurrent = 20: allowed 0 (class disabled) \
+                 to 20",
+            ),
+            (
+                "[pools.short]\nmin = 60",
+                "pools.short.min = 60 is above max_concurrent = 50: allowed 0 to 50",
+            ),
+            (
+                "short_slots = 51",
+                "short_slots = 51 is above max_concurrent = 50: allowed 0 (class disabled) to 50",
+            ),
+            ("short_slots = 0\nlong_slots = 0", "both classes are disabled"),
+            (
+                "memory_max_mb = 10",
+                "memory_max_mb = 10 is out of range: allowed 0 (no cap) or 64 to 1048576",
+            ),
+            (
+                "memory_max_mb = 300\n[sizing]\nmemory_soft_mb = 300",
+                "sizing.memory_soft_mb = 300 is not below memory_max_mb = 300: allowed 0 (no soft \
+                 limit) to 299",
+            ),
+            (
+                "[limits]\nshort_timeout_cap_s = 3600",
+                "limits.short_timeout_cap_s = 3600 is out of range: allowed 1 to 300",
+            ),
+            (
+                "[limits]\nmax_deadline_s = 0",
+                "limits.max_deadline_s = 0 is out of range: allowed 1 to 604800",
+            ),
+            (
+                "[limits]\nmax_attempts_cap = 2\ndefault_max_attempts = 3",
+                "limits.default_max_attempts = 3 is out of range: allowed 1 to 2",
+            ),
+        ];
+        for (toml, expected) in cases {
+            let message = refused(toml);
+            assert!(message.starts_with(expected), "{toml:?}: {message}");
+        }
+    }
+
+    #[test]
+    fn the_total_bounds_the_default_pools() {
+        // A small total narrows both defaults; the short pool is the whole total.
+        let c = Config::from_toml_str("max_concurrent = 8").unwrap();
+        assert_eq!((c.pool_range(Class::Short), c.pool_range(Class::Long)), ((8, 8), (2, 8)));
+        let c = Config::from_toml_str("max_concurrent = 1").unwrap();
+        assert_eq!((c.pool_range(Class::Short), c.pool_range(Class::Long)), ((1, 1), (1, 1)));
+        // A pool as wide as the total is allowed; so is disabling one class.
+        let c = Config::from_toml_str("max_concurrent = 3\nlong_slots = 3\nshort_slots = 0");
+        assert_eq!(c.unwrap().pool_range(Class::Long), (3, 3));
+        // No cap: no memory rule is derived from it, the soft limit stays at 400.
+        let c = Config::from_toml_str("memory_max_mb = 0").unwrap();
+        assert_eq!(c.memory_soft_mb(), 400);
+        let c = Config::from_toml_str("memory_max_mb = 200").unwrap();
+        assert_eq!(c.memory_soft_mb(), 160);
     }
 }

@@ -8,9 +8,14 @@
 //! user's cancel) is a token the handler observes; a user's pause is a flag an in-process
 //! handler observes at its [`Context::checkpoint`]s. Child processes are killed, frozen and
 //! thawed by the worker with signals instead ([`crate::process`]).
+//!
+//! A pause only takes effect where the handler stops: at a checkpoint, or in a frozen child.
+//! The context counts those stops (it is *parked*), and the attempt's timeout stands still only
+//! while it is, so a paused handler that never reaches a checkpoint keeps running on its clock
+//! and times out like any other.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use claw_proto::kinds::Catalog;
@@ -95,6 +100,22 @@ pub struct Context {
     urgent: Arc<AtomicBool>,
     // A watch rather than a flag: waiters (checkpoints, the process supervisor) wake on change.
     paused: Arc<watch::Sender<bool>>,
+    /// How many places of the attempt stand still for the pause right now: checkpoints waiting,
+    /// a frozen child. A watch so the supervisor can stop and restart the timeout with it.
+    parked: Arc<watch::Sender<usize>>,
+    /// The bytes the handler says it holds ([`Context::report_memory`]).
+    memory: Arc<AtomicU64>,
+}
+
+/// One place where an attempt stands still for its pause; counted in its [`Context`] until
+/// dropped.
+#[derive(Debug)]
+pub(crate) struct Parked(Arc<watch::Sender<usize>>);
+
+impl Drop for Parked {
+    fn drop(&mut self) {
+        self.0.send_modify(|n| *n = n.saturating_sub(1));
+    }
 }
 
 impl Context {
@@ -105,6 +126,8 @@ impl Context {
             limits: None,
             urgent: Arc::default(),
             paused: Arc::new(watch::Sender::new(false)),
+            parked: Arc::new(watch::Sender::new(0)),
+            memory: Arc::default(),
         }
     }
 
@@ -145,6 +168,19 @@ impl Context {
         buffer.dropped += (text.len() - cut) as u64;
     }
 
+    /// Says how many bytes this attempt holds now (its buffers, a model, a document), for a
+    /// handler that knows. When the worker is over its memory cap it stops the in-process
+    /// attempt that reports the most; without reports, the one started last. Memory a handler
+    /// allocates is not otherwise attributable to it: Rust's allocator does not count per task.
+    pub fn report_memory(&self, bytes: u64) {
+        self.memory.store(bytes, Ordering::Relaxed);
+    }
+
+    /// Where [`Context::report_memory`] writes; for the worker's registry of attempts.
+    pub(crate) fn memory_report(&self) -> Arc<AtomicU64> {
+        self.memory.clone()
+    }
+
     pub fn cancelled(&self) -> WaitForCancellationFuture<'_> {
         self.cancel.cancelled()
     }
@@ -170,11 +206,13 @@ impl Context {
 
     /// Waits while the task is paused; returns at once when it is not, and as soon as the
     /// attempt is cancelled (a paused task can be cancelled, and must then stop, not wait).
+    /// While it waits, the attempt's timeout stands still.
     pub async fn checkpoint(&self) {
         if !*self.paused.borrow() {
             return;
         }
         let mut paused = self.paused.subscribe();
+        let _parked = self.park();
         tokio::select! {
             _ = paused.wait_for(|p| !*p) => {}
             () = self.cancel.cancelled() => {}
@@ -183,6 +221,23 @@ impl Context {
 
     pub fn is_paused(&self) -> bool {
         *self.paused.borrow()
+    }
+
+    /// Whether the attempt stands still: a checkpoint waits, or its child is frozen.
+    pub fn is_parked(&self) -> bool {
+        *self.parked.borrow() > 0
+    }
+
+    /// Counts a place where the attempt stands still, until the guard is dropped.
+    pub(crate) fn park(&self) -> Parked {
+        self.parked.send_modify(|n| *n += 1);
+        Parked(self.parked.clone())
+    }
+
+    /// Follows how many places stand still; for the supervisor, which stops the attempt's
+    /// timeout while any does.
+    pub(crate) fn watch_parked(&self) -> watch::Receiver<usize> {
+        self.parked.subscribe()
     }
 
     /// Pauses (`true`) or resumes (`false`) the attempt. Returns whether that changed anything.
@@ -280,10 +335,16 @@ mod tests {
             let ctx = ctx.clone();
             async move { ctx.checkpoint().await }
         });
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        let mut parked = ctx.watch_parked();
+        tokio::time::timeout(Duration::from_secs(1), parked.wait_for(|&n| n == 1))
+            .await
+            .unwrap()
+            .unwrap();
         assert!(!waiting.is_finished(), "a paused checkpoint waits");
+        assert!(ctx.is_paused() && ctx.is_parked());
         ctx.set_paused(false);
         tokio::time::timeout(Duration::from_secs(1), waiting).await.unwrap().unwrap();
+        assert!(!ctx.is_parked(), "a checkpoint that returned stands still no more");
 
         ctx.set_paused(true);
         ctx.cancel();

@@ -2,21 +2,26 @@
 //! this process, long ones in child processes.
 //!
 //! Reading order: [`config`] (the TOML file), [`pool`] (a class's slots and the pull loop that
-//! fills them from its lanes), `attempt` (one delivery in three stages, and its one ack):
-//! `claim` (the record, and whether an attempt may start), `supervise` (running the handler),
-//! `settle` (the outcome made true in the record, the DLQ and the events); [`outcome`]
-//! (outcome → decision → ack, pure), `control` (routing the gateway's cancel/pause/resume wake-ups to running
+//! fills them from its lanes), [`capacity`] (the worker's total every slot also needs),
+//! `attempt` (one delivery in three stages, and its one ack): `claim` (the record, and whether
+//! an attempt may start), `supervise` (running the handler), `settle` (the outcome made true in
+//! the record, the DLQ and the events); [`outcome`] (outcome → decision → ack, pure), `control`
+//! (routing the gateway's cancel/pause/resume wake-ups, and the memory cap's, to running
 //! attempts), [`events`] (progress subject), [`dlq`] (dead letters), [`handler`] (the
 //! `Handler` trait and its context), [`kinds`] (`sleep`, `exec`), [`process`] and [`protocol`]
 //! (running a child and reading its JSON lines), [`limits`] (`[isolation]`: the child's rlimits,
 //! the process-count watchdog, naming a limit failure), [`child`] (the `__run-task` side),
-//! [`sizing`] (pool sizes from backlog and memory), [`status`] (`claw.worker.status`), `lease`
-//! (the worker's contact with the server, which times every attempt's lease), `error`.
+//! [`sizing`] (pool sizes from backlog and memory), [`memory`] (the cap on the worker's own
+//! memory: the RSS watchdog) and `cgroup` (a cgroup v2 of its own, where allowed), [`status`]
+//! (`claw.worker.status`), `lease` (the worker's contact with the server, which times every
+//! attempt's lease), `error`.
 //!
 //! [`run`] is what `claw-worker` and `claw up` call; a team's own worker binary calls
 //! [`run_with`] with its own [`Registry`].
 
 mod attempt;
+pub mod capacity;
+mod cgroup;
 pub mod child;
 mod claim;
 pub mod cli;
@@ -29,6 +34,7 @@ pub mod handler;
 pub mod kinds;
 mod lease;
 pub mod limits;
+pub mod memory;
 pub mod outcome;
 pub mod pool;
 pub mod process;
@@ -51,6 +57,7 @@ pub use error::Error;
 pub use handler::{Context, Handler, Registry};
 
 use crate::attempt::Worker;
+use crate::capacity::Total;
 use crate::control::Controls;
 use crate::pool::Pool;
 
@@ -99,19 +106,26 @@ pub async fn run_with(
     // Before any pool starts, so no attempt runs without its wake-ups; ends with this function.
     let _control = control::listen(&client, worker.controls.clone()).await?;
     let tracker = TaskTracker::new();
+    let total = Total::new(worker.config.max_concurrent);
+    // Before any pool starts, so no attempt runs uncapped; the watchdog ends with this function.
+    let (memory, _watchdog) = memory::start(&worker.config, worker.controls.clone());
     let mut pools = Vec::new();
     let mut slots = Vec::new();
     for class in Class::ALL {
         if worker.config.slots(class) == 0 {
             continue;
         }
-        let pool = Pool::new(worker.clone(), &topology, class).await?;
+        let pool =
+            Pool::new(worker.clone(), &topology, class, total.clone(), memory.clone()).await?;
         slots.push(pool.slots());
         pools.push(tokio::spawn(pool.run(tracker.clone(), shutdown.clone())));
     }
-    let _gauges = pool_gauges(slots.clone());
-    let _status = status::listen(&client, &worker.config.name, slots).await?;
-    tracing::info!(worker = %worker.config.name, "worker running");
+    let _gauges = pool_gauges(slots.clone(), total.clone(), memory.clone());
+    let _status = status::listen(&client, &worker.config.name, slots, total, memory).await?;
+    tracing::info!(
+        worker = %worker.config.name, max_concurrent = worker.config.max_concurrent,
+        "worker running"
+    );
 
     shutdown.cancelled().await;
     for pool in pools {
@@ -132,10 +146,20 @@ pub async fn run_with(
     Ok(())
 }
 
-/// Sets the pools' gauges (what `claw.worker.status` answers) and the RSS on every scrape of
-/// `/metrics`, until the returned hook is dropped.
-fn pool_gauges(pools: Vec<Arc<sizing::Slots>>) -> claw_proto::metrics::ScrapeHook {
+/// Sets the pools' gauges (what `claw.worker.status` answers), the total's, the memory cap's
+/// and the RSS on every scrape of `/metrics`, until the returned hook is dropped.
+fn pool_gauges(
+    pools: Vec<Arc<sizing::Slots>>,
+    total: Arc<Total>,
+    memory: Arc<memory::MemoryCap>,
+) -> claw_proto::metrics::ScrapeHook {
     claw_proto::metrics::on_scrape(move || {
+        let t = total.status();
+        metrics::gauge!("claw_worker_max_concurrent").set(t.max as f64);
+        metrics::gauge!("claw_worker_busy").set(t.busy as f64);
+        let m = memory.status();
+        metrics::gauge!("claw_worker_memory_max_bytes").set(m.max_bytes as f64);
+        metrics::gauge!("claw_worker_memory_over").set(if m.over { 1.0 } else { 0.0 });
         for slots in &pools {
             let s = slots.status();
             let class = slots.class.as_str();

@@ -24,6 +24,9 @@
 //! Not covered without cgroups v2 (`memory.max`, `pids.max`, `cpu.max`): a limit on the
 //! group's total memory, page cache and kernel memory; a hard cap on processes that no fork
 //! can outrun; CPU *rate* limits; and accounting that follows processes out of the group.
+//! Where the worker has a cgroup v2 of its own for its memory cap (`cgroup.rs`), its
+//! children move out of it into `claw-tasks` before they exec, so a task's memory never counts
+//! as the worker's; that cgroup has no limits of its own yet.
 
 use std::io;
 use std::os::unix::process::ExitStatusExt;
@@ -128,15 +131,41 @@ fn default_processes() -> u64 {
     256
 }
 
-/// Makes `cmd`'s child apply `limits` to itself before it execs.
+/// Makes `cmd`'s child apply `limits` to itself before it execs, and leave the worker's own
+/// cgroup for the tasks' one when the worker has one (`cgroup.rs`): a task's memory is
+/// not the worker's.
 #[allow(unsafe_code)]
 pub fn install(cmd: &mut tokio::process::Command, limits: ChildLimits) {
+    let tasks_cgroup = crate::cgroup::tasks_procs();
     // SAFETY: the closure runs in the forked child before exec, where only async-signal-safe
-    // calls are allowed. It only calls setrlimit(2) (through nix, which passes a stack value to
-    // libc) with numbers copied into the closure beforehand, and builds an io::Error from an
-    // errno on failure (no allocation): no locks, no heap, no shared state.
+    // calls are allowed. It calls setrlimit(2) (through nix, which passes a stack value to
+    // libc) with numbers copied into the closure beforehand, and open(2), write(2) and close(2)
+    // on a path that was a `&'static CStr` before the fork; it builds an io::Error from an errno
+    // on failure (no allocation): no locks, no heap, no shared state.
     unsafe {
-        cmd.pre_exec(move || apply(&limits));
+        cmd.pre_exec(move || {
+            apply(&limits)?;
+            if let Some(procs) = tasks_cgroup {
+                join_cgroup(procs);
+            }
+            Ok(())
+        });
+    }
+}
+
+/// Moves the calling process into the cgroup whose `cgroup.procs` is `procs` (writing `0`
+/// means "me"). A failure is ignored: the child then counts toward the worker's cgroup, which
+/// is what it did before cgroups, and it still has its own limits.
+#[allow(unsafe_code)]
+fn join_cgroup(procs: &std::ffi::CStr) {
+    // SAFETY: `procs` is a valid NUL-terminated path; the buffer is a static byte; every call
+    // is a plain syscall whose failure is only a return value.
+    unsafe {
+        let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+        if fd >= 0 {
+            libc::write(fd, b"0".as_ptr().cast(), 1);
+            libc::close(fd);
+        }
     }
 }
 

@@ -30,6 +30,35 @@ pub enum Stop {
     Superseded,
     /// The worker is shutting down and the drain deadline passed.
     Shutdown,
+    /// A limit of the whole worker needed room and this attempt was chosen to make it: the
+    /// worker's memory cap ([`crate::memory`]). A failure with `cause: limit`, retried like the
+    /// limits of a child process.
+    Limit(Limit),
+}
+
+/// A worker-wide limit that stopped an attempt, with the numbers its error reports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Limit {
+    /// The worker's RSS was `rss_mb` over its `memory_max_mb` = `cap_mb`, and this was the
+    /// largest of its in-process attempts.
+    Memory { cap_mb: u64, rss_mb: u64 },
+}
+
+impl Limit {
+    /// The attempt's error: `limit_memory`, the same code a child's memory limit gets, and
+    /// retryable like it (the next attempt may land on a worker with room).
+    pub fn error(self) -> TaskError {
+        match self {
+            Limit::Memory { cap_mb, rss_mb } => TaskError::new(
+                "limit_memory",
+                format!(
+                    "limit: memory (the worker's cap of {cap_mb} MiB); its RSS was {rss_mb} MiB \
+                     and this was its largest in-process attempt"
+                ),
+                true,
+            ),
+        }
+    }
 }
 
 /// How an attempt ended.
@@ -104,6 +133,7 @@ pub fn decide(outcome: Outcome, attempt: u32, max_attempts: u32, retry: &RetryCo
             let error = TaskError::new("timeout", "the attempt ran past its timeout", true);
             (error, Cause::Timeout)
         }
+        Outcome::Stopped(Stop::Limit(limit)) => (limit.error(), Cause::Limit),
         Outcome::Stopped(Stop::Deadline) => {
             let message = "the task ran past its deadline";
             let error = TaskError::new("deadline_exceeded", message, false);
@@ -247,6 +277,16 @@ mod tests {
             reason_of(Outcome::Stopped(Stop::Deadline), 1),
             (reason::DEADLINE, Cause::Timeout)
         );
+        // The worker's memory cap: a limit failure, retried, counted toward max_attempts.
+        let memory = Outcome::Stopped(Stop::Limit(Limit::Memory { cap_mb: 500, rss_mb: 512 }));
+        match decide(memory.clone(), 1, 3, &r) {
+            Decision::Retry { error, cause, .. } => {
+                assert_eq!((error.code.as_str(), cause), ("limit_memory", Cause::Limit));
+                assert!(error.message.contains("500 MiB"), "{error}");
+            }
+            d => panic!("{d:?}"),
+        }
+        assert_eq!(reason_of(memory, 3), (reason::MAX_ATTEMPTS, Cause::Limit));
         match decide(Outcome::Stopped(Stop::Deadline), 1, 3, &r) {
             Decision::GiveUp { error, .. } => {
                 assert_eq!((error.code.as_str(), error.retryable), ("deadline_exceeded", false));

@@ -4,9 +4,14 @@
 //! The loop never holds more messages than free slots: it waits for a free slot, counts the free
 //! slots n, and sweeps the lanes high → normal → low with no-wait fetches of at most the slots
 //! still free (a prefetched message would age toward its ack deadline while it waits, and starve
-//! other workers). When a sweep finds nothing, the loop sleeps until a publish to the class
-//! rings the doorbell (a core subscription to `tasks.<class>.*`), or [`IDLE_RESWEEP`] passes,
-//! which catches what a publish does not announce: NAK-delayed retries and redeliveries.
+//! other workers). A free slot is one of the pool's and one of the worker's total together
+//! ([`crate::capacity`]): with the other class holding the rest of the total, a pool with slots
+//! of its own to spare still fetches only what the total lets it start. While the worker is
+//! over its memory cap ([`crate::memory`]) the loop fetches nothing at all.
+//!
+//! When a sweep finds nothing, the loop sleeps until a publish to the class rings the doorbell
+//! (a core subscription to `tasks.<class>.*`), or [`IDLE_RESWEEP`] passes, which catches what
+//! a publish does not announce: NAK-delayed retries and redeliveries.
 //!
 //! The doorbell is a copy of every task message, so it is only subscribed while it can help:
 //! from the first empty sweep (followed by one more sweep, for what was published before the
@@ -20,12 +25,14 @@ use async_nats::jetstream::consumer::PullConsumer;
 use claw_proto::Class;
 use claw_proto::topology::{self, Lane, Topology};
 use futures::StreamExt;
-use tokio::sync::{Notify, OwnedSemaphorePermit};
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::{AbortOnDropHandle, TaskTracker};
 
 use crate::Error;
 use crate::attempt::{self, Worker};
+use crate::capacity::{Slot, Total};
+use crate::memory::MemoryCap;
 use crate::sizing::{self, Slots};
 
 /// A lower lane that was passed over this many sweeps in a row, while higher lanes took every
@@ -49,6 +56,10 @@ pub(crate) struct Pool {
     worker: Arc<Worker>,
     /// The class's slots: one permit per running attempt; resized by [`crate::sizing`].
     slots: Arc<Slots>,
+    /// The worker's total, which every attempt needs a place in besides its pool's slot.
+    total: Arc<Total>,
+    /// The worker's memory cap: over it, nothing is pulled.
+    memory: Arc<MemoryCap>,
     lanes: [(Lane, PullConsumer); 3],
     doorbell: Arc<Notify>,
     /// The task draining the doorbell subscription while there is one; dropping it
@@ -66,6 +77,8 @@ impl Pool {
         worker: Arc<Worker>,
         topology: &Topology,
         class: Class,
+        total: Arc<Total>,
+        memory: Arc<MemoryCap>,
     ) -> Result<Pool, Error> {
         let (min, max) = worker.config.pool_range(class);
         let mut lanes = Vec::with_capacity(3);
@@ -80,6 +93,8 @@ impl Pool {
             class,
             worker,
             slots: Slots::new(class, min, max),
+            total,
+            memory,
             lanes,
             doorbell,
             ringer: None,
@@ -99,31 +114,36 @@ impl Pool {
         let status = self.slots.status();
         tracing::info!(class = %self.class, size = status.size, min = status.min, max = status.max, "pool started");
         let lanes = self.lanes.iter().map(|(_, c)| c.clone()).collect();
-        let sizing = self.worker.config.sizing.clone();
-        let _sizer =
-            AbortOnDropHandle::new(tokio::spawn(sizing::run(self.slots.clone(), lanes, sizing)));
-        let sem = self.slots.semaphore();
+        let config = &self.worker.config;
+        let (interval, soft_mb) = (config.sizing.interval(), config.memory_soft_mb());
+        let sizer = sizing::run(self.slots.clone(), lanes, interval, soft_mb);
+        let _sizer = AbortOnDropHandle::new(tokio::spawn(sizer));
         loop {
+            // Over the memory cap: take nothing new until the worker is below it again.
+            tokio::select! {
+                () = shutdown.cancelled() => break,
+                () = self.memory.below_cap() => {}
+            }
             let first = tokio::select! {
                 () = shutdown.cancelled() => break,
-                permit = sem.clone().acquire_owned() => match permit {
-                    Ok(permit) => permit,
-                    Err(_) => break, // never closed
+                slot = self.total.slot(&self.slots) => match slot {
+                    Some(slot) => slot,
+                    None => break, // never closed
                 },
             };
-            let mut permits = vec![first];
-            while let Ok(permit) = sem.clone().try_acquire_owned() {
-                permits.push(permit);
+            let mut free = vec![first];
+            while let Some(slot) = self.total.try_slot(&self.slots) {
+                free.push(slot);
             }
-            // A shrinking pool forgets the permits that came back; with none left, wait again.
-            self.slots.trim(&mut permits);
-            if permits.is_empty() {
+            // A shrinking pool retires the slots that came back; with none left, wait again.
+            self.slots.trim(&mut free);
+            if free.is_empty() || self.memory.is_over() {
                 continue;
             }
-            let free = permits.len();
-            let started = self.sweep(&mut permits, &tracker).await;
-            drop(permits);
-            if started == free {
+            let n_free = free.len();
+            let started = self.sweep(&mut free, &tracker).await;
+            drop(free);
+            if started == n_free {
                 // Saturated: the next wait is for a slot, and a doorbell would be wasted.
                 self.ringer = None;
             } else if started == 0 {
@@ -164,21 +184,17 @@ impl Pool {
         true
     }
 
-    /// One sweep over the lanes with `permits.len()` free slots; returns the attempts started.
-    async fn sweep(
-        &mut self,
-        permits: &mut Vec<OwnedSemaphorePermit>,
-        tracker: &TaskTracker,
-    ) -> usize {
+    /// One sweep over the lanes with `free.len()` free slots; returns the attempts started.
+    async fn sweep(&mut self, free: &mut Vec<Slot>, tracker: &TaskTracker) -> usize {
         let mut reached = [false; 3];
         let mut started = 0;
         for i in sweep_order(&self.skipped) {
-            if permits.is_empty() {
+            if free.is_empty() {
                 break;
             }
             reached[i] = true;
             let (lane, consumer) = &self.lanes[i];
-            let wanted = permits.len();
+            let wanted = free.len();
             let mut batch = match consumer.fetch().max_messages(wanted).messages().await {
                 Ok(batch) => batch,
                 Err(e) => {
@@ -202,13 +218,13 @@ impl Pool {
                         break;
                     }
                 };
-                let Some(permit) = permits.pop() else {
+                let Some(slot) = free.pop() else {
                     // The server never sends more than asked; if it did, the message simply
                     // waits for its ack deadline.
                     break;
                 };
                 got += 1;
-                tracker.spawn(attempt::handle(self.worker.clone(), *lane, msg, permit));
+                tracker.spawn(attempt::handle(self.worker.clone(), *lane, msg, slot));
             }
             self.maybe_pending[i] = got == wanted;
             started += got;

@@ -103,6 +103,8 @@ pub async fn run(spawn: Spawn, ctx: &Context, kill_grace: Duration) -> Result<Va
     // A pause that came before the spawn applies at once.
     paused.mark_changed();
     let mut frozen = false;
+    // Held while the group is stopped: the attempt's timeout stands still only then.
+    let mut _parked = None;
     let mut follow_pause = true;
     let mut watchdog = tokio::time::interval(limits::WATCH_INTERVAL);
     watchdog.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -134,6 +136,7 @@ pub async fn run(spawn: Spawn, ctx: &Context, kill_grace: Duration) -> Result<Va
                     tracing::debug!(pgid = pgid.as_raw(), %signal, "task process group");
                     let _ = killpg(pgid, signal);
                     frozen = want;
+                    _parked = want.then(|| ctx.park());
                 }
             }
         }
@@ -447,10 +450,14 @@ mod tests {
         })
         .await;
         let pid = pid.trim();
+        assert!(!ctx.is_parked());
         ctx.set_paused(true);
         poll("SIGSTOP", || proc_state(pid) == Some('T')).await;
+        // Frozen: the attempt stands still (its timeout with it) until it is continued.
+        poll("parked", || ctx.is_parked()).await;
         ctx.set_paused(false);
         poll("SIGCONT", || proc_state(pid) == Some('S')).await;
+        poll("no longer parked", || !ctx.is_parked()).await;
         ctx.set_paused(true);
         poll("SIGSTOP again", || proc_state(pid) == Some('T')).await;
         // A frozen `sleep` dies of the TERM at once (it is continued to receive it), long

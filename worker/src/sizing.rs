@@ -5,17 +5,21 @@
 //! ([`target`]). Growing adds permits at once; shrinking forgets permits as they are free — at
 //! the sizer's look, or when the pull loop gets them back — so a running attempt is never
 //! stopped to shrink a pool.
+//!
+//! A pool's slots are its own share; every attempt also needs one of the worker's total
+//! (`max_concurrent`, [`crate::capacity`]), so a pool at its max may still wait for the other
+//! class to give a slot back.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_nats::jetstream::consumer::PullConsumer;
 use claw_proto::Class;
 use serde::Serialize;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::Semaphore;
 
-use crate::config::SizingConfig;
+use crate::capacity::Slot;
 
 /// How long a consumer-info request may take before the sizer skips that look.
 const INFO_TIMEOUT: Duration = Duration::from_secs(2);
@@ -31,6 +35,10 @@ pub struct Slots {
     state: Mutex<(usize, usize)>,
     /// The lanes' backlog at the last look.
     backlog: AtomicU64,
+    /// Slots held with one of the total too ([`Slot`]): attempts running, and for the moment of
+    /// a fetch the slots the pull loop is filling. A permit the loop holds while it waits for
+    /// the total is not busy.
+    occupied: AtomicUsize,
 }
 
 /// What the status endpoint shows of a pool.
@@ -55,6 +63,7 @@ impl Slots {
             sem: Arc::new(Semaphore::new(start)),
             state: Mutex::new((start, start)),
             backlog: AtomicU64::new(0),
+            occupied: AtomicUsize::new(0),
         })
     }
 
@@ -70,7 +79,7 @@ impl Slots {
         let (size, _) = *self.lock();
         PoolStatus {
             size,
-            busy: size.saturating_sub(self.sem.available_permits()),
+            busy: self.occupied.load(Ordering::Relaxed),
             min: self.min,
             max: self.max,
             backlog: self.backlog.load(Ordering::Relaxed),
@@ -98,14 +107,22 @@ impl Slots {
         }
     }
 
-    /// Forgets permits the pull loop just got while the pool is above its target.
-    pub fn trim(&self, permits: &mut Vec<OwnedSemaphorePermit>) {
+    /// Retires slots the pull loop just got while the pool is above its target.
+    pub fn trim(&self, slots: &mut Vec<Slot>) {
         let mut state = self.lock();
         while state.0 > state.1 {
-            let Some(permit) = permits.pop() else { break };
-            permit.forget();
+            let Some(slot) = slots.pop() else { break };
+            slot.retire();
             state.0 -= 1;
         }
+    }
+
+    pub(crate) fn occupy(&self) {
+        self.occupied.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn vacate(&self) {
+        self.occupied.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -128,11 +145,16 @@ pub fn rss_bytes() -> u64 {
         .map_or(0, |kb| kb * 1024)
 }
 
-/// Resizes `slots` from its lanes' backlog and the memory, every `sizing.interval_s`, forever
-/// (the pool aborts it when it stops).
-pub async fn run(slots: Arc<Slots>, mut lanes: Vec<PullConsumer>, sizing: SizingConfig) {
-    let soft = sizing.memory_soft_mb.saturating_mul(1024 * 1024);
-    let mut tick = tokio::time::interval(sizing.interval());
+/// Resizes `slots` from its lanes' backlog and the memory (no growth above `soft_mb` of RSS; 0:
+/// no such rule), every `interval`, forever (the pool aborts it when it stops).
+pub async fn run(
+    slots: Arc<Slots>,
+    mut lanes: Vec<PullConsumer>,
+    interval: Duration,
+    soft_mb: u64,
+) {
+    let soft = soft_mb.saturating_mul(1024 * 1024);
+    let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
@@ -190,8 +212,8 @@ mod tests {
         assert_eq!(slots.status().size, 2);
         slots.resize(10);
         assert_eq!(slots.semaphore().available_permits(), 10);
-        let sem = slots.semaphore();
-        let mut held: Vec<_> = (0..6).map(|_| sem.clone().try_acquire_owned().unwrap()).collect();
+        let total = crate::capacity::Total::new(10);
+        let mut held: Vec<_> = (0..6).map(|_| total.try_slot(&slots).unwrap()).collect();
         slots.resize(0); // clamped to min 2; 4 free permits go at once
         let s = slots.status();
         assert_eq!((s.size, s.busy), (6, 6));
@@ -199,6 +221,7 @@ mod tests {
         assert_eq!((slots.status().size, held.len()), (2, 2));
         drop(held);
         assert_eq!(slots.semaphore().available_permits(), 2);
+        assert_eq!((slots.status().busy, total.status().busy), (0, 0));
     }
 
     #[test]

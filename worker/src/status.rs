@@ -12,6 +12,8 @@ use serde::{Deserialize, Serialize};
 use tokio_util::task::AbortOnDropHandle;
 
 use crate::Error;
+use crate::capacity::Total;
+use crate::memory::{Mechanism, MemoryCap};
 use crate::sizing::{PoolStatus, Slots, rss_bytes};
 
 /// The subject every worker answers on.
@@ -28,8 +30,28 @@ pub struct WorkerStatus {
     pub name: String,
     /// By class (`short`, `long`); a class this worker does not run is absent.
     pub pools: BTreeMap<String, PoolStatus>,
+    /// `max_concurrent`: most attempts at once, both classes together.
+    #[serde(default)]
+    pub max_concurrent: usize,
+    /// Attempts running now, both classes together (at most `max_concurrent`).
+    #[serde(default)]
+    pub busy: usize,
     /// The worker process's resident set size.
     pub rss_bytes: u64,
+    /// `memory_max_mb` in bytes; 0: no cap.
+    #[serde(default)]
+    pub memory_max_bytes: u64,
+    /// How the cap is enforced: `cgroup_v2`, `rss_watchdog` or `off`.
+    #[serde(default = "unknown_mechanism")]
+    pub memory_cap: Mechanism,
+    /// Over the cap at the last look: the worker pulls nothing until it is below.
+    #[serde(default)]
+    pub memory_over: bool,
+}
+
+/// What a status from a worker that predates the memory cap had: none.
+fn unknown_mechanism() -> Mechanism {
+    Mechanism::Off
 }
 
 /// Answers status requests until the returned handle is dropped.
@@ -37,6 +59,8 @@ pub(crate) async fn listen(
     client: &Client,
     name: &str,
     pools: Vec<Arc<Slots>>,
+    total: Arc<Total>,
+    memory: Arc<MemoryCap>,
 ) -> Result<AbortOnDropHandle<()>, Error> {
     let mut subs = Vec::new();
     for subject in [ALL_SUBJECT.to_owned(), subject_of(name)] {
@@ -51,10 +75,16 @@ pub(crate) async fn listen(
     Ok(AbortOnDropHandle::new(tokio::spawn(async move {
         while let Some(msg) = requests.next().await {
             let Some(reply) = msg.reply else { continue };
+            let (t, m) = (total.status(), memory.status());
             let status = WorkerStatus {
                 name: name.clone(),
                 pools: pools.iter().map(|s| (s.class.to_string(), s.status())).collect(),
+                max_concurrent: t.max,
+                busy: t.busy,
                 rss_bytes: rss_bytes(),
+                memory_max_bytes: m.max_bytes,
+                memory_cap: m.mechanism,
+                memory_over: m.over,
             };
             let body = serde_json::to_vec(&status).unwrap_or_default();
             if let Err(e) = client.publish(reply, body.into()).await {

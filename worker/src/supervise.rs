@@ -4,8 +4,14 @@
 //! Meanwhile it keeps the message (an in-progress ack every third of the ack deadline, paused
 //! or not), publishes what the handler reported (coalesced, [`FLUSH_INTERVAL`]), saves progress
 //! in the record (at most every [`PROGRESS_SAVE`]), and watches five clocks: the attempt's
-//! timeout (which stands still while paused), the task's absolute deadline, the lease (the
-//! worker's contact with the server), the drain deadline, and the abort after a stop.
+//! timeout (which stands still while the paused handler does: parked at a checkpoint, or its
+//! child frozen; a paused handler that runs on runs on its clock), the task's absolute
+//! deadline, the lease (the worker's contact with the server), the drain deadline, and the
+//! abort after a stop.
+//!
+//! The worker's memory cap ([`crate::memory`]) reaches an attempt whose handler runs in this
+//! process through its registration: chosen as the largest, it is woken and stops with
+//! [`Stop::Limit`].
 //!
 //! Control (cancel, pause, resume) reaches a running attempt through its record: the gateway
 //! compare-and-sets the record, then wakes the worker ([`crate::control`]). The attempt
@@ -60,6 +66,10 @@ pub(crate) async fn supervise(d: &Delivery, held: &mut Held, control: &Registrat
     let ctx = Context::new(CancellationToken::new()).with_child_limits(limits);
     let in_child =
         task.class == Class::Long && !handler.spawns_process() && handler.runs_in_child();
+    if !in_child && !handler.spawns_process() {
+        // Its memory is the worker's: a candidate for the memory cap ([`crate::memory`]).
+        control.runs_in_process(&ctx);
+    }
     let mut join = {
         let (ctx, runner, grace) = (ctx.clone(), w.runner.clone(), w.config.kill_grace());
         tokio::spawn(async move {
@@ -75,6 +85,7 @@ pub(crate) async fn supervise(d: &Delivery, held: &mut Held, control: &Registrat
     // The effective limit is min(timeout_s, deadline - now), kept as two timers so the stop
     // says which ran out: only the attempt's own timeout is worth a retry.
     let mut clock = AttemptClock::new(Duration::from_secs(held.record.timeout_s));
+    let mut parked = ctx.watch_parked();
     let to_deadline = Duration::try_from(held.record.deadline - now()).unwrap_or_default();
     let deadline = tokio::time::sleep(to_deadline);
     // Three beats per deadline: one lost or late heartbeat does not cost the message.
@@ -115,7 +126,18 @@ pub(crate) async fn supervise(d: &Delivery, held: &mut Held, control: &Registrat
                 tracing::info!("drain deadline passed; handing the task back");
                 stopping.why = Some(Stop::Shutdown);
             }
-            () = control.woken() => look_now = true,
+            _ = parked.changed() => {
+                // Stands still only while the handler does, whatever the record says.
+                if *parked.borrow_and_update() > 0 { clock.pause() } else { clock.resume() }
+            }
+            () = control.woken() => match control.limit() {
+                // The worker's memory cap chose this attempt; a record look can wait.
+                Some(limit) if stopping.why.is_none() => {
+                    tracing::warn!(?limit, "stopped to bring the worker under its memory cap");
+                    stopping.why = Some(Stop::Limit(limit));
+                }
+                _ => look_now = true,
+            },
             _ = lease.tick() => {
                 if lease_lost.load(Ordering::SeqCst) && stopping.why.is_none() {
                     stopping.why = Some(Stop::LeaseLost);
@@ -148,12 +170,10 @@ pub(crate) async fn supervise(d: &Delivery, held: &mut Held, control: &Registrat
                 Look::Run if ctx.is_paused() => {
                     tracing::info!("task resumed");
                     ctx.set_paused(false);
-                    clock.resume();
                 }
                 Look::Pause if !ctx.is_paused() => {
                     tracing::info!("task paused");
                     ctx.set_paused(true);
-                    clock.pause();
                 }
                 Look::Stop(why) => {
                     match why {
@@ -167,6 +187,7 @@ pub(crate) async fn supervise(d: &Delivery, held: &mut Held, control: &Registrat
         }
         stopping.begin(&ctx, w.config.kill_grace() + ABORT_SLACK);
     };
+    control.handler_ended();
     if stopping.why.is_none() && lease_lost.load(Ordering::SeqCst) {
         // The watcher stopped the handler before the loop saw the flag.
         stopping.why = Some(Stop::LeaseLost);
@@ -356,8 +377,9 @@ pub(crate) async fn look(d: &Delivery, held: &mut Held) -> Look {
     look
 }
 
-/// An attempt's own timeout, which stands still while the task is paused: the time left is
-/// kept at the pause and the timer re-armed with it on resume.
+/// An attempt's own timeout, which stands still while the attempt is parked (its handler waits
+/// at a checkpoint of a paused task, or its child is frozen): the time left is kept when it
+/// parks and the timer re-armed with it when it moves again.
 struct AttemptClock {
     timer: Pin<Box<Sleep>>,
     left: Duration,

@@ -22,7 +22,7 @@ use tokio_util::task::TaskTracker;
 use super::stack::PROGRAM;
 use super::{Config, Rng};
 
-/// Share of tasks in the long class (child processes in the long pool, 2-10 slots a worker by
+/// Share of tasks in the long class (child processes in the long pool, 2-20 slots a worker by
 /// default); the rest are short. Kept low enough that two workers' long pools keep up.
 const LONG_SHARE: f64 = 0.3;
 
