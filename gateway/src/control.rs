@@ -15,8 +15,8 @@ use async_nats::HeaderMap;
 use async_nats::jetstream::stream::LastRawMessageErrorKind;
 use claw_proto::api::{Control, Verb};
 use claw_proto::event::Event;
+use claw_proto::queue;
 use claw_proto::records::{self, Stored};
-use claw_proto::spec::TaskSpec;
 use claw_proto::task::{Cause, Status, TaskId, TaskRecord};
 use claw_proto::topology::{self, Lane, headers};
 use time::OffsetDateTime;
@@ -223,21 +223,11 @@ async fn run_effect(
     }
 }
 
-/// Publishes the task to its lane again. The message id carries the record's revision: the
-/// task id alone would be dropped by JetStream's de-duplication when the first message was
-/// published less than its window ago.
+/// Publishes the task to its lane again (`queue::republish`: the message id carries the
+/// record's revision, so an earlier message of the task within the duplicate window does not
+/// swallow it).
 async fn enqueue(app: &App, record: &TaskRecord, revision: u64) -> Result<(), Error> {
-    let message = serde_json::to_vec(&TaskSpec::of_record(record))
-        .map_err(|e| Error::Internal(e.to_string()))?;
-    let mut headers = HeaderMap::new();
-    headers.insert(headers::MSG_ID, format!("{}:{revision}", record.id).as_str());
-    let lane = Lane::new(record.class, record.priority);
-    let ack = app
-        .js
-        .publish_with_headers(lane.subject(), headers, message.into())
-        .await
-        .map_err(|e| tasks::publish_error(e, app))?;
-    ack.await.map_err(|e| tasks::publish_error(e, app))?;
+    queue::republish(&app.js, record, revision).await.map_err(|e| tasks::publish_error(e, app))?;
     Ok(())
 }
 
@@ -344,7 +334,7 @@ fn is_task(headers: &HeaderMap, payload: &[u8], id: &TaskId) -> bool {
 mod tests {
     use super::*;
     use claw_proto::kinds::Catalog;
-    use claw_proto::spec::Limits;
+    use claw_proto::spec::{Limits, TaskSpec};
 
     fn record(status: Status) -> TaskRecord {
         let now = OffsetDateTime::now_utc();

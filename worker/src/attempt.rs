@@ -33,6 +33,7 @@ use async_nats::Client;
 use async_nats::jetstream::{self, AckKind};
 use claw_proto::kinds::Catalog;
 use claw_proto::payloads::Payloads;
+use claw_proto::queue;
 use claw_proto::records::{self, Records};
 use claw_proto::spec::{Invalid, Limits, TaskSpec};
 use claw_proto::topology::{Lane, headers};
@@ -100,17 +101,11 @@ pub(crate) async fn handle(worker: Arc<Worker>, lane: Lane, msg: jetstream::Mess
         }
     };
     let spec = TaskSpec::from_slice(&msg.payload);
-    let header_id = msg
-        .headers
-        .as_ref()
-        .and_then(|h| h.get(headers::MSG_ID))
-        .and_then(|v| TaskId::parse(v.as_str()).ok());
-    let given_id = spec.as_ref().ok().and_then(|s| s.id.clone()).or(header_id);
-    // Stable across redeliveries: the stream sequence and publish time do not change.
-    let id = given_id.clone().unwrap_or_else(|| {
-        let name = format!("{stream_seq}:{}", published.unix_timestamp_nanos());
-        TaskId::derived("nats-msg", &name)
-    });
+    // The rules the archiver's reconciler uses too when it lists the tasks that have a message.
+    let msg_id = msg.headers.as_ref().and_then(|h| h.get(headers::MSG_ID));
+    let given_id =
+        queue::given_id(spec.as_ref().ok().and_then(|s| s.id.as_ref()), msg_id.map(|v| v.as_str()));
+    let id = given_id.clone().unwrap_or_else(|| queue::derived_id(stream_seq, published));
     // The submitter's trace (W3C traceparent header), so the task's log lines join its trace.
     let trace_id = msg
         .headers
