@@ -99,8 +99,10 @@ pub async fn serve(client: Client, store: Store, shutdown: CancellationToken) ->
         }),
         list.for_each_concurrent(MAX_IN_FLIGHT, |request| {
             let store = store.clone();
+            // Read per request: a reconnect may land on a server with another limit.
+            let max_bytes = page_bytes(client.server_info().max_payload);
             async move {
-                let reply = list_reply(&store, &request.message.payload).await;
+                let reply = list_reply(&store, &request.message.payload, max_bytes).await;
                 answer(request, reply).await;
             }
         }),
@@ -163,10 +165,21 @@ fn parse_get(payload: &[u8]) -> Result<TaskId, Failure> {
     TaskId::parse(text).map_err(|e| Failure::invalid(Some("id".into()), e.to_string()))
 }
 
-/// `claw.archive.list`: a `ListQuery` (an empty body is all defaults) → a `ListPage`.
-pub async fn list_reply(store: &Store, payload: &[u8]) -> Result<Vec<u8>, Failure> {
+/// The largest page a reply may carry on a server that takes messages of `max_payload` bytes:
+/// the same room for the framing as a record in the bucket has.
+pub fn page_bytes(max_payload: usize) -> usize {
+    max_payload.saturating_sub(claw_proto::records::HEADROOM)
+}
+
+/// `claw.archive.list`: a `ListQuery` (an empty body is all defaults) → a `ListPage` of at most
+/// `max_bytes` ([`page_bytes`]).
+pub async fn list_reply(
+    store: &Store,
+    payload: &[u8],
+    max_bytes: usize,
+) -> Result<Vec<u8>, Failure> {
     let filter = parse_list(payload)?;
-    match store.list(&filter).await {
+    match store.list(&filter, max_bytes).await {
         Ok(page) => Ok(serde_json::to_vec(&page).expect("a page always serializes")),
         Err(e) => Err(Failure::internal(&e)),
     }

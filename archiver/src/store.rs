@@ -24,6 +24,10 @@ use crate::Error;
 /// `get`/`list` requests, which WAL lets read while the writer writes.
 const POOL_SIZE: u32 = 8;
 
+/// Bytes of an encoded page that are not its records: `{"tasks":[],"next_cursor":"..."}` with
+/// a cursor of at most 20 digits, a dot and a 64-character id.
+const PAGE_ENVELOPE: usize = 128;
+
 /// How long a statement waits for a lock before failing. Writers are serialized by SQLite; with
 /// a single writer this only covers checkpoints and a reader holding the WAL, which are short.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -154,8 +158,11 @@ impl Store {
     }
 
     /// One page, newest first by (created_at, id), with the cursor of the next page when there
-    /// may be one.
-    pub async fn list(&self, filter: &Filter) -> Result<ListPage, Error> {
+    /// may be one. The page is at most `filter.limit` rows and, encoded as JSON, at most
+    /// `max_bytes` (but always one row, when there is one): it goes out as one NATS message,
+    /// and fifty records of 100 KB would not fit the server's `max_payload`. The cursor then
+    /// continues after the last row the page holds.
+    pub async fn list(&self, filter: &Filter, max_bytes: usize) -> Result<ListPage, Error> {
         let mut query = QueryBuilder::<Sqlite>::new("SELECT id, created_at, record FROM tasks");
         let mut sep = " WHERE ";
         if let Some(session) = &filter.session {
@@ -191,20 +198,26 @@ impl Store {
         let mut rows: Vec<(String, i64, String)> =
             query.build_query_as().fetch_all(&self.pool).await?;
 
-        let more = rows.len() > filter.limit as usize;
+        let mut more = rows.len() > filter.limit as usize;
         rows.truncate(filter.limit as usize);
-        let next_cursor = match rows.last() {
-            Some((id, created_at, _)) if more => {
-                Some(Cursor { created_at: *created_at, id: id.clone() }.encode())
+        let mut tasks = Vec::with_capacity(rows.len());
+        let mut bytes = PAGE_ENVELOPE;
+        let mut last = None;
+        for (id, created_at, json) in rows {
+            let record: TaskRecord = serde_json::from_str(&json)
+                .map_err(|source| Error::StoredRecord { id: id.clone(), source })?;
+            // Measured as the reply will encode it (a record archived by an older version may
+            // gain null fields), plus its comma.
+            let size = serde_json::to_vec(&record).map_or(json.len(), |v| v.len()) + 1;
+            if !tasks.is_empty() && bytes + size > max_bytes {
+                more = true;
+                break;
             }
-            _ => None,
-        };
-        let tasks = rows
-            .into_iter()
-            .map(|(id, _, json)| {
-                serde_json::from_str(&json).map_err(|source| Error::StoredRecord { id, source })
-            })
-            .collect::<Result<_, _>>()?;
+            bytes += size;
+            tasks.push(record);
+            last = Some(Cursor { created_at, id });
+        }
+        let next_cursor = last.filter(|_| more).map(|cursor| cursor.encode());
         Ok(ListPage { tasks, next_cursor })
     }
 
@@ -277,6 +290,9 @@ mod tests {
             .unwrap()
     }
 
+    /// No byte limit on a page: only the row limit counts.
+    const ANY_SIZE: usize = usize::MAX;
+
     fn all(limit: u32) -> Filter {
         Filter { limit, ..Filter::default() }
     }
@@ -312,7 +328,7 @@ mod tests {
         store.upsert(&[entry(10, &failed), entry(20, &succeeded)]).await.unwrap();
         assert_eq!(count(&store).await, 1);
         assert_eq!(revision(&store, &failed.id).await, 20);
-        let page = store.list(&all(10)).await.unwrap();
+        let page = store.list(&all(10), ANY_SIZE).await.unwrap();
         assert_eq!(page.tasks, [succeeded]);
     }
 
@@ -340,7 +356,7 @@ mod tests {
 
         let store = &store;
         let ids = |f: Filter| async move {
-            let page = store.list(&Filter { limit: DEFAULT_PAGE, ..f }).await.unwrap();
+            let page = store.list(&Filter { limit: DEFAULT_PAGE, ..f }, ANY_SIZE).await.unwrap();
             assert_eq!(page.next_cursor, None);
             page.tasks.into_iter().map(|t| t.id).collect::<Vec<_>>()
         };
@@ -373,11 +389,11 @@ mod tests {
         store.upsert(&[entry(1, &alices), entry(2, &bobs), entry(3, &nobodys)]).await.unwrap();
 
         let owned = |owner: &str| Filter { owner: Some(owner.into()), ..all(DEFAULT_PAGE) };
-        let page = store.list(&owned("alice")).await.unwrap();
+        let page = store.list(&owned("alice"), ANY_SIZE).await.unwrap();
         assert_eq!(page.tasks, [alices]);
-        let page = store.list(&owned("carol")).await.unwrap();
+        let page = store.list(&owned("carol"), ANY_SIZE).await.unwrap();
         assert!(page.tasks.is_empty());
-        assert_eq!(store.list(&all(DEFAULT_PAGE)).await.unwrap().tasks.len(), 3);
+        assert_eq!(store.list(&all(DEFAULT_PAGE), ANY_SIZE).await.unwrap().tasks.len(), 3);
     }
 
     #[sqlx::test]
@@ -397,7 +413,7 @@ mod tests {
         let mut filter = all(5);
         let mut pages = 0;
         loop {
-            let page = store.list(&filter).await.unwrap();
+            let page = store.list(&filter, ANY_SIZE).await.unwrap();
             pages += 1;
             assert!(page.tasks.len() <= 5);
             seen.extend(page.tasks.iter().map(|t| (t.created_at, t.id.clone())));
@@ -410,8 +426,48 @@ mod tests {
         assert_eq!(seen, expected);
 
         // An exact multiple of the page size ends without an empty extra page.
-        let page = store.list(&all(23)).await.unwrap();
+        let page = store.list(&all(23), ANY_SIZE).await.unwrap();
         assert_eq!((page.tasks.len(), page.next_cursor), (23, None));
+    }
+
+    #[sqlx::test]
+    async fn a_page_stops_at_its_byte_limit_and_the_cursor_goes_on_from_there(pool: SqlitePool) {
+        let store = Store::migrated(pool).await.unwrap();
+        // 10 records of about 10 KB each, newest last.
+        let records: Vec<_> = (0..10)
+            .map(|i| {
+                let mut r = terminal("s", "sleep", Status::Succeeded, i);
+                r.result = Some(json!("x".repeat(10_000)));
+                r
+            })
+            .collect();
+        let entries: Vec<_> = records.iter().zip(1..).map(|(r, rev)| entry(rev, r)).collect();
+        store.upsert(&entries).await.unwrap();
+        let size = serde_json::to_vec(&records[0]).unwrap().len();
+
+        // Room for three records and a bit: pages of 3, 3, 3, 1, in order, none over the limit.
+        let max_bytes = PAGE_ENVELOPE + 3 * (size + 1) + size / 2;
+        let mut filter = all(DEFAULT_PAGE);
+        let mut seen = Vec::new();
+        let mut sizes = Vec::new();
+        loop {
+            let page = store.list(&filter, max_bytes).await.unwrap();
+            assert!(serde_json::to_vec(&page).unwrap().len() <= max_bytes);
+            sizes.push(page.tasks.len());
+            seen.extend(page.tasks.into_iter().map(|t| t.id));
+            match page.next_cursor {
+                Some(cursor) => filter.after = Some(Cursor::decode(&cursor).unwrap()),
+                None => break,
+            }
+        }
+        assert_eq!(sizes, [3, 3, 3, 1]);
+        assert_eq!(seen, records.iter().rev().map(|r| r.id.clone()).collect::<Vec<_>>());
+
+        // A limit below one record still gives one per page: a page never comes back empty
+        // while rows remain.
+        let page = store.list(&all(DEFAULT_PAGE), 10).await.unwrap();
+        assert_eq!(page.tasks.len(), 1);
+        assert!(page.next_cursor.is_some());
     }
 
     #[test]

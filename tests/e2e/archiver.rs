@@ -385,3 +385,46 @@ async fn archive_get_and_list_answer_over_nats() {
     assert_eq!(list(&client, &ListQuery::default()).await.tasks.len(), 20);
     archiver.stop().await;
 }
+
+#[tokio::test]
+async fn a_page_of_big_records_fits_in_one_message() {
+    let nats = Nats::start();
+    let topology = nats.topology(&test_settings()).await;
+    let kv = topology.tasks_kv.clone();
+    let db = db_path(&nats);
+    let archiver = Archiver::start(&topology, &db);
+    let client = nats.client().await;
+    let max_payload = client.server_info().max_payload;
+
+    // 30 records of about 100 KB each: 3 MB, three times what one message may carry.
+    let base = OffsetDateTime::now_utc() - time::Duration::hours(1);
+    let mut all = Vec::new();
+    for i in 0..30 {
+        let mut record = admitted("big", "sleep", base + time::Duration::seconds(i));
+        record.input = json!({"seconds": 1, "echo": "x".repeat(100_000)});
+        all.push(run_task(&kv, record, Status::Succeeded).await.0);
+    }
+    wait_for_rows(&db, 30).await;
+
+    // However many rows are asked for, each reply fits, and the pages together hold every
+    // record once, newest first.
+    let mut query = ListQuery { limit: Some(500), ..ListQuery::default() };
+    let mut seen = Vec::new();
+    let mut pages = 0;
+    loop {
+        let reply = request(&client, ARCHIVE_LIST, serde_json::to_vec(&query).unwrap()).await;
+        assert!(reply.payload.len() <= max_payload, "{} bytes", reply.payload.len());
+        let page: ListPage = serde_json::from_slice(&reply.payload)
+            .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&reply.payload)));
+        assert!(!page.tasks.is_empty());
+        pages += 1;
+        seen.extend(page.tasks.into_iter().map(|t| t.id));
+        match page.next_cursor {
+            Some(cursor) => query.cursor = Some(cursor),
+            None => break,
+        }
+    }
+    assert!(pages >= 3, "{pages} pages");
+    assert_eq!(seen, all.iter().rev().map(|r| r.id.clone()).collect::<Vec<_>>());
+    archiver.stop().await;
+}
