@@ -3,8 +3,9 @@
 //!
 //! Acks follow the commit, never precede it: a crash between the two means redelivery, which the
 //! store's revision guard makes harmless. Because the consumer is durable, a restarted archiver
-//! resumes after the last acked message, and one that was down catches up on what it missed
-//! (as long as the bucket still holds it: its TTL is the limit).
+//! resumes after the last acked message, and one that was down catches up on what it missed:
+//! nothing in the bucket expires, and a finished record leaves it only once archived
+//! ([`crate::retention`]).
 //!
 //! A batch is at most `batch_max` messages, and never more than that is un-acked at once: the
 //! loop asks the server for one message (waiting as long as it takes), then for up to

@@ -1,14 +1,18 @@
 //! The archiver: every task record that reaches a terminal state lands in SQLite, exactly once
 //! per revision, and the history is served over NATS as `claw.archive.get` / `claw.archive.list`.
+//! Once archived, a finished record leaves the `tasks` bucket after its retention: the archiver
+//! is the only process that removes one.
 //!
 //! It reads the `tasks` bucket through its own durable consumer (`archiver` on `KV_tasks`), so it
 //! can be down for a while and catch up, and it is the only process that touches SQLite.
 //!
-//! Reading order: [`run`] (wires the two halves together), [`consume`] (pull a batch, commit it,
-//! then ack it), [`store`] (the table, the revision-guarded upsert, keyset paging) and
-//! [`service`] (request parsing and the error shape of the replies).
+//! Reading order: [`run`] (wires the parts together), [`consume`] (pull a batch, commit it,
+//! then ack it), [`store`] (the table, the revision-guarded upsert, keyset paging),
+//! [`service`] (request parsing and the error shape of the replies) and [`retention`] (removing
+//! archived records from the bucket once their retention has passed).
 
 pub mod consume;
+pub mod retention;
 pub mod service;
 pub mod store;
 
@@ -46,6 +50,27 @@ pub struct Config {
     /// Short, so a finished task is in the history almost at once even when traffic is light.
     #[arg(long = "batch-wait-ms", env = "CLAW_ARCHIVER_BATCH_WAIT_MS", default_value_t = 20)]
     pub batch_wait_ms: u64,
+    #[command(flatten)]
+    pub retention: retention::Settings,
+}
+
+impl Config {
+    /// Parses flags as the binary would (for tests and embedders):
+    /// `Config::from_args(["--db", "archive.sqlite"])`.
+    pub fn from_args<I, T>(args: I) -> Result<Config, clap::Error>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        #[derive(clap::Parser)]
+        struct Wrapper {
+            #[command(flatten)]
+            config: Config,
+        }
+        let argv = std::iter::once(std::ffi::OsString::from("claw-archiver"))
+            .chain(args.into_iter().map(Into::into));
+        <Wrapper as clap::Parser>::try_parse_from(argv).map(|w| w.config)
+    }
 }
 
 /// What stops the archiver.
@@ -108,12 +133,14 @@ pub async fn run(
         max: usize::from(config.batch_max),
         wait: Duration::from_millis(config.batch_wait_ms),
     };
-    tracing::info!(db = %config.db.display(), batch_max = batching.max, "archiver running");
+    tracing::info!(db = %config.db.display(), batch_max = batching.max,
+        retention_s = config.retention.retention_s, "archiver running");
 
-    // Either half ending stops the other: an archive that cannot answer is as broken as one
-    // that does not archive, and a supervisor restart is the cure for both.
+    // Either the service or the consumer ending stops everything: an archive that cannot answer
+    // is as broken as one that does not archive, and a supervisor restart is the cure for both.
+    // The sweep only ends when told to.
     let stop = shutdown.child_token();
-    let (served, ()) = tokio::join!(
+    let (served, (), ()) = tokio::join!(
         async {
             let served = service::serve(client.clone(), store.clone(), stop.clone()).await;
             stop.cancel();
@@ -123,6 +150,7 @@ pub async fn run(
             consume::consume(consumer, store.clone(), batching, stop.clone()).await;
             stop.cancel();
         },
+        retention::run(topology.records.clone(), store.clone(), config.retention, stop.clone()),
     );
     // The last acks are publishes still in the client's buffer; send them before returning so a
     // restart does not wait out the ack deadline for redeliveries.

@@ -42,6 +42,14 @@ pub struct Entry {
     pub json: String,
 }
 
+/// An archived terminal revision: the bucket's message `revision` holds it, until the
+/// retention sweep removes it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Archived {
+    pub id: String,
+    pub revision: u64,
+}
+
 /// A position in the newest-first order: the key of the last row of a page.
 ///
 /// Its string form, `<created_at unix micros>.<id>`, is opaque to callers: they only pass back
@@ -125,7 +133,7 @@ impl Store {
                     kind = excluded.kind, status = excluded.status, class = excluded.class,
                     priority = excluded.priority, created_at = excluded.created_at,
                     finished_at = excluded.finished_at, record = excluded.record,
-                    owner = excluded.owner
+                    owner = excluded.owner, removed_at = NULL
                  WHERE excluded.revision > tasks.revision",
             )
             .bind(r.id.as_str())
@@ -146,6 +154,41 @@ impl Store {
         }
         tx.commit().await?;
         Ok(changed)
+    }
+
+    /// Archived revisions that may still be in the bucket and finished at or before `cutoff`,
+    /// the longest finished first, at most `limit` of them.
+    pub async fn due_for_removal(
+        &self,
+        cutoff: OffsetDateTime,
+        limit: u32,
+    ) -> Result<Vec<Archived>, Error> {
+        let rows: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT id, revision FROM tasks
+             WHERE removed_at IS NULL AND coalesce(finished_at, created_at) <= ?
+             ORDER BY coalesce(finished_at, created_at) LIMIT ?",
+        )
+        .bind(micros(cutoff))
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(id, revision)| Archived { id, revision: u64::try_from(revision).unwrap_or(0) })
+            .collect())
+    }
+
+    /// Notes that `archived` is out of the bucket since `at`. A row that moved on to a newer
+    /// revision meanwhile (an explicit retry that finished again) is left alone: that revision
+    /// is in the bucket and waits for its own retention.
+    pub async fn mark_removed(&self, archived: &Archived, at: OffsetDateTime) -> Result<(), Error> {
+        sqlx::query("UPDATE tasks SET removed_at = ? WHERE id = ? AND revision = ?")
+            .bind(micros(at))
+            .bind(&archived.id)
+            .bind(i64::try_from(archived.revision).unwrap_or(i64::MAX))
+            .execute(&self.pool)
+            .await?;
+        Ok(())
     }
 
     /// The archived record JSON of `id`, as it was in the bucket.
@@ -468,6 +511,48 @@ mod tests {
         let page = store.list(&all(DEFAULT_PAGE), 10).await.unwrap();
         assert_eq!(page.tasks.len(), 1);
         assert!(page.next_cursor.is_some());
+    }
+
+    #[sqlx::test]
+    async fn rows_are_due_for_removal_once_finished_before_the_cutoff_until_marked(
+        pool: SqlitePool,
+    ) {
+        let store = Store::migrated(pool).await.unwrap();
+        let old = terminal("s", "sleep", Status::Failed, 0);
+        let young = terminal("s", "sleep", Status::Succeeded, 100);
+        store.upsert(&[entry(1, &old), entry(2, &young)]).await.unwrap();
+        let finished = |r: &TaskRecord| r.finished_at.unwrap();
+        let archived = |r: &TaskRecord, revision| Archived { id: r.id.to_string(), revision };
+
+        assert!(
+            store
+                .due_for_removal(finished(&old) - time::Duration::SECOND, 10)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        assert_eq!(store.due_for_removal(finished(&old), 10).await.unwrap(), [archived(&old, 1)]);
+        let both = store.due_for_removal(finished(&young), 10).await.unwrap();
+        assert_eq!(both, [archived(&old, 1), archived(&young, 2)], "oldest first");
+        assert_eq!(store.due_for_removal(finished(&young), 1).await.unwrap().len(), 1);
+
+        // Marked: no longer due. A mark naming a revision the row has moved past is ignored.
+        let now = OffsetDateTime::now_utc();
+        store.mark_removed(&archived(&old, 1), now).await.unwrap();
+        store.mark_removed(&archived(&young, 1), now).await.unwrap();
+        assert_eq!(
+            store.due_for_removal(finished(&young), 10).await.unwrap(),
+            [archived(&young, 2)]
+        );
+
+        // An explicit retry finishes again at a newer revision: that one is in the bucket.
+        let mut again = old.clone();
+        again.requeue(finished(&old)).unwrap();
+        again.start(1, "w2", finished(&old)).unwrap();
+        again.succeed(json!("again"), finished(&old)).unwrap();
+        store.upsert(&[entry(5, &again)]).await.unwrap();
+        let due = store.due_for_removal(finished(&young), 10).await.unwrap();
+        assert_eq!(due, [archived(&old, 5), archived(&young, 2)]);
     }
 
     #[test]

@@ -39,6 +39,8 @@ pub struct UpArgs {
     pub topology: Settings,
     #[command(flatten)]
     pub gateway: claw_gateway::Config,
+    #[command(flatten)]
+    pub retention: claw_archiver::retention::Settings,
 }
 
 /// How long the services get to drain after the stop signal before the process gives up on them.
@@ -136,6 +138,7 @@ async fn serve(
         db: data.join("archive.sqlite"),
         batch_max: 256,
         batch_wait_ms: 20,
+        retention: args.retention.clone(),
     };
     let (t, token) = (topology.clone(), shutdown.child_token());
     services.spawn(async move {

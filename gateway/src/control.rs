@@ -136,8 +136,8 @@ pub async fn apply(app: &App, caller: &Caller, id: &str, verb: Verb) -> Result<T
     Err(Error::Unavailable(format!("task {id} kept changing; try again")))
 }
 
-/// The record has left the bucket (expired after its TTL): it may still be in the archive,
-/// finished. Retry brings such a task back; the other verbs have nothing to act on.
+/// The record has left the bucket (finished, archived, and past its retention): the archive
+/// has it, finished. Retry brings such a task back; the other verbs have nothing to act on.
 async fn not_live(
     app: &App,
     caller: &Caller,

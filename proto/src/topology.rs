@@ -4,7 +4,7 @@
 //! The definitions live once, as JetStream-API JSON under `nats/` (the files
 //! `nats stream add --config` and `nats consumer add --config` read); they are compiled in here,
 //! so the code and the operator's files cannot drift. [`Settings`] overrides the few fields a
-//! deployment tunes (queue limit, record TTL, replicas, ack deadline). No other file spells a
+//! deployment tunes (queue limit, replicas, ack deadline). No other file spells a
 //! subject pattern.
 
 use std::time::Duration;
@@ -167,9 +167,6 @@ pub struct Settings {
     /// Queue limit: messages in `TASKS` before submits get 429.
     #[arg(long = "queue-max", env = "CLAW_QUEUE_MAX", default_value_t = 10_000)]
     pub queue_max: i64,
-    /// How long a record stays in the `tasks` bucket after its last change, in seconds.
-    #[arg(long = "record-ttl-s", env = "CLAW_RECORD_TTL_S", default_value_t = 86_400)]
-    pub record_ttl_s: u64,
     /// Replicas of every stream (3 on a 3-node cluster).
     #[arg(long = "replicas", env = "CLAW_REPLICAS", default_value_t = 1)]
     pub replicas: usize,
@@ -182,7 +179,7 @@ pub struct Settings {
 impl Settings {
     /// The values of the files under `nats/`.
     pub fn standard() -> Settings {
-        Settings { queue_max: 10_000, record_ttl_s: 86_400, replicas: 1, ack_wait_s: None }
+        Settings { queue_max: 10_000, replicas: 1, ack_wait_s: None }
     }
 
     pub fn ack_wait(&self) -> Option<Duration> {
@@ -286,14 +283,8 @@ fn desired_streams(settings: &Settings) -> Result<Vec<Map<String, Value>>, Error
         .map(|def| {
             let mut map = def.parse()?;
             map.insert("num_replicas".into(), settings.replicas.into());
-            match map.get("name").and_then(Value::as_str) {
-                Some(TASKS_STREAM) => {
-                    map.insert("max_msgs".into(), settings.queue_max.into());
-                }
-                Some(TASKS_KV_STREAM) => {
-                    map.insert("max_age".into(), nanos(Duration::from_secs(settings.record_ttl_s)));
-                }
-                _ => {}
+            if map.get("name").and_then(Value::as_str) == Some(TASKS_STREAM) {
+                map.insert("max_msgs".into(), settings.queue_max.into());
             }
             Ok(map)
         })
@@ -550,13 +541,14 @@ mod tests {
 
     #[test]
     fn settings_override_the_files() {
-        let s = Settings { queue_max: 5, record_ttl_s: 60, replicas: 3, ack_wait_s: None };
+        let s = Settings { queue_max: 5, replicas: 3, ack_wait_s: None };
         let streams = desired_streams(&s).unwrap();
         let tasks = streams.iter().find(|m| m["name"] == TASKS_STREAM).unwrap();
         assert_eq!(tasks["max_msgs"], 5);
         assert_eq!(tasks["num_replicas"], 3);
+        // A live record never expires: the archiver removes terminal ones after archiving.
         let kv = streams.iter().find(|m| m["name"] == TASKS_KV_STREAM).unwrap();
-        assert_eq!(kv["max_age"], 60_000_000_000u64);
+        assert_eq!(kv["max_age"], 0);
     }
 
     /// "No file but topology.rs spells a subject": every service's source (tests aside) is

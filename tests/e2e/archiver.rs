@@ -38,7 +38,7 @@ struct Archiver {
 
 impl Archiver {
     fn start(topology: &Topology, db: &Path) -> Archiver {
-        let config = claw_archiver::Config { db: db.to_owned(), batch_max: 256, batch_wait_ms: 20 };
+        let config = claw_tests::archiver_config(db);
         let token = CancellationToken::new().child_token();
         let handle = tokio::spawn(claw_archiver::run(topology.clone(), config, token.clone()));
         Archiver { token, handle }

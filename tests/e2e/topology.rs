@@ -57,3 +57,20 @@ async fn an_archiver_consumer_with_an_old_ack_policy_is_recreated() {
     // Everything the bucket holds is pending again, for the archiver to (re)take.
     assert_eq!(info.num_pending, 1);
 }
+
+/// A bucket made by an older version, with the 24 h TTL that removed live records, loses its
+/// TTL when any service starts: a live record never expires.
+#[tokio::test]
+async fn ensure_takes_the_record_ttl_away_from_an_older_bucket() {
+    let nats = Nats::start();
+    let js = nats.jetstream().await;
+    topology::ensure(&js, &test_settings()).await.unwrap();
+    let mut kv = js.get_stream(topology::TASKS_KV_STREAM).await.unwrap();
+    let mut old = kv.info().await.unwrap().config.clone();
+    old.max_age = std::time::Duration::from_secs(86_400);
+    js.update_stream(old).await.unwrap();
+    assert_eq!(kv.info().await.unwrap().config.max_age.as_secs(), 86_400);
+
+    topology::ensure(&js, &Settings::standard()).await.unwrap();
+    assert_eq!(kv.info().await.unwrap().config.max_age, std::time::Duration::ZERO);
+}

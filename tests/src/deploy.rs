@@ -179,10 +179,11 @@ pub struct Service {
 }
 
 /// Variables a test run may have set that would change a service's defaults.
-const CLEARED: [&str; 8] = [
+const CLEARED: [&str; 9] = [
     "CLAW_ACK_WAIT_S",
+    "CLAW_RECORD_RETENTION_S",
+    "CLAW_RETENTION_SWEEP_S",
     "CLAW_WORKER_CONFIG",
-    "CLAW_RECORD_TTL_S",
     "CLAW_QUEUE_MAX",
     "CLAW_TOKENS_FILE",
     "CLAW_HTTP",

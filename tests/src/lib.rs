@@ -214,9 +214,20 @@ pub fn start_worker(topology: &Topology, toml: &str) -> Running {
     Running { token, handle }
 }
 
-/// The archiver run in-process, writing to `db`.
+/// The archiver's configuration as its binary's defaults give it, writing to `db`; tests
+/// shorten what they need (`Config { retention: .., ..archiver_config(db) }`).
+pub fn archiver_config(db: &Path) -> claw_archiver::Config {
+    claw_archiver::Config::from_args([std::ffi::OsStr::new("--db"), db.as_os_str()])
+        .expect("archiver flags")
+}
+
+/// The archiver run in-process with its default settings, writing to `db`.
 pub fn start_archiver(topology: &Topology, db: &Path) -> Running {
-    let config = claw_archiver::Config { db: db.to_owned(), batch_max: 256, batch_wait_ms: 20 };
+    start_archiver_with(topology, archiver_config(db))
+}
+
+/// The archiver run in-process with `config`.
+pub fn start_archiver_with(topology: &Topology, config: claw_archiver::Config) -> Running {
     let token = tokio_util::sync::CancellationToken::new();
     let (topology, run_token) = (topology.clone(), token.clone());
     let handle = tokio::spawn(async move {
