@@ -1,5 +1,7 @@
 //! The consumer loop: pulls record revisions from the durable `archiver` consumer on `KV_tasks`,
-//! writes the terminal ones to the [`Store`] one transaction per batch, then acks the batch.
+//! writes what they change to the [`Store`] one transaction per batch (terminal revisions to the
+//! archive, live ones and delete markers to the `live` table the reconciler picks from), then
+//! acks the batch.
 //!
 //! Acks follow the commit, never precede it: a crash between the two means redelivery, which the
 //! store's revision guard makes harmless. Because the consumer is durable, a restarted archiver
@@ -16,12 +18,13 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream::Message;
 use async_nats::jetstream::consumer::PullConsumer;
-use claw_proto::TaskRecord;
 use claw_proto::topology::KV_SUBJECT_PREFIX;
+use claw_proto::{TaskId, TaskRecord};
 use futures::StreamExt;
+use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
 
-use crate::store::{Entry, Store};
+use crate::store::{Change, Entry, Live, Store};
 
 /// How long one idle pull waits on the server. The client gives up five seconds after this if
 /// the server never answers, so a dead or partitioned server costs one idle cycle, not a hang;
@@ -46,40 +49,38 @@ pub struct Batching {
     pub wait: Duration,
 }
 
-/// What one KV message means to the archive.
-#[derive(Debug, PartialEq)]
-pub enum Decoded {
-    /// A terminal record: archive it.
-    Terminal(Box<Entry>),
-    /// A live revision (queued, running, ...) or a delete/purge marker: nothing to archive.
-    Ignored,
-    /// Not a task record at all: logged, then acked so it never blocks the stream.
-    Invalid(String),
-}
-
-/// Decodes one message of `KV_tasks` at stream sequence `revision`.
-pub fn decode(subject: &str, operation: Option<&str>, payload: &[u8], revision: u64) -> Decoded {
+/// What one KV message at stream sequence `revision`, stored by the server at `written_at`,
+/// changes in the store; `Err` with the reason when it is not a task record at all (logged,
+/// then acked so it never blocks the stream).
+pub fn decode(
+    subject: &str,
+    operation: Option<&str>,
+    payload: &[u8],
+    revision: u64,
+    written_at: OffsetDateTime,
+) -> Result<Change, String> {
     let Some(key) = subject.strip_prefix(KV_SUBJECT_PREFIX) else {
-        return Decoded::Invalid(format!("subject {subject:?} is not a record of the bucket"));
+        return Err(format!("subject {subject:?} is not a record of the bucket"));
     };
     if operation.is_some_and(|op| op != "PUT") {
-        return Decoded::Ignored;
+        let id = TaskId::parse(key).map_err(|e| format!("key {key:?}: {e}"))?;
+        return Ok(Change::Gone { id, revision });
     }
-    let record: TaskRecord = match serde_json::from_slice(payload) {
-        Ok(record) => record,
-        Err(e) => return Decoded::Invalid(format!("not a task record: {e}")),
-    };
+    let record: TaskRecord =
+        serde_json::from_slice(payload).map_err(|e| format!("not a task record: {e}"))?;
     if record.id.as_str() != key {
         // `get` looks rows up by the key the gateway missed in KV; a record filed under another
         // key would be unreachable there and shadow the real one.
-        return Decoded::Invalid(format!("record id {} stored under key {key}", record.id));
+        return Err(format!("record id {} stored under key {key}", record.id));
     }
     if !record.status.is_terminal() {
-        return Decoded::Ignored;
+        return Ok(Change::Live(Box::new(Live::of(&record, revision, written_at))));
     }
     match std::str::from_utf8(payload) {
-        Ok(json) => Decoded::Terminal(Box::new(Entry { revision, record, json: json.to_owned() })),
-        Err(e) => Decoded::Invalid(format!("not UTF-8: {e}")),
+        Ok(json) => {
+            Ok(Change::Terminal(Box::new(Entry { revision, record, json: json.to_owned() })))
+        }
+        Err(e) => Err(format!("not UTF-8: {e}")),
     }
 }
 
@@ -152,7 +153,7 @@ async fn pull(
     Ok(messages)
 }
 
-/// Commits the terminal records of `batch`, then acks every message of it. A failed commit is
+/// Commits what `batch` changes, then acks every message of it. A failed commit is
 /// retried (with pauses) until it succeeds or shutdown; then nothing is acked and the server
 /// redelivers the batch to the next run.
 async fn write_then_ack(
@@ -161,10 +162,10 @@ async fn write_then_ack(
     shutdown: &CancellationToken,
     pause: &mut Pause,
 ) {
-    let mut entries = Vec::with_capacity(batch.len());
+    let mut changes = Vec::with_capacity(batch.len());
     for message in batch {
-        let revision = match message.info() {
-            Ok(info) => info.stream_sequence,
+        let (revision, written_at) = match message.info() {
+            Ok(info) => (info.stream_sequence, info.published),
             Err(e) => {
                 // Without JetStream metadata it is not a consumer delivery; it cannot be acked
                 // meaningfully either.
@@ -173,34 +174,29 @@ async fn write_then_ack(
             }
         };
         let operation = message.headers.as_ref().and_then(|h| h.get(KV_OPERATION));
-        match decode(&message.subject, operation.map(|v| v.as_str()), &message.payload, revision) {
-            Decoded::Terminal(entry) => entries.push(*entry),
-            Decoded::Ignored => {}
-            Decoded::Invalid(reason) => {
+        let operation = operation.map(|v| v.as_str());
+        match decode(&message.subject, operation, &message.payload, revision, written_at) {
+            Ok(change) => changes.push(change),
+            Err(reason) => {
                 tracing::warn!(subject = %message.subject, revision, %reason,
                     "skipping a message that is not a task record");
             }
         }
     }
 
-    if !entries.is_empty() {
+    if !changes.is_empty() {
         loop {
             let started = Instant::now();
-            match store.upsert(&entries).await {
+            match store.write(&changes).await {
                 Ok(changed) => {
                     metrics::histogram!("claw_archiver_commit_seconds")
                         .record(started.elapsed().as_secs_f64());
                     metrics::counter!("claw_archiver_rows_written_total").increment(changed);
-                    tracing::debug!(
-                        messages = batch.len(),
-                        terminal = entries.len(),
-                        changed,
-                        "archived a batch"
-                    );
+                    tracing::debug!(messages = batch.len(), changed, "archived a batch");
                     break;
                 }
                 Err(e) => {
-                    tracing::error!(error = %e, terminal = entries.len(),
+                    tracing::error!(error = %e, messages = batch.len(),
                         "writing a batch to the archive failed; retrying");
                     if shutdown.is_cancelled() {
                         return;
@@ -292,28 +288,34 @@ mod tests {
         serde_json::to_vec(r).unwrap()
     }
 
+    const AT: OffsetDateTime = OffsetDateTime::UNIX_EPOCH;
+
     #[test]
     fn terminal_records_are_archived_at_the_message_revision() {
         let mut r = record(Status::Running);
         r.fail(TaskError::new("x", "y", false), claw_proto::Cause::Error, r.created_at).unwrap();
         let payload = bytes(&r);
-        match decode("$KV.tasks.t1", Some("PUT"), &payload, 42) {
-            Decoded::Terminal(e) => {
+        match decode("$KV.tasks.t1", Some("PUT"), &payload, 42, AT) {
+            Ok(Change::Terminal(e)) => {
                 assert_eq!((e.revision, &e.record), (42, &r));
                 assert_eq!(e.json.as_bytes(), payload);
             }
             other => panic!("{other:?}"),
         }
-        assert!(matches!(decode("$KV.tasks.t1", None, &payload, 1), Decoded::Terminal(_)));
+        assert!(matches!(decode("$KV.tasks.t1", None, &payload, 1, AT), Ok(Change::Terminal(_))));
     }
 
     #[test]
-    fn live_revisions_and_markers_are_ignored() {
+    fn live_revisions_keep_their_row_and_markers_end_it() {
+        let later = AT + time::Duration::seconds(5);
         for s in [Status::Queued, Status::Running, Status::Retrying, Status::Paused] {
-            assert_eq!(decode("$KV.tasks.t1", None, &bytes(&record(s)), 1), Decoded::Ignored);
+            let r = record(s);
+            let expected = Change::Live(Box::new(Live::of(&r, 3, later)));
+            assert_eq!(decode("$KV.tasks.t1", None, &bytes(&r), 3, later), Ok(expected));
         }
-        assert_eq!(decode("$KV.tasks.t1", Some("DEL"), b"", 1), Decoded::Ignored);
-        assert_eq!(decode("$KV.tasks.t1", Some("PURGE"), b"", 1), Decoded::Ignored);
+        let gone = |revision| Ok(Change::Gone { id: TaskId::parse("t1").unwrap(), revision });
+        assert_eq!(decode("$KV.tasks.t1", Some("DEL"), b"", 4, AT), gone(4));
+        assert_eq!(decode("$KV.tasks.t1", Some("PURGE"), b"", 5, AT), gone(5));
     }
 
     #[test]
@@ -325,10 +327,7 @@ mod tests {
             ("$KV.tasks.other", &ok[..]),
             ("elsewhere", &ok[..]),
         ] {
-            assert!(
-                matches!(decode(subject, None, payload, 1), Decoded::Invalid(_)),
-                "{subject} {payload:?}"
-            );
+            assert!(decode(subject, None, payload, 1, AT).is_err(), "{subject} {payload:?}");
         }
     }
 }

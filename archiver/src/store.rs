@@ -1,21 +1,26 @@
-//! The archive in SQLite: one row per task holding its latest terminal record.
+//! The archive in SQLite: one row per task holding its latest terminal record (`tasks`), and one
+//! per task that is not finished (`live`).
 //!
 //! Only this module touches SQLite, and only the archiver uses it. The consumer loop writes
-//! through [`Store::upsert`] (one transaction per batch); the `claw.archive.*` services read
-//! through [`Store::get`] and [`Store::list`]. The schema is in `archiver/migrations/`.
+//! through [`Store::write`] (one transaction per batch); the `claw.archive.*` services read
+//! through [`Store::get`] and [`Store::list`]; the retention sweep through
+//! [`Store::due_for_removal`] and [`Store::mark_removed`]; the reconciler through
+//! [`Store::stranded`] and [`Store::forget_live`]. The schema is in `archiver/migrations/`.
 //!
-//! Idempotency rests on the revision guard of the upsert: a row only moves to a strictly higher
-//! KV revision, so a redelivered or replayed message never duplicates or regresses a row, while
-//! a later terminal revision of the same id (after an explicit retry) replaces it.
+//! Idempotency rests on revision guards: an archive row only moves to a strictly higher KV
+//! revision, so a redelivered or replayed message never duplicates or regresses a row, while a
+//! later terminal revision of the same id (after an explicit retry) replaces it. A live row
+//! moves forward the same way, ends with a newer terminal revision or delete marker, and is
+//! never brought back by a live revision older than the task's archived end.
 
 use std::path::Path;
 use std::str::FromStr;
 use std::time::Duration;
 
 use claw_proto::api::ListPage;
-use claw_proto::{Session, Status, TaskId, TaskRecord};
+use claw_proto::{Class, Priority, Session, Status, TaskId, TaskRecord};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{QueryBuilder, Sqlite, SqlitePool};
+use sqlx::{QueryBuilder, Sqlite, SqliteConnection, SqlitePool};
 use time::OffsetDateTime;
 
 use crate::Error;
@@ -27,6 +32,10 @@ const POOL_SIZE: u32 = 8;
 /// Bytes of an encoded page that are not its records: `{"tasks":[],"next_cursor":"..."}` with
 /// a cursor of at most 20 digits, a dot and a 64-character id.
 const PAGE_ENVELOPE: usize = 128;
+
+/// Most stranded candidates one reconciler pass takes: the queue limit. More (a queue deeper
+/// than that, thousands of long attempts) wait for the next pass, the longest untouched first.
+pub const MAX_STRANDED: i64 = 10_000;
 
 /// How long a statement waits for a lock before failing. Writers are serialized by SQLite; with
 /// a single writer this only covers checkpoints and a reader holding the WAL, which are short.
@@ -40,6 +49,59 @@ pub struct Entry {
     pub record: TaskRecord,
     /// The record's JSON exactly as it was in the bucket; `get` answers with these bytes.
     pub json: String,
+}
+
+/// A live revision of a record (queued, running, retrying, paused): what the reconciler needs
+/// to pick the records that may be stranded. The reconciler re-reads the record itself before
+/// it acts, so this is only where to look.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Live {
+    pub id: TaskId,
+    pub revision: u64,
+    pub status: Status,
+    pub paused_from: Option<Status>,
+    pub class: Class,
+    pub priority: Priority,
+    pub deadline: OffsetDateTime,
+    /// The server's timestamp of the revision.
+    pub written_at: OffsetDateTime,
+    pub message_seq: Option<u64>,
+}
+
+impl Live {
+    /// `record`, live, at `revision`, which the server stored at `written_at`.
+    pub fn of(record: &TaskRecord, revision: u64, written_at: OffsetDateTime) -> Live {
+        Live {
+            id: record.id.clone(),
+            revision,
+            status: record.status,
+            paused_from: record.paused_from,
+            class: record.class,
+            priority: record.priority,
+            deadline: record.deadline,
+            written_at,
+            message_seq: record.message_seq,
+        }
+    }
+}
+
+/// What one message of the bucket changes in the store.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Change {
+    /// A terminal revision: archived, and the end of the task's live row.
+    Terminal(Box<Entry>),
+    /// A live revision: the task's live row.
+    Live(Box<Live>),
+    /// A delete or purge marker at `revision`: the task has no record, so no live row.
+    Gone { id: TaskId, revision: u64 },
+}
+
+/// A record the reconciler may have to repair: live, last written before its grace, in a state
+/// where it must have a lane message (queued, retrying, running, paused while running).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Stranded {
+    pub id: TaskId,
+    pub revision: u64,
 }
 
 /// An archived terminal revision: the bucket's message `revision` holds it, until the
@@ -117,43 +179,56 @@ impl Store {
         Ok(Store { pool })
     }
 
-    /// Writes every entry in one transaction; returns how many rows were inserted or moved to a
-    /// newer revision. Entries at or below a row's revision change nothing.
-    pub async fn upsert(&self, entries: &[Entry]) -> Result<u64, Error> {
+    /// Writes every change in one transaction, in order; returns how many archive rows were
+    /// inserted or moved to a newer revision. A change at or below a row's revision changes
+    /// nothing.
+    pub async fn write(&self, changes: &[Change]) -> Result<u64, Error> {
         let mut tx = self.pool.begin().await?;
-        let mut changed = 0;
-        for entry in entries {
-            let r = &entry.record;
-            let done = sqlx::query(
-                "INSERT INTO tasks (id, revision, session, kind, status, class, priority,
-                                    created_at, finished_at, record, owner)
-                 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
-                 ON CONFLICT (id) DO UPDATE SET
-                    revision = excluded.revision, session = excluded.session,
-                    kind = excluded.kind, status = excluded.status, class = excluded.class,
-                    priority = excluded.priority, created_at = excluded.created_at,
-                    finished_at = excluded.finished_at, record = excluded.record,
-                    owner = excluded.owner, removed_at = NULL
-                 WHERE excluded.revision > tasks.revision",
-            )
-            .bind(r.id.as_str())
-            // Stream sequences are far below 2^63; saturate rather than wrap if one is not.
-            .bind(i64::try_from(entry.revision).unwrap_or(i64::MAX))
-            .bind(r.session.as_str())
-            .bind(&r.kind)
-            .bind(r.status.as_str())
-            .bind(r.class.as_str())
-            .bind(r.priority.as_str())
-            .bind(micros(r.created_at))
-            .bind(r.finished_at.map(micros))
-            .bind(&entry.json)
-            .bind(r.owner.as_deref())
-            .execute(&mut *tx)
-            .await?;
-            changed += done.rows_affected();
+        let mut archived = 0;
+        for change in changes {
+            match change {
+                Change::Terminal(entry) => {
+                    archived += archive(&mut tx, entry).await?;
+                    end_live(&mut tx, &entry.record.id, entry.revision).await?;
+                }
+                Change::Live(live) => keep_live(&mut tx, live).await?,
+                Change::Gone { id, revision } => end_live(&mut tx, id, *revision).await?,
+            }
         }
         tx.commit().await?;
-        Ok(changed)
+        Ok(archived)
+    }
+
+    /// Live records last written at or before `cutoff` that must have a lane message: queued,
+    /// retrying, running, or paused while running. The longest untouched first, at most
+    /// [`MAX_STRANDED`].
+    pub async fn stranded(&self, cutoff: OffsetDateTime) -> Result<Vec<Stranded>, Error> {
+        let rows: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT id, revision FROM live
+             WHERE written_at <= ?
+               AND (status IN ('queued', 'retrying', 'running')
+                    OR (status = 'paused' AND paused_from = 'running'))
+             ORDER BY written_at LIMIT ?",
+        )
+        .bind(micros(cutoff))
+        .bind(MAX_STRANDED)
+        .fetch_all(&self.pool)
+        .await?;
+        // Every id in the table was a `TaskId` when written.
+        Ok(rows
+            .into_iter()
+            .filter_map(|(id, revision)| {
+                let id = TaskId::parse(&id).ok()?;
+                Some(Stranded { id, revision: u64::try_from(revision).unwrap_or(0) })
+            })
+            .collect())
+    }
+
+    /// Drops the live row of `id` if it is still at `revision` or older: the record is gone
+    /// from the bucket without a marker the consumer would have seen (removed outright).
+    pub async fn forget_live(&self, id: &TaskId, revision: u64) -> Result<(), Error> {
+        let mut conn = self.pool.acquire().await?;
+        end_live(&mut conn, id, revision.saturating_add(1)).await
     }
 
     /// Archived revisions that may still be in the bucket and finished at or before `cutoff`,
@@ -275,6 +350,83 @@ fn micros(t: OffsetDateTime) -> i64 {
     (t.unix_timestamp_nanos() / 1_000) as i64
 }
 
+/// A revision as SQLite stores it. Stream sequences are far below 2^63; saturate rather than
+/// wrap if one is not.
+fn sql_revision(revision: u64) -> i64 {
+    i64::try_from(revision).unwrap_or(i64::MAX)
+}
+
+/// Archives a terminal revision; returns 1 when the row was inserted or moved forward.
+async fn archive(conn: &mut SqliteConnection, entry: &Entry) -> Result<u64, Error> {
+    let r = &entry.record;
+    let done = sqlx::query(
+        "INSERT INTO tasks (id, revision, session, kind, status, class, priority,
+                            created_at, finished_at, record, owner)
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+         ON CONFLICT (id) DO UPDATE SET
+            revision = excluded.revision, session = excluded.session,
+            kind = excluded.kind, status = excluded.status, class = excluded.class,
+            priority = excluded.priority, created_at = excluded.created_at,
+            finished_at = excluded.finished_at, record = excluded.record,
+            owner = excluded.owner, removed_at = NULL
+         WHERE excluded.revision > tasks.revision",
+    )
+    .bind(r.id.as_str())
+    .bind(sql_revision(entry.revision))
+    .bind(r.session.as_str())
+    .bind(&r.kind)
+    .bind(r.status.as_str())
+    .bind(r.class.as_str())
+    .bind(r.priority.as_str())
+    .bind(micros(r.created_at))
+    .bind(r.finished_at.map(micros))
+    .bind(&entry.json)
+    .bind(r.owner.as_deref())
+    .execute(&mut *conn)
+    .await?;
+    Ok(done.rows_affected())
+}
+
+/// The live row of a live revision: inserted, or moved forward to it; never older than the
+/// row's revision, nor than the task's archived terminal revision (a replayed old revision
+/// must not make a finished task look live).
+async fn keep_live(conn: &mut SqliteConnection, live: &Live) -> Result<(), Error> {
+    sqlx::query(
+        "INSERT INTO live (id, revision, status, paused_from, class, priority, deadline,
+                           written_at, message_seq)
+         SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9
+         WHERE NOT EXISTS (SELECT 1 FROM tasks WHERE id = ?1 AND revision > ?2)
+         ON CONFLICT (id) DO UPDATE SET
+            revision = excluded.revision, status = excluded.status,
+            paused_from = excluded.paused_from, class = excluded.class,
+            priority = excluded.priority, deadline = excluded.deadline,
+            written_at = excluded.written_at, message_seq = excluded.message_seq
+         WHERE excluded.revision > live.revision",
+    )
+    .bind(live.id.as_str())
+    .bind(sql_revision(live.revision))
+    .bind(live.status.as_str())
+    .bind(live.paused_from.map(Status::as_str))
+    .bind(live.class.as_str())
+    .bind(live.priority.as_str())
+    .bind(micros(live.deadline))
+    .bind(micros(live.written_at))
+    .bind(live.message_seq.map(sql_revision))
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+/// Ends the live row of `id` if it is older than `revision` (a terminal revision or a marker).
+async fn end_live(conn: &mut SqliteConnection, id: &TaskId, revision: u64) -> Result<(), Error> {
+    sqlx::query("DELETE FROM live WHERE id = ? AND revision < ?")
+        .bind(id.as_str())
+        .bind(sql_revision(revision))
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use claw_proto::api::DEFAULT_PAGE;
@@ -321,6 +473,13 @@ mod tests {
         Entry { revision, record: record.clone(), json: serde_json::to_string(record).unwrap() }
     }
 
+    /// Archives terminal entries, as a batch of only those would.
+    async fn upsert(store: &Store, entries: &[Entry]) -> Result<u64, Error> {
+        let changes: Vec<_> =
+            entries.iter().map(|e| Change::Terminal(Box::new(e.clone()))).collect();
+        store.write(&changes).await
+    }
+
     async fn count(store: &Store) -> i64 {
         sqlx::query_scalar("SELECT COUNT(*) FROM tasks").fetch_one(&store.pool).await.unwrap()
     }
@@ -344,8 +503,8 @@ mod tests {
     async fn same_revision_twice_is_one_row(pool: SqlitePool) {
         let store = Store::migrated(pool).await.unwrap();
         let r = terminal("s1", "sleep", Status::Succeeded, 0);
-        assert_eq!(store.upsert(&[entry(7, &r)]).await.unwrap(), 1);
-        assert_eq!(store.upsert(&[entry(7, &r), entry(7, &r)]).await.unwrap(), 0);
+        assert_eq!(upsert(&store, &[entry(7, &r)]).await.unwrap(), 1);
+        assert_eq!(upsert(&store, &[entry(7, &r), entry(7, &r)]).await.unwrap(), 0);
         assert_eq!(count(&store).await, 1);
         assert_eq!(revision(&store, &r.id).await, 7);
     }
@@ -360,15 +519,15 @@ mod tests {
         succeeded.start(1, "w2", succeeded.created_at).unwrap();
         succeeded.succeed(json!(42), succeeded.created_at).unwrap();
 
-        store.upsert(&[entry(20, &succeeded)]).await.unwrap();
-        assert_eq!(store.upsert(&[entry(10, &failed)]).await.unwrap(), 0);
+        upsert(&store, &[entry(20, &succeeded)]).await.unwrap();
+        assert_eq!(upsert(&store, &[entry(10, &failed)]).await.unwrap(), 0);
         let json = store.get(&failed.id).await.unwrap().unwrap();
         assert_eq!(serde_json::from_str::<TaskRecord>(&json).unwrap(), succeeded);
 
         // In order, within one batch, the later revision wins too.
         let store2 = store.clone();
         sqlx::query("DELETE FROM tasks").execute(&store2.pool).await.unwrap();
-        store.upsert(&[entry(10, &failed), entry(20, &succeeded)]).await.unwrap();
+        upsert(&store, &[entry(10, &failed), entry(20, &succeeded)]).await.unwrap();
         assert_eq!(count(&store).await, 1);
         assert_eq!(revision(&store, &failed.id).await, 20);
         let page = store.list(&all(10), ANY_SIZE).await.unwrap();
@@ -380,7 +539,7 @@ mod tests {
         let store = Store::migrated(pool).await.unwrap();
         let r = terminal("s1", "sleep", Status::Cancelled, 0);
         let e = entry(3, &r);
-        store.upsert(std::slice::from_ref(&e)).await.unwrap();
+        upsert(&store, std::slice::from_ref(&e)).await.unwrap();
         assert_eq!(store.get(&r.id).await.unwrap(), Some(e.json));
         assert_eq!(store.get(&TaskId::generate()).await.unwrap(), None);
     }
@@ -395,7 +554,7 @@ mod tests {
             terminal("bob", "exec", Status::Cancelled, 4),
         ];
         let entries: Vec<_> = records.iter().zip(1..).map(|(r, rev)| entry(rev, r)).collect();
-        store.upsert(&entries).await.unwrap();
+        upsert(&store, &entries).await.unwrap();
 
         let store = &store;
         let ids = |f: Filter| async move {
@@ -429,7 +588,7 @@ mod tests {
         let mut bobs = terminal("s", "sleep", Status::Succeeded, 2);
         bobs.owner = Some("bob".into());
         let nobodys = terminal("s", "sleep", Status::Succeeded, 3);
-        store.upsert(&[entry(1, &alices), entry(2, &bobs), entry(3, &nobodys)]).await.unwrap();
+        upsert(&store, &[entry(1, &alices), entry(2, &bobs), entry(3, &nobodys)]).await.unwrap();
 
         let owned = |owner: &str| Filter { owner: Some(owner.into()), ..all(DEFAULT_PAGE) };
         let page = store.list(&owned("alice"), ANY_SIZE).await.unwrap();
@@ -446,7 +605,7 @@ mod tests {
         let records: Vec<_> =
             (0..23).map(|i| terminal("s", "sleep", Status::Succeeded, i / 3)).collect();
         let entries: Vec<_> = records.iter().zip(1..).map(|(r, rev)| entry(rev, r)).collect();
-        store.upsert(&entries).await.unwrap();
+        upsert(&store, &entries).await.unwrap();
 
         let mut expected: Vec<_> = records.iter().map(|r| (r.created_at, r.id.clone())).collect();
         expected.sort();
@@ -485,7 +644,7 @@ mod tests {
             })
             .collect();
         let entries: Vec<_> = records.iter().zip(1..).map(|(r, rev)| entry(rev, r)).collect();
-        store.upsert(&entries).await.unwrap();
+        upsert(&store, &entries).await.unwrap();
         let size = serde_json::to_vec(&records[0]).unwrap().len();
 
         // Room for three records and a bit: pages of 3, 3, 3, 1, in order, none over the limit.
@@ -520,7 +679,7 @@ mod tests {
         let store = Store::migrated(pool).await.unwrap();
         let old = terminal("s", "sleep", Status::Failed, 0);
         let young = terminal("s", "sleep", Status::Succeeded, 100);
-        store.upsert(&[entry(1, &old), entry(2, &young)]).await.unwrap();
+        upsert(&store, &[entry(1, &old), entry(2, &young)]).await.unwrap();
         let finished = |r: &TaskRecord| r.finished_at.unwrap();
         let archived = |r: &TaskRecord, revision| Archived { id: r.id.to_string(), revision };
 
@@ -550,9 +709,129 @@ mod tests {
         again.requeue(finished(&old)).unwrap();
         again.start(1, "w2", finished(&old)).unwrap();
         again.succeed(json!("again"), finished(&old)).unwrap();
-        store.upsert(&[entry(5, &again)]).await.unwrap();
+        upsert(&store, &[entry(5, &again)]).await.unwrap();
         let due = store.due_for_removal(finished(&young), 10).await.unwrap();
         assert_eq!(due, [archived(&old, 5), archived(&young, 2)]);
+    }
+
+    /// A `queued` record created at the fixed epoch.
+    fn queued() -> TaskRecord {
+        let created = OffsetDateTime::UNIX_EPOCH + time::Duration::days(20_000);
+        TaskSpec::from_slice(br#"{"kind": "sleep", "input": {"seconds": 1}}"#)
+            .unwrap()
+            .admit(TaskId::generate(), created, None, &Catalog::builtin(), &Limits::STANDARD)
+            .unwrap()
+    }
+
+    fn live(record: &TaskRecord, revision: u64, written_at: OffsetDateTime) -> Change {
+        Change::Live(Box::new(Live::of(record, revision, written_at)))
+    }
+
+    fn terminal_change(revision: u64, record: &TaskRecord) -> Change {
+        Change::Terminal(Box::new(entry(revision, record)))
+    }
+
+    /// The live rows as `(id, revision, status)`.
+    async fn live_rows(store: &Store) -> Vec<(String, i64, String)> {
+        sqlx::query_as("SELECT id, revision, status FROM live ORDER BY id")
+            .fetch_all(&store.pool)
+            .await
+            .unwrap()
+    }
+
+    #[sqlx::test]
+    async fn a_live_row_follows_the_newest_live_revision_and_ends_with_the_task(pool: SqlitePool) {
+        let store = Store::migrated(pool).await.unwrap();
+        let at = OffsetDateTime::now_utc();
+        let mut r = queued();
+        let first = r.clone();
+        let id = r.id.to_string();
+        store.write(&[live(&first, 1, at)]).await.unwrap();
+        assert_eq!(live_rows(&store).await, [(id.clone(), 1, "queued".into())]);
+
+        // Forward in one batch; an older revision redelivered afterwards changes nothing.
+        r.start(1, "w", at).unwrap();
+        store.write(&[live(&first, 1, at), live(&r, 3, at)]).await.unwrap();
+        store.write(&[live(&first, 1, at)]).await.unwrap();
+        assert_eq!(live_rows(&store).await, [(id.clone(), 3, "running".into())]);
+
+        // A terminal revision ends it, archived in the same transaction.
+        r.succeed(json!(1), at).unwrap();
+        assert_eq!(store.write(&[terminal_change(4, &r)]).await.unwrap(), 1);
+        assert!(live_rows(&store).await.is_empty());
+
+        // A delete marker ends a live row older than itself, and only that.
+        let other = queued();
+        store
+            .write(&[live(&other, 10, at), Change::Gone { id: other.id.clone(), revision: 9 }])
+            .await
+            .unwrap();
+        assert_eq!(live_rows(&store).await.len(), 1);
+        store.write(&[Change::Gone { id: other.id.clone(), revision: 11 }]).await.unwrap();
+        assert!(live_rows(&store).await.is_empty());
+    }
+
+    #[sqlx::test]
+    async fn a_replayed_live_revision_never_brings_a_finished_task_back(pool: SqlitePool) {
+        let store = Store::migrated(pool).await.unwrap();
+        let at = OffsetDateTime::now_utc();
+        let mut r = queued();
+        let before = r.clone();
+        r.start(1, "w", at).unwrap();
+        r.fail(claw_proto::TaskError::new("x", "y", false), claw_proto::Cause::Error, at).unwrap();
+        store.write(&[terminal_change(5, &r)]).await.unwrap();
+        // The consumer recreated, or a redelivery after the end: the old live revision.
+        store.write(&[live(&before, 2, at)]).await.unwrap();
+        assert!(live_rows(&store).await.is_empty());
+
+        // An explicit retry is newer than the archived end: live again.
+        r.requeue(at).unwrap();
+        store.write(&[live(&r, 6, at)]).await.unwrap();
+        assert_eq!(live_rows(&store).await, [(r.id.to_string(), 6, "queued".into())]);
+    }
+
+    #[sqlx::test]
+    async fn stranded_candidates_are_untouched_for_the_grace_and_need_a_message(pool: SqlitePool) {
+        let store = Store::migrated(pool).await.unwrap();
+        let now = OffsetDateTime::now_utc();
+        let old = now - time::Duration::minutes(5);
+        let at = |status: Status, paused_from: Option<Status>, written_at| {
+            let r = TaskRecord { status, paused_from, ..queued() };
+            (r.id.clone(), live(&r, 1, written_at))
+        };
+        let cases = [
+            (at(Status::Queued, None, old), true),
+            (at(Status::Retrying, None, old), true),
+            (at(Status::Running, None, old), true),
+            (at(Status::Paused, Some(Status::Running), old), true),
+            // Paused from the queue: it has no message by design, and resume publishes one.
+            (at(Status::Paused, Some(Status::Queued), old), false),
+            (at(Status::Paused, Some(Status::Retrying), old), false),
+            // Written within the grace: a publish may still be on its way.
+            (at(Status::Queued, None, now), false),
+        ];
+        let changes: Vec<_> = cases.iter().map(|((_, change), _)| change.clone()).collect();
+        store.write(&changes).await.unwrap();
+
+        let found: Vec<_> = store.stranded(now - time::Duration::minutes(1)).await.unwrap();
+        let expected: Vec<_> = cases
+            .iter()
+            .filter(|(_, stranded)| *stranded)
+            .map(|((id, _), _)| Stranded { id: id.clone(), revision: 1 })
+            .collect();
+        let mut found_ids: Vec<_> = found.iter().map(|s| s.id.clone()).collect();
+        let mut expected_ids: Vec<_> = expected.iter().map(|s| s.id.clone()).collect();
+        found_ids.sort();
+        expected_ids.sort();
+        assert_eq!(found_ids, expected_ids);
+
+        // A record gone without a marker: its row goes, unless it moved on meanwhile.
+        let first = &expected[0];
+        store.forget_live(&first.id, 0).await.unwrap();
+        let count = || async { store.stranded(now).await.unwrap().len() };
+        assert_eq!(count().await, 5, "four old ones and the young one; revision 1 is newer than 0");
+        store.forget_live(&first.id, 1).await.unwrap();
+        assert_eq!(count().await, 4);
     }
 
     #[test]
@@ -573,7 +852,7 @@ mod tests {
             sqlx::query_scalar("PRAGMA journal_mode").fetch_one(&store.pool).await.unwrap();
         assert_eq!(mode, "wal");
         let r = terminal("s", "sleep", Status::Succeeded, 0);
-        store.upsert(&[entry(1, &r)]).await.unwrap();
+        upsert(&store, &[entry(1, &r)]).await.unwrap();
         store.close().await;
 
         // Migrations already applied are skipped; the data is still there.
