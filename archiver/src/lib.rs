@@ -1,17 +1,22 @@
 //! The archiver: every task record that reaches a terminal state lands in SQLite, exactly once
 //! per revision, and the history is served over NATS as `claw.archive.get` / `claw.archive.list`.
 //! Once archived, a finished record leaves the `tasks` bucket after its retention: the archiver
-//! is the only process that removes one.
+//! is the only process that removes one. And it repairs records stranded without a lane message.
 //!
 //! It reads the `tasks` bucket through its own durable consumer (`archiver` on `KV_tasks`), so it
 //! can be down for a while and catch up, and it is the only process that touches SQLite.
 //!
 //! Reading order: [`run`] (wires the parts together), [`consume`] (pull a batch, commit it,
 //! then ack it), [`store`] (the table, the revision-guarded upsert, keyset paging),
-//! [`service`] (request parsing and the error shape of the replies) and [`retention`] (removing
-//! archived records from the bucket once their retention has passed).
+//! [`service`] (request parsing and the error shape of the replies), [`retention`] (removing
+//! archived records from the bucket once their retention has passed) and [`reconcile`] (finding
+//! records that wait or run without a lane message, and repairing them).
+//!
+//! The archiver is a singleton by deployment: one process, one durable consumer, one SQLite
+//! file (compose runs one; `claw up` has one).
 
 pub mod consume;
+pub mod reconcile;
 pub mod retention;
 pub mod service;
 pub mod store;
@@ -52,6 +57,8 @@ pub struct Config {
     pub batch_wait_ms: u64,
     #[command(flatten)]
     pub retention: retention::Settings,
+    #[command(flatten)]
+    pub reconcile: reconcile::Settings,
 }
 
 impl Config {
@@ -138,9 +145,9 @@ pub async fn run(
 
     // Either the service or the consumer ending stops everything: an archive that cannot answer
     // is as broken as one that does not archive, and a supervisor restart is the cure for both.
-    // The sweep only ends when told to.
+    // The sweep and the reconciler only end when told to.
     let stop = shutdown.child_token();
-    let (served, (), ()) = tokio::join!(
+    let (served, (), (), ()) = tokio::join!(
         async {
             let served = service::serve(client.clone(), store.clone(), stop.clone()).await;
             stop.cancel();
@@ -151,6 +158,7 @@ pub async fn run(
             stop.cancel();
         },
         retention::run(topology.records.clone(), store.clone(), config.retention, stop.clone()),
+        reconcile::run(topology.clone(), store.clone(), config.reconcile, stop.clone()),
     );
     // The last acks are publishes still in the client's buffer; send them before returning so a
     // restart does not wait out the ack deadline for redeliveries.

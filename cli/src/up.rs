@@ -41,6 +41,8 @@ pub struct UpArgs {
     pub gateway: claw_gateway::Config,
     #[command(flatten)]
     pub retention: claw_archiver::retention::Settings,
+    #[command(flatten)]
+    pub reconcile: claw_archiver::reconcile::Settings,
 }
 
 /// How long the services get to drain after the stop signal before the process gives up on them.
@@ -139,6 +141,7 @@ async fn serve(
         batch_max: 256,
         batch_wait_ms: 20,
         retention: args.retention.clone(),
+        reconcile: args.reconcile.clone(),
     };
     let (t, token) = (topology.clone(), shutdown.child_token());
     services.spawn(async move {

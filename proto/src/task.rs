@@ -509,6 +509,17 @@ impl TaskRecord {
         Ok(())
     }
 
+    /// The message this running task was delivered from is gone (expired, deleted by hand), so
+    /// no copy of it is live any more: whichever copy is published next may take it over (a
+    /// worker starts it as a takeover, `worker_lost`), instead of being dropped as stale.
+    pub fn message_lost(&mut self) -> Result<(), IllegalTransition> {
+        if self.status != Status::Running {
+            return Err(self.refuse("lose the message of"));
+        }
+        self.message_seq = None;
+        Ok(())
+    }
+
     /// Resume a paused task: back to `running` if a worker still holds it, else `queued`.
     pub fn resume(&mut self) -> Result<(), IllegalTransition> {
         if self.status != Status::Paused {
@@ -702,6 +713,20 @@ mod tests {
         assert!(r.is_stale_copy(9));
         r.message_seq = None;
         assert!(!r.is_stale_copy(9), "records written before the field existed");
+    }
+
+    #[test]
+    fn a_running_task_whose_message_is_lost_is_taken_over_by_the_next_copy() {
+        let now = OffsetDateTime::now_utc();
+        let mut r = record(Status::Queued);
+        assert!(r.message_lost().is_err(), "only a running task has a message of its own");
+        r.start(1, "w", now).unwrap();
+        r.message_seq = Some(7);
+        assert!(r.is_stale_copy(9));
+        r.message_lost().unwrap();
+        assert!(!r.is_stale_copy(9));
+        r.start(2, "w2", now).unwrap();
+        assert_eq!(r.cause, Some(Cause::WorkerLost));
     }
 
     #[test]

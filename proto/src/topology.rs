@@ -138,6 +138,15 @@ impl Lane {
     }
 }
 
+/// Every lane, `tasks.*.*`: the subjects of [`TASKS_STREAM`], which the reconciler lists.
+pub const TASKS_ALL: &str = "tasks.*.*";
+
+/// The JetStream API subject of a direct get on `stream` (`$JS.API.DIRECT.GET.<stream>`), for a
+/// request whose JSON body says what to get, and whose answer may be a batch of messages.
+pub fn direct_get_subject(stream: &str) -> String {
+    format!("$JS.API.DIRECT.GET.{stream}")
+}
+
 /// Every lane of one class, `tasks.<class>.*`: a worker's wake-up subscription.
 pub fn class_subjects(class: Class) -> String {
     format!("tasks.{class}.*")
@@ -528,6 +537,13 @@ mod tests {
             assert_eq!(map["durable_name"], lane.consumer().as_str());
             assert_eq!(map["filter_subject"], lane.subject().as_str());
         }
+    }
+
+    #[test]
+    fn the_queue_is_every_lane() {
+        let tasks = STREAMS[0].parse().unwrap();
+        assert_eq!(tasks["name"], TASKS_STREAM);
+        assert_eq!(tasks["subjects"], serde_json::json!([TASKS_ALL]));
     }
 
     #[test]

@@ -18,6 +18,7 @@ mod metrics;
 mod payloads;
 mod permissions;
 mod pipeline;
+mod reconcile;
 mod retention;
 mod shipped;
 mod soak;

@@ -282,12 +282,19 @@ async fn each_role_can_do_its_job_and_nothing_else() {
     worker.refused_subscribe("_INBOX.gateway.>").await;
     worker.refused_subscribe("claw.api.>").await;
 
+    // The archiver writes records, lanes and events only for the reconciler's repairs (tested
+    // as its role in `the_archiver_role_repairs_and_removes_records`), and nothing else.
     let archiver = Probe::connect(&nats, "archiver").await;
-    archiver.refused_publish("$KV.tasks.x").await;
     archiver.refused_publish("$JS.API.STREAM.DELETE.KV_tasks").await;
-    archiver.refused_publish("progress.s1.x").await;
+    archiver.refused_publish("$JS.API.STREAM.PURGE.KV_tasks").await;
+    archiver.refused_publish("$JS.API.STREAM.MSG.DELETE.TASKS").await;
     archiver.refused_publish("$JS.API.CONSUMER.MSG.NEXT.TASKS.short-high").await;
+    archiver.refused_publish("$KV.sessions.x").await;
+    archiver.refused_publish("dlq.short.normal").await;
+    archiver.refused_publish("claw.control.x").await;
+    archiver.refused_publish("claw.api.cancel").await;
     archiver.refused_subscribe("progress.>").await;
+    archiver.refused_subscribe("tasks.*.*").await;
 
     let gateway = Probe::connect(&nats, "gateway").await;
     // A gateway with API tokens claims sessions in the `sessions` bucket, create-if-absent.
@@ -307,6 +314,77 @@ async fn each_role_can_do_its_job_and_nothing_else() {
     for stream in ["TASKS", "PROGRESS", "DLQ", "KV_tasks", "KV_sessions"] {
         op_js.get_stream(stream).await.unwrap_or_else(|e| panic!("stream {stream}: {e}"));
     }
+}
+
+/// The archiver as its role does what its retention sweep and reconciler need: it lists the
+/// lanes, re-reads and compare-and-sets a stranded record, publishes a task again and announces
+/// a change, and removes an archived record from the bucket.
+#[tokio::test]
+async fn the_archiver_role_repairs_and_removes_records() {
+    use claw_proto::kinds::Catalog;
+    use claw_proto::spec::{Limits, TaskSpec};
+    let nats = Nats::start_secure();
+    let gw_topo = nats.role_topology("gateway", &Settings::standard()).await;
+    let operator = Probe::connect(&nats, "operator").await;
+    let op_js = operator.js();
+    let mut events = operator.client.subscribe("progress.>").await.unwrap();
+
+    let arch_topo = nats.role_topology("archiver", &Settings::standard()).await;
+    let mut config = claw_tests::archiver_config(&nats.dir.path().join("archive.sqlite"));
+    config.retention.retention_s = 1;
+    config.retention.sweep_s = 1;
+    config.reconcile.interval_s = 1;
+    config.reconcile.grace_s = 1;
+    let _archiver = claw_tests::start_archiver_with(&arch_topo, config);
+
+    // Two orphans, as a gateway that died before its lane publish leaves them: one to publish
+    // again, one whose deadline has passed, to fail.
+    let spec = TaskSpec::from_slice(br#"{"kind": "sleep"}"#).unwrap();
+    let admit = |created| {
+        spec.admit(
+            claw_proto::TaskId::generate(),
+            created,
+            None,
+            &Catalog::builtin(),
+            &Limits::STANDARD,
+        )
+        .unwrap()
+    };
+    let now = time::OffsetDateTime::now_utc();
+    let queued = admit(now);
+    let mut late = admit(now);
+    late.deadline = now;
+    gw_topo.records.create(&queued).await.unwrap();
+    gw_topo.records.create(&late).await.unwrap();
+
+    wait_for("the orphan published to its lane", Duration::from_secs(20), || async {
+        let mut tasks = op_js.get_stream("TASKS").await.ok()?;
+        (tasks.info().await.ok()?.state.messages == 1).then_some(())
+    })
+    .await;
+    let failed = wait_for("the late orphan failed", Duration::from_secs(20), || async {
+        read_record(&op_js, late.id.as_str()).await.filter(|r| r.status == Status::Failed)
+    })
+    .await;
+    assert_eq!(failed.cause, Some(claw_proto::Cause::Timeout));
+    let announced = tokio::time::timeout(Duration::from_secs(10), async {
+        while let Some(event) = events.next().await {
+            let event: Value = serde_json::from_slice(&event.payload).unwrap();
+            if event["task_id"] == late.id.as_str() && event["data"]["status"] == "failed" {
+                return;
+            }
+        }
+    })
+    .await;
+    assert!(announced.is_ok(), "the failed status event was published");
+    // Archived, then out of the bucket after its second of retention.
+    wait_for("the failed record removed from the bucket", Duration::from_secs(20), || async {
+        read_record(&op_js, late.id.as_str()).await.is_none().then_some(())
+    })
+    .await;
+    let archived = operator.client.request("claw.archive.get", late.id.to_string().into()).await;
+    let archived: Value = serde_json::from_slice(&archived.unwrap().payload).unwrap();
+    assert_eq!(archived["status"], "failed", "{archived}");
 }
 
 /// Makes a CA and a server and a client certificate signed by it with the `openssl` CLI, in

@@ -58,10 +58,11 @@ async fn an_archiver_consumer_with_an_old_ack_policy_is_recreated() {
     assert_eq!(info.num_pending, 1);
 }
 
-/// A bucket made by an older version, with the 24 h TTL that removed live records, loses its
-/// TTL when any service starts: a live record never expires.
+/// Streams made by an older version are brought up to date when any service starts: the
+/// bucket loses the 24 h TTL that removed live records (a live record never expires), and the
+/// queue allows the direct gets the reconciler lists it with.
 #[tokio::test]
-async fn ensure_takes_the_record_ttl_away_from_an_older_bucket() {
+async fn ensure_updates_the_streams_of_an_older_version() {
     let nats = Nats::start();
     let js = nats.jetstream().await;
     topology::ensure(&js, &test_settings()).await.unwrap();
@@ -70,7 +71,13 @@ async fn ensure_takes_the_record_ttl_away_from_an_older_bucket() {
     old.max_age = std::time::Duration::from_secs(86_400);
     js.update_stream(old).await.unwrap();
     assert_eq!(kv.info().await.unwrap().config.max_age.as_secs(), 86_400);
+    let mut tasks = js.get_stream(topology::TASKS_STREAM).await.unwrap();
+    let mut old = tasks.info().await.unwrap().config.clone();
+    old.allow_direct = false;
+    js.update_stream(old).await.unwrap();
+    assert!(!tasks.info().await.unwrap().config.allow_direct);
 
     topology::ensure(&js, &Settings::standard()).await.unwrap();
     assert_eq!(kv.info().await.unwrap().config.max_age, std::time::Duration::ZERO);
+    assert!(tasks.info().await.unwrap().config.allow_direct);
 }

@@ -179,10 +179,12 @@ pub struct Service {
 }
 
 /// Variables a test run may have set that would change a service's defaults.
-const CLEARED: [&str; 9] = [
+const CLEARED: [&str; 11] = [
     "CLAW_ACK_WAIT_S",
     "CLAW_RECORD_RETENTION_S",
     "CLAW_RETENTION_SWEEP_S",
+    "CLAW_RECONCILE_INTERVAL_S",
+    "CLAW_RECONCILE_GRACE_S",
     "CLAW_WORKER_CONFIG",
     "CLAW_QUEUE_MAX",
     "CLAW_TOKENS_FILE",
