@@ -207,7 +207,13 @@ pub async fn run(
             () = shutdown.cancelled() => return,
             _ = ticks.tick() => {}
         }
-        match reconciler.pass(&shutdown).await {
+        // Dropped mid-way by a shutdown, a pass leaves nothing a later one cannot finish: a
+        // record written but not yet published is a candidate again after the grace.
+        let passed = tokio::select! {
+            () = shutdown.cancelled() => return,
+            passed = reconciler.pass() => passed,
+        };
+        match passed {
             Ok(0) => {}
             Ok(repaired) => tracing::info!(repaired, "reconciler pass repaired stranded tasks"),
             Err(e) => tracing::warn!(error = %e, "reconciler pass failed; trying again later"),
@@ -226,7 +232,7 @@ struct Reconciler {
 
 impl Reconciler {
     /// One pass; returns how many records it repaired.
-    async fn pass(&self, shutdown: &CancellationToken) -> Result<u64, Error> {
+    async fn pass(&self) -> Result<u64, Error> {
         let candidates = self.store.stranded(OffsetDateTime::now_utc() - self.grace).await?;
         if candidates.is_empty() {
             return Ok(0);
@@ -234,9 +240,6 @@ impl Reconciler {
         let in_lanes = tasks_in_lanes(&self.client).await?;
         let mut repaired = 0;
         for candidate in candidates.iter().filter(|c| !in_lanes.contains(&c.id)) {
-            if shutdown.is_cancelled() {
-                break;
-            }
             match self.repair(candidate).await {
                 Ok(true) => repaired += 1,
                 Ok(false) => {}
@@ -352,8 +355,8 @@ pub async fn tasks_in_lanes(client: &Client) -> Result<HashSet<TaskId>, Error> {
             };
             match message.status {
                 None | Some(StatusCode::OK) => {
-                    let seq = header(&message, "Nats-Sequence").and_then(|v| v.parse().ok());
-                    let at = header(&message, "Nats-Time-Stamp")
+                    let seq = header(&message, SEQUENCE).and_then(|v| v.parse().ok());
+                    let at = header(&message, TIME_STAMP)
                         .and_then(|v| OffsetDateTime::parse(v, &Rfc3339).ok());
                     let (Some(seq), Some(at)) = (seq, at) else {
                         return Err(nats("scanning the lanes")(
@@ -366,7 +369,7 @@ pub async fn tasks_in_lanes(client: &Client) -> Result<HashSet<TaskId>, Error> {
                 }
                 Some(StatusCode::NOT_FOUND) => return Ok(ids),
                 Some(status) if status.as_u16() == END_OF_BATCH => {
-                    break header(&message, "Nats-Num-Pending").and_then(|v| v.parse::<u64>().ok());
+                    break header(&message, NUM_PENDING).and_then(|v| v.parse::<u64>().ok());
                 }
                 Some(status) => {
                     let why = format!("direct get answered {status} {:?}", message.description);
@@ -385,6 +388,11 @@ pub async fn tasks_in_lanes(client: &Client) -> Result<HashSet<TaskId>, Error> {
 
 /// The status of the message that ends a batch of a direct get ("EOB").
 const END_OF_BATCH: u16 = 204;
+/// Headers the server adds to a direct get's answers: the message's stream sequence and the
+/// time it was stored (RFC 3339), and on the end of a batch how many messages are left.
+const SEQUENCE: &str = "Nats-Sequence";
+const TIME_STAMP: &str = "Nats-Time-Stamp";
+const NUM_PENDING: &str = "Nats-Num-Pending";
 
 fn header<'m>(message: &'m async_nats::Message, name: &str) -> Option<&'m str> {
     message.headers.as_ref()?.get(name).map(|v| v.as_str())
