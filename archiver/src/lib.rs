@@ -157,7 +157,13 @@ pub async fn run(
             consume::consume(consumer, store.clone(), batching, stop.clone()).await;
             stop.cancel();
         },
-        retention::run(topology.records.clone(), store.clone(), config.retention, stop.clone()),
+        retention::run(
+            topology.records.clone(),
+            topology.payloads.clone(),
+            store.clone(),
+            config.retention,
+            stop.clone(),
+        ),
         reconcile::run(topology.clone(), store.clone(), config.reconcile, stop.clone()),
     );
     // The last acks are publishes still in the client's buffer; send them before returning so a

@@ -9,6 +9,10 @@
 //! by a newer write (an explicit retry, which makes the task live again) is not there to
 //! delete, which is the compare-and-set for free: a sweep can never remove a live record.
 //!
+//! A finished task's inputs and results in the `payloads` object store go with its record:
+//! `GET /v1/tasks/{id}/result` of an older task answers 410 from then on, while the archive
+//! keeps the record, and its reference, for good.
+//!
 //! Because only archived rows are swept, an archiver that is down longer than the retention
 //! loses nothing: terminal records wait in the bucket (bounded by the account's storage) until
 //! it is back, archives them, and then removes them. `claw_archiver_lag` says how far behind it
@@ -16,6 +20,7 @@
 
 use std::time::Duration;
 
+use claw_proto::payloads::Payloads;
 use claw_proto::records::Records;
 use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
@@ -50,7 +55,13 @@ pub struct Settings {
 
 /// Sweeps every `settings.sweep_s` until `shutdown`. Failures are logged and the next sweep
 /// tries again: a record left in the bucket a little longer is no harm.
-pub async fn run(records: Records, store: Store, settings: Settings, shutdown: CancellationToken) {
+pub async fn run(
+    records: Records,
+    payloads: Payloads,
+    store: Store,
+    settings: Settings,
+    shutdown: CancellationToken,
+) {
     let retention = Duration::from_secs(settings.retention_s);
     let mut ticks = tokio::time::interval(Duration::from_secs(settings.sweep_s));
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -63,7 +74,7 @@ pub async fn run(records: Records, store: Store, settings: Settings, shutdown: C
         // not marked yet; the next sweep removes it again (already gone: no error) and marks it.
         let swept = tokio::select! {
             () = shutdown.cancelled() => return,
-            swept = sweep(&records, &store, retention) => swept,
+            swept = sweep(&records, &payloads, &store, retention) => swept,
         };
         match swept {
             Ok(0) => {}
@@ -75,17 +86,34 @@ pub async fn run(records: Records, store: Store, settings: Settings, shutdown: C
     }
 }
 
-/// One sweep: removes every archived record whose retention has passed; returns how many.
-pub async fn sweep(records: &Records, store: &Store, retention: Duration) -> Result<u64, Error> {
+/// One sweep: removes every archived record whose retention has passed, with its stored
+/// payloads; returns how many.
+pub async fn sweep(
+    records: &Records,
+    payloads: &Payloads,
+    store: &Store,
+    retention: Duration,
+) -> Result<u64, Error> {
     let mut removed = 0;
     loop {
         let now = OffsetDateTime::now_utc();
         let due = store.due_for_removal(now - retention, SWEEP_BATCH).await?;
         for archived in &due {
-            records.remove(archived.revision).await.map_err(|e| Error::Nats {
+            let current = records.remove(archived.revision).await.map_err(|e| Error::Nats {
                 what: "removing a finished record",
                 source: e.into(),
             })?;
+            // Only when this revision was still the record's last: a task retried since then
+            // is live again and needs its input. A sweep dropped between the two leaves the
+            // objects behind, which costs space, never a task.
+            if current
+                && archived.payloads
+                && let Ok(id) = claw_proto::TaskId::parse(&archived.id)
+                && let Err(e) = payloads.remove(&id).await
+            {
+                tracing::warn!(task_id = %archived.id, error = %e,
+                    "could not remove the payloads of a finished task; they stay");
+            }
             store.mark_removed(archived, now).await?;
             // Counted once the row says so: the one place a record leaves the bucket this way.
             metrics::counter!("claw_archiver_records_removed_total").increment(1);

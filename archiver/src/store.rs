@@ -110,6 +110,9 @@ pub struct Stranded {
 pub struct Archived {
     pub id: String,
     pub revision: u64,
+    /// The record refers to an input or result in the `payloads` object store, which goes with
+    /// it.
+    pub payloads: bool,
 }
 
 /// A position in the newest-first order: the key of the last row of a page.
@@ -238,8 +241,11 @@ impl Store {
         cutoff: OffsetDateTime,
         limit: u32,
     ) -> Result<Vec<Archived>, Error> {
-        let rows: Vec<(String, i64)> = sqlx::query_as(
-            "SELECT id, revision FROM tasks
+        let rows: Vec<(String, i64, bool)> = sqlx::query_as(
+            "SELECT id, revision,
+                    json_extract(record, '$.input_ref') IS NOT NULL
+                    OR json_extract(record, '$.result_ref') IS NOT NULL
+             FROM tasks
              WHERE removed_at IS NULL AND coalesce(finished_at, created_at) <= ?
              ORDER BY coalesce(finished_at, created_at) LIMIT ?",
         )
@@ -249,7 +255,11 @@ impl Store {
         .await?;
         Ok(rows
             .into_iter()
-            .map(|(id, revision)| Archived { id, revision: u64::try_from(revision).unwrap_or(0) })
+            .map(|(id, revision, payloads)| Archived {
+                id,
+                revision: u64::try_from(revision).unwrap_or(0),
+                payloads,
+            })
             .collect())
     }
 
@@ -681,7 +691,8 @@ mod tests {
         let young = terminal("s", "sleep", Status::Succeeded, 100);
         upsert(&store, &[entry(1, &old), entry(2, &young)]).await.unwrap();
         let finished = |r: &TaskRecord| r.finished_at.unwrap();
-        let archived = |r: &TaskRecord, revision| Archived { id: r.id.to_string(), revision };
+        let archived =
+            |r: &TaskRecord, revision| Archived { id: r.id.to_string(), revision, payloads: false };
 
         assert!(
             store

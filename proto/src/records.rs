@@ -119,18 +119,20 @@ impl Records {
         })
     }
 
-    /// Removes revision `revision` outright, leaving no marker: a refused submit's record. A
-    /// revision already replaced by a newer write is gone anyway; that is not an error.
-    pub async fn remove(&self, revision: u64) -> Result<(), Error> {
+    /// Removes revision `revision` outright, leaving no marker: a refused submit's record, a
+    /// finished one past its retention. A revision already replaced by a newer write is gone
+    /// anyway; that is not an error. Returns whether this call removed it, so a caller knows
+    /// the revision was still the record's last.
+    pub async fn remove(&self, revision: u64) -> Result<bool, Error> {
         use async_nats::jetstream::ErrorCode;
         use async_nats::jetstream::stream::DeleteMessageErrorKind;
         match self.stream.delete_message(revision).await {
-            Ok(_) => Ok(()),
+            Ok(removed) => Ok(removed),
             Err(e) => match e.kind() {
                 DeleteMessageErrorKind::JetStream(j)
                     if j.error_code() == ErrorCode::NO_MESSAGE_FOUND =>
                 {
-                    Ok(())
+                    Ok(false)
                 }
                 _ => Err(Error::Unavailable(e.into())),
             },

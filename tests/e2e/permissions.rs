@@ -354,6 +354,14 @@ async fn the_archiver_role_repairs_and_removes_records() {
     let queued = admit(now);
     let mut late = admit(now);
     late.deadline = now;
+    // Its input stored, as the gateway stores a large one: the archiver removes it with the
+    // record.
+    let stored = gw_topo
+        .payloads
+        .put(&late.id, claw_proto::payloads::Part::Input, br#"{"seconds": 0}"#)
+        .await
+        .expect("the gateway stores an input");
+    late.input_ref = Some(stored.clone());
     gw_topo.records.create(&queued).await.unwrap();
     gw_topo.records.create(&late).await.unwrap();
 
@@ -385,6 +393,14 @@ async fn the_archiver_role_repairs_and_removes_records() {
     let archived = operator.client.request("claw.archive.get", late.id.to_string().into()).await;
     let archived: Value = serde_json::from_slice(&archived.unwrap().payload).unwrap();
     assert_eq!(archived["status"], "failed", "{archived}");
+    wait_for("its stored input removed with it", Duration::from_secs(20), || async {
+        matches!(
+            gw_topo.payloads.read(&stored).await,
+            Err(claw_proto::payloads::Error::NotFound(_))
+        )
+        .then_some(())
+    })
+    .await;
 }
 
 /// Makes a CA and a server and a client certificate signed by it with the `openssl` CLI, in

@@ -129,3 +129,35 @@ async fn a_finished_record_leaves_the_bucket_only_once_archived_and_its_retentio
     );
     assert!(claw_tests::archived_ids(&db).await.contains(&second));
 }
+
+/// A finished task's stored payloads go with its record: once the retention removed the record
+/// from the bucket, its input and result objects are gone, `GET .../result` answers 410 Gone,
+/// and the archive still has the record with its references.
+#[tokio::test]
+async fn stored_payloads_leave_with_their_record() {
+    let nats = Nats::start();
+    let topo = nats.topology(&test_settings()).await;
+    let db = nats.dir.path().join("archive.sqlite");
+    let _archiver = start_archiver(&topo, &db);
+    let _worker = start_worker(&topo, "ack_deadline_s = 2.0\n");
+    let gw = Gateway::start(&topo, &[]).await;
+    let http = reqwest::Client::new();
+    let spec = json!({"kind": "sleep", "input": {"seconds": 0, "echo": "p".repeat(100_000)}});
+    let id = id_of(&post_json(&http, &gw.url("/v1/tasks"), Some(&spec)).await);
+    wait_status(&topo, &id, Status::Succeeded).await;
+    let result = http.get(gw.url(&format!("/v1/tasks/{id}/result"))).send().await.unwrap();
+    assert_eq!(result.status(), reqwest::StatusCode::OK);
+
+    wait_for("the record and its payloads to leave", Duration::from_secs(20), || async {
+        let gone = http.get(gw.url(&format!("/v1/tasks/{id}/result"))).send().await.ok()?;
+        (record(&topo, &id).await.is_none() && gone.status() == reqwest::StatusCode::GONE)
+            .then_some(())
+    })
+    .await;
+    let archived: Value =
+        http.get(gw.url(&format!("/v1/tasks/{id}"))).send().await.unwrap().json().await.unwrap();
+    assert_eq!(archived["result_ref"]["name"], format!("{id}/result"), "{archived}");
+    let objects =
+        claw_tests::stream_messages(&topo.js, claw_proto::topology::PAYLOADS_STREAM).await;
+    assert!(objects <= 2, "only the two deleted markers are left, not the chunks: {objects}");
+}
