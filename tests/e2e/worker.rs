@@ -487,3 +487,40 @@ async fn a_record_deleted_by_hand_is_rebuilt_from_its_message() {
     assert_eq!(stream_count(&topo.js, topology::DLQ_STREAM).await, 0, "nothing dead-lettered");
     worker.stop().await;
 }
+
+/// A worker that dies between a task's final record write and its ending events leaves a
+/// finished task that no watcher sees end. The next delivery of the task's message finds it
+/// finished and sends the ending events (result, then the terminal status) again, to
+/// JetStream, under ids that store each once however many deliveries do it.
+#[tokio::test]
+async fn a_finished_tasks_missing_ending_events_are_sent_by_the_next_delivery() {
+    let nats = Nats::start();
+    let topology = nats.topology(&test_settings()).await;
+    let id = submit(&topology, json!({"kind": "sleep", "input": {"seconds": 0}})).await;
+    // What its worker wrote before it died: the record succeeded, no events.
+    let stored = topology.records.read(&id).await.unwrap().expect("record");
+    let mut done = stored.record.clone();
+    let now = OffsetDateTime::now_utc();
+    done.start(1, "w-died", now).unwrap();
+    done.succeed(json!({"slept_s": 0.0}), now).unwrap();
+    topology.records.update(&done, stored.revision).await.unwrap();
+    // A second copy of its message, as a redelivery after a restart may bring.
+    publish_raw(
+        &topology.js,
+        "tasks.short.normal",
+        None,
+        serde_json::to_vec(&claw_proto::spec::TaskSpec::of_record(&done)).unwrap(),
+    )
+    .await;
+
+    let worker = Worker::start(&topology, "ack_deadline_s = 2.0");
+    wait_for("both copies settled", WAIT, || async {
+        (stream_count(&topology.js, topology::TASKS_STREAM).await == 0).then_some(())
+    })
+    .await;
+    let events = events_of(&topology.js, &id).await;
+    let results = events.iter().filter(|e| matches!(e.body, EventBody::Result(_))).count();
+    let ended = statuses(&events).into_iter().filter(|(s, _)| *s == Status::Succeeded).count();
+    assert_eq!((results, ended), (1, 1), "{events:?}");
+    worker.stop().await;
+}

@@ -234,6 +234,10 @@ async fn start(d: &Delivery, mut record: TaskRecord, mut revision: u64) -> Claim
     for _ in 0..CAS_ROUNDS {
         if record.status.is_terminal() {
             tracing::info!(status = %record.status, "task already finished; dropping duplicate");
+            // Its worker may have died between the record's write and its ending events.
+            if let Some(bodies) = events::ending_of(&record) {
+                events::ending(&w.js, &record, bodies).await;
+            }
             return Claim::Settle(Decision::Duplicate);
         }
         if record.is_stale_copy(d.stream_seq) {
@@ -317,8 +321,7 @@ async fn start(d: &Delivery, mut record: TaskRecord, mut revision: u64) -> Claim
                     }
                     return Claim::Run(Box::new(held));
                 };
-                events::publish(&w.client, &next, EventBody::Error(error.clone())).await;
-                events::status(&w.client, &next).await;
+                events::ending(&w.js, &next, vec![EventBody::Error(error.clone())]).await;
                 return Claim::Settle(Decision::GiveUp { error, cause, reason });
             }
             Err(records::Error::Conflict) => match w.records.read(&d.id).await {

@@ -181,7 +181,7 @@ async fn announce(
     decision: &Decision,
     stored: Option<&PayloadRef>,
 ) {
-    let client = &d.worker.client;
+    let (client, js) = (&d.worker.client, &d.worker.js);
     match decision {
         Decision::Succeed(value) => {
             tracing::info!("attempt succeeded");
@@ -189,19 +189,19 @@ async fn announce(
                 Some(reference) => EventBody::ResultRef(reference.clone()),
                 None => EventBody::Result(value.clone()),
             };
-            events::publish(client, record, body).await;
+            events::ending(js, record, vec![body]).await;
         }
         Decision::Retry { error, delay, .. } => {
             tracing::info!(%error, ?delay, "attempt failed; will retry");
             events::publish(client, record, EventBody::Error(error.clone())).await;
+            events::status(client, record).await;
         }
         Decision::GiveUp { error, reason, .. } => {
             tracing::warn!(%error, reason, "task failed and dead-lettered");
-            events::publish(client, record, EventBody::Error(error.clone())).await;
+            events::ending(js, record, vec![EventBody::Error(error.clone())]).await;
         }
-        _ => return,
+        _ => {}
     }
-    events::status(client, record).await;
 }
 
 /// Waits, heartbeating, while the record says paused; `None` once it is running again, else
