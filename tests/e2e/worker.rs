@@ -524,3 +524,55 @@ async fn a_finished_tasks_missing_ending_events_are_sent_by_the_next_delivery() 
     assert_eq!((results, ended), (1, 1), "{events:?}");
     worker.stop().await;
 }
+
+/// The dead letter comes first: the DLQ stored a task's copy before the bucket stored the record
+/// that says `failed`, by the server's own clock (both streams are on one server, whose store
+/// time stamps each message as it lands). Were the record written first, a worker dying between
+/// the two writes would leave a record that says dead-lettered with no dead letter anywhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_says_dead_lettered_only_once_the_dlq_has_its_copy() {
+    use futures::StreamExt as _;
+    const TASKS: usize = 20;
+    let nats = Nats::start();
+    let topology = nats.topology(&test_settings()).await;
+    let js = &topology.js;
+    let mut watch = topology.tasks_kv.watch_all().await.expect("watch the bucket");
+    let worker = Worker::start(&topology, "name = \"w-dlq-order\"\nack_deadline_s = 2.0\n");
+    let mut doomed = std::collections::HashSet::new();
+    for _ in 0..TASKS {
+        let spec = json!({"kind": "sleep", "max_attempts": 1, "input": {"fail_attempts": 99}});
+        doomed.insert(submit(&topology, spec).await.as_str().to_owned());
+    }
+
+    // When the bucket stored each task's failed record.
+    let mut failed_at = std::collections::HashMap::new();
+    tokio::time::timeout(WAIT, async {
+        while failed_at.len() < TASKS {
+            let entry = watch.next().await.expect("watch open").expect("watch entry");
+            if entry.operation != async_nats::jetstream::kv::Operation::Put {
+                continue;
+            }
+            let r: claw_proto::TaskRecord = serde_json::from_slice(&entry.value).expect("record");
+            if r.status == Status::Failed {
+                failed_at.entry(r.id.as_str().to_owned()).or_insert(entry.created);
+            }
+        }
+    })
+    .await
+    .expect("every doomed task fails");
+    let ids: std::collections::HashSet<String> = failed_at.keys().cloned().collect();
+    assert_eq!(ids, doomed);
+
+    let dlq = stream_messages(js, topology::DLQ_STREAM).await;
+    assert_eq!(dlq.len(), TASKS, "one copy each");
+    for copy in &dlq {
+        let id = header(copy, headers::TASK_ID).expect("the copy names its task");
+        let failed = failed_at[id];
+        assert!(
+            copy.time <= failed,
+            "{id}: the record said failed at {failed}, its DLQ copy was stored later, at {}",
+            copy.time
+        );
+    }
+    worker.stop().await;
+}
