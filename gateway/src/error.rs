@@ -177,3 +177,42 @@ impl IntoResponse for Error {
         response
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every code the gateway answers with is one the error schema (`nats/schema/`, from which
+    /// the TypeScript client's types are generated) lists, and the schema lists no other.
+    #[test]
+    fn every_code_is_in_the_error_schema() {
+        let schema: serde_json::Value =
+            serde_json::from_str(include_str!("../../nats/schema/error.schema.json")).unwrap();
+        let listed: std::collections::BTreeSet<&str> =
+            schema["$defs"]["api_error"]["properties"]["code"]["enum"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|c| c.as_str().unwrap())
+                .collect();
+        let s = || String::new();
+        let every = [
+            Error::MalformedJson(s()),
+            Error::Invalid(Invalid { field: None, message: s() }),
+            Error::NotFound(s()),
+            Error::Unauthorized(s()),
+            Error::Forbidden(s()),
+            Error::Conflict { message: s(), status: claw_proto::Status::Queued },
+            Error::TooLarge(0),
+            Error::RecordTooLarge { bytes: 0, max: 0 },
+            Error::PayloadTooLarge { bytes: 0, max: 0 },
+            Error::Gone(s()),
+            Error::QueueFull { retry_after_s: 1 },
+            Error::Unavailable(s()),
+            Error::Config(s()),
+            Error::Internal(s()),
+        ];
+        let answered: std::collections::BTreeSet<&str> = every.iter().map(Error::code).collect();
+        assert_eq!(answered, listed);
+    }
+}
