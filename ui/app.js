@@ -383,6 +383,13 @@ function onEvent(ev) {
   switch (ev.type) {
     case 'status': {
       const was = r.status;
+      if (d.status === 'queued' && (was === 'running' || was === 'retrying')
+          && d.cause !== 'handed_back') {
+        // The gateway's `queued` of a new task can reach the stream after the worker's
+        // `running` (docs/PROTOCOL.md, "Events"); a running task goes back to queued only when
+        // a draining worker hands it back.
+        break;
+      }
       if (d.status === 'running' && was !== 'running' && was !== 'paused') {
         // A new attempt starts (from queued or retrying): the record resets its progress too.
         r.started_at = ev.at;

@@ -4,7 +4,9 @@
 //   node tests/browser/ui.test.mjs <gateway-url> <output-dir>
 //
 // It talks to its parent over stdio: it prints `RESTART` when it wants the gateway restarted
-// and waits for a `RESTARTED` line on stdin; every other line it prints is a log line, and
+// and waits for a `RESTARTED` line on stdin, and `STALE <task> <session>` when it wants a late
+// `queued` status event stored for a running task (answered `STALED`); every other line it
+// prints is a log line, and
 // `SCREENSHOT <path>` names the picture it saved. Exit status 0 means every check passed.
 //
 // Every wait polls a condition in the page with a deadline (page.waitForFunction, locator
@@ -173,6 +175,16 @@ async function main() {
     const long = await submit(page, 'sleep', '{"seconds": 30, "steps": 30}', { priority: 'high' });
     await statusIs(page, long, 'running');
     await progressAbove(page, long, 0);
+    // A `queued` announcement that reaches the stream after `running` (a gateway and a worker
+    // in separate processes) does not turn the running task back: the runner stores one, and
+    // once a later progress event is shown, the page has applied it.
+    console.log(`STALE ${long} ${session}`);
+    const staled = await nextLine(WAIT_MS);
+    check(staled === 'STALED', `the runner answered ${JSON.stringify(staled)}`);
+    const before = parseFloat(await row(page, long).locator('.bar-fill').evaluate((e) => e.style.width));
+    await progressAbove(page, long, before);
+    check(await row(page, long).getAttribute('data-status') === 'running', 'a late queued event is ignored');
+    log('a late queued event left the running task running');
     check(await enabledVerbs(page, long) === 'cancel,pause', 'a running task can be paused or cancelled');
     await click(page, long, 'pause');
     await statusIs(page, long, 'paused');

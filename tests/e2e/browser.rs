@@ -64,6 +64,7 @@ async fn the_web_ui_runs_controls_and_reconnects_in_a_real_browser() {
     let deadline = tokio::time::Instant::now() + SCRIPT_TIMEOUT;
     let mut screenshot = None;
     let mut restarts = 0;
+    let mut stales = 0;
     loop {
         let line = match tokio::time::timeout_at(deadline, rx.recv()).await {
             Ok(Some(line)) => line,
@@ -81,6 +82,11 @@ async fn the_web_ui_runs_controls_and_reconnects_in_a_real_browser() {
             writeln!(stdin, "RESTARTED")
                 .and_then(|()| stdin.flush())
                 .expect("answering the script");
+        } else if let Some(args) = line.strip_prefix("STALE ") {
+            let (task, session) = args.split_once(' ').expect("STALE <task> <session>");
+            store_late_queued_event(&topo, task, session).await;
+            stales += 1;
+            writeln!(stdin, "STALED").and_then(|()| stdin.flush()).expect("answering the script");
         } else if let Some(path) = line.strip_prefix("SCREENSHOT ") {
             screenshot = Some(PathBuf::from(path));
         }
@@ -88,9 +94,23 @@ async fn the_web_ui_runs_controls_and_reconnects_in_a_real_browser() {
     let status = child.wait().expect("waiting for node");
     assert!(status.success(), "the browser script failed ({status}); its log is above");
     assert_eq!(restarts, 1, "the script asked for one gateway restart");
+    assert_eq!(stales, 1, "the script asked for one late queued event");
     let screenshot = screenshot.expect("the script saved a screenshot");
     assert!(screenshot.is_file(), "{} missing", screenshot.display());
     println!("screenshot: {} (kept with KEEP_TEST_DIRS=1)", screenshot.display());
+}
+
+/// Stores the `queued` status event a gateway sends when it accepts a task, as it lands when the
+/// worker's `running` got to the stream first: after it.
+async fn store_late_queued_event(topo: &Topology, task: &str, session: &str) {
+    let at = time::OffsetDateTime::now_utc().format(&time::format_description::well_known::Rfc3339);
+    let event = serde_json::json!({
+        "type": "status", "task_id": task, "session": session, "at": at.expect("a time"),
+        "data": {"status": "queued", "cause": "user", "attempt": 0},
+    });
+    let subject = format!("progress.{session}.{task}");
+    let ack = topo.js.publish(subject, event.to_string().into()).await.expect("publish");
+    ack.await.expect("PROGRESS stores the event");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
