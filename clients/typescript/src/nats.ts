@@ -44,6 +44,8 @@ export class NatsTransport implements Transport {
         pingInterval: 5_000,
         maxPingOut: 2,
         maxReconnectAttempts: -1,
+        // Back within half a second of a restarted server (2 s by default).
+        reconnectTimeWait: 500,
         ...options.connection,
         servers: options.servers ?? options.connection?.servers ?? "nats://127.0.0.1:4222",
       });
@@ -138,7 +140,9 @@ export class NatsTransport implements Transport {
         filter_subjects: `progress.${session}.*`,
         ...from,
       });
-      messages = await consumer.consume();
+      // Pull requests of 5 s (30 s by default), so a consumer lost with a restarted server is
+      // noticed and recreated within seconds rather than half a minute.
+      messages = await consumer.consume({ expires: 5_000 });
       options.onLive?.();
     } catch (e) {
       throw ClawError.unreachable(`watching ${session}`, e);

@@ -180,3 +180,38 @@ describe("a watch over HTTP", () => {
     assert.deepEqual(received.map((e) => e.seq), stored.map((e) => e.seq));
   });
 });
+
+describe("a watch over NATS", () => {
+  it("goes on across a nats-server SIGKILL and restart without a gap or a duplicate", async () => {
+    const session = "ts-nats-restart";
+    const received: WatchedEvent[] = [];
+    const stop = new AbortController();
+    const watching = (async () => {
+      for await (const event of clients.nats.watch(session, { since: 0, signal: stop.signal })) received.push(event);
+    })();
+    const ids: string[] = [];
+    const submitSome = async (n: number) => {
+      for (let i = 0; i < n; i++) {
+        const spec = { kind: "sleep", session, input: { seconds: 0.2, steps: 4 } };
+        const key = `ts-nats-restart-${ids.length}-${Date.now()}`;
+        ids.push((await clients.nats.submit(spec, { idempotencyKey: key, retries: 20 })).record.id);
+      }
+    };
+    try {
+      await submitSome(5);
+      await system.restartNats();
+      // A submit sent while the client reconnects can go unanswered: it is repeated after the
+      // request timeout (10 s), under its key.
+      await submitSome(5);
+      for (const id of ids) assert.equal((await clients.nats.result(id, { timeoutMs: 60_000 })).status, "succeeded");
+      // The ordered consumer notices its server went away within a pull (5 s) and resumes.
+      await waitFor("every task's end after the restart", 30_000, () => ended(ids)(received));
+    } finally {
+      stop.abort();
+      await watching;
+    }
+    const last = received.at(-1)!.seq;
+    const stored = await collect(clients.http, session, 0, (events) => events.at(-1)!.seq >= last);
+    assert.deepEqual(received.map((e) => e.seq), stored.map((e) => e.seq));
+  });
+});

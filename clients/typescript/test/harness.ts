@@ -67,13 +67,15 @@ export class System {
   readonly natsUrl: string;
   readonly httpUrl: string;
   readonly #httpAddr: string;
-  readonly #nats: Proc;
+  #nats: Proc;
+  readonly #natsPort: number;
   #gateway: Proc;
   readonly #worker: Proc;
   readonly #archiver: Proc;
 
   private constructor(dir: string, natsUrl: string, httpAddr: string, nats: Proc, gateway: Proc, worker: Proc, archiver: Proc) {
     this.dir = dir;
+    this.#natsPort = Number(new URL(natsUrl.replace("nats://", "http://")).port);
     this.natsUrl = natsUrl;
     this.#httpAddr = httpAddr;
     this.httpUrl = `http://${httpAddr}`;
@@ -87,17 +89,31 @@ export class System {
     const dir = mkdtempSync(join(tmpdir(), "claw-ts-"));
     const [natsPort, httpPort] = [await freePort(), await freePort()];
     const natsUrl = `nats://127.0.0.1:${natsPort}`;
-    const nats = new Proc("nats-server", natsServer, ["-a", "127.0.0.1", "-p", String(natsPort), "-js", "-sd", join(dir, "js")], dir);
+    const nats = System.#startNats(dir, natsPort);
     await waitFor("nats-server to listen", 30_000, () => listening(natsPort));
     const httpAddr = `127.0.0.1:${httpPort}`;
     const gateway = System.#startGateway(dir, natsUrl, httpAddr);
     const config = join(dir, "worker.toml");
-    writeFileSync(config, 'name = "ts-client-worker"\n');
+    // A 5 s ack deadline (30 s as shipped; the Rust suite's shipped.rs runs that), so that tasks
+    // a nats-server restart cut off come back within the test.
+    writeFileSync(config, 'name = "ts-client-worker"\nack_deadline_s = 5.0\n');
     const worker = new Proc("worker", join(bins, "claw-worker"), ["--config", config, "--nats-url", natsUrl], dir);
     const archiver = new Proc("archiver", join(bins, "claw-archiver"), ["--db", join(dir, "archive.sqlite"), "--nats-url", natsUrl], dir);
     const system = new System(dir, natsUrl, httpAddr, nats, gateway, worker, archiver);
     await system.ready();
     return system;
+  }
+
+  static #startNats(dir: string, port: number): Proc {
+    return new Proc("nats-server", natsServer, ["-a", "127.0.0.1", "-p", String(port), "-js", "-sd", join(dir, "js")], dir);
+  }
+
+  /** SIGKILLs nats-server and starts it again on the same port and store; every client reconnects. */
+  async restartNats(): Promise<void> {
+    await this.#nats.stop("SIGKILL");
+    this.#nats = System.#startNats(this.dir, this.#natsPort);
+    await waitFor("nats-server to listen again", 30_000, () => listening(this.#natsPort));
+    await this.ready();
   }
 
   static #startGateway(dir: string, natsUrl: string, httpAddr: string): Proc {
