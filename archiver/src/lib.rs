@@ -69,14 +69,7 @@ impl Config {
         I: IntoIterator<Item = T>,
         T: Into<std::ffi::OsString> + Clone,
     {
-        #[derive(clap::Parser)]
-        struct Wrapper {
-            #[command(flatten)]
-            config: Config,
-        }
-        let argv = std::iter::once(std::ffi::OsString::from("claw-archiver"))
-            .chain(args.into_iter().map(Into::into));
-        <Wrapper as clap::Parser>::try_parse_from(argv).map(|w| w.config)
+        claw_proto::flags::parse("claw-archiver", args)
     }
 }
 

@@ -84,14 +84,7 @@ impl Config {
         I: IntoIterator<Item = T>,
         T: Into<std::ffi::OsString> + Clone,
     {
-        #[derive(clap::Parser)]
-        struct Wrapper {
-            #[command(flatten)]
-            config: Config,
-        }
-        let argv = std::iter::once(std::ffi::OsString::from("claw-gateway"))
-            .chain(args.into_iter().map(Into::into));
-        <Wrapper as clap::Parser>::try_parse_from(argv).map(|w| w.config)
+        claw_proto::flags::parse("claw-gateway", args)
     }
 
     /// Refuses to serve `addr` beyond loopback without API tokens (unless `--insecure-no-auth`),

@@ -16,6 +16,7 @@
 pub mod api;
 pub mod connect;
 pub mod event;
+pub mod flags;
 pub mod kinds;
 pub mod logs;
 pub mod metrics;

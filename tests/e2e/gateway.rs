@@ -229,24 +229,13 @@ async fn submit_over_nats_request_reply_uses_the_same_path() {
 /// publish landed), so the task runs instead of waiting forever.
 #[tokio::test]
 async fn a_repeat_of_an_orphaned_keyed_submit_queues_its_task() {
-    use claw_proto::kinds::Catalog;
-    use claw_proto::spec::{Limits, TaskSpec};
     let nats = Nats::start();
     let topo = nats.topology(&test_settings()).await;
     let gw = Gateway::start(&topo, &[]).await;
     let spec = json!({"kind": "sleep", "input": {"seconds": 0}});
     // What submit_once wrote before its gateway died: the claimed record, no lane message.
     let id = claw_proto::TaskId::derived("idempotency-key", "orphan-1");
-    let parsed: TaskSpec = serde_json::from_value(spec.clone()).unwrap();
-    let orphan = parsed
-        .admit(
-            id.clone(),
-            time::OffsetDateTime::now_utc(),
-            None,
-            &Catalog::builtin(),
-            &Limits::STANDARD,
-        )
-        .unwrap();
+    let orphan = claw_tests::admit(spec.clone(), &id);
     topo.records.create(&orphan).await.unwrap();
     assert_eq!(stream_messages(&topo.js, topology::TASKS_STREAM).await, 0);
 

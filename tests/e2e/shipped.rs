@@ -105,23 +105,11 @@ async fn tasks_succeed_first_time_as_shipped(nats: Shipped) {
 
     // The large result reads back over HTTP, and over NATS as the publisher role (a
     // NATS-native client follows the record's reference into the object store).
-    let result: Value = http
-        .get(gateway.url(&format!("/v1/tasks/{large}/result")))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let result: Value =
+        claw_tests::get_json(&http, &gateway.url(&format!("/v1/tasks/{large}/result"))).await;
     assert_eq!(result["echo"].as_str().map(str::len), Some(200_000));
-    let record: TaskRecord = http
-        .get(gateway.url(&format!("/v1/tasks/{large}")))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let record: TaskRecord =
+        claw_tests::get_json(&http, &gateway.url(&format!("/v1/tasks/{large}"))).await;
     let stored = record.result_ref.expect("the result is stored");
     let pub_js = claw_proto::connect::jetstream(publisher);
     let payloads = claw_proto::payloads::Payloads::open(&pub_js, usize::MAX)

@@ -258,7 +258,6 @@ pub async fn archived_rows(db: &Path) -> i64 {
     sqlx::query_scalar("SELECT count(*) FROM tasks").fetch_one(&mut conn).await.unwrap_or(0)
 }
 
-/// The record of `id` from the bucket, if present.
 /// POSTs `body` as JSON (none: an empty body) and returns the answer's JSON, whatever its
 /// status; panics on a transport error or an answer that is not JSON.
 pub async fn post_json(
@@ -279,6 +278,14 @@ pub fn id_of(answer: &serde_json::Value) -> String {
     answer["id"].as_str().unwrap_or_else(|| panic!("no task id in {answer}")).to_owned()
 }
 
+/// GETs `url` and returns the answer's JSON as `T`; panics on a transport error or an answer
+/// that does not parse.
+pub async fn get_json<T: serde::de::DeserializeOwned>(http: &reqwest::Client, url: &str) -> T {
+    let response = http.get(url).send().await.unwrap_or_else(|e| panic!("GET {url}: {e}"));
+    response.json().await.unwrap_or_else(|e| panic!("GET {url}: the answer does not parse: {e}"))
+}
+
+/// The record of `id` from the bucket, if present.
 pub async fn record(topology: &Topology, id: &str) -> Option<claw_proto::TaskRecord> {
     let bytes = topology.tasks_kv.get(id).await.ok()??;
     serde_json::from_slice(&bytes).ok()
@@ -295,26 +302,27 @@ pub fn signal(pid: u32, sig: libc::c_int) {
 /// Generous bound for any single wait in a test; tests normally finish far sooner.
 pub const WAIT: Duration = Duration::from_secs(20);
 
-/// Mimics the gateway's submit without one: admits `spec` into a `queued` record, creates it,
-/// then publishes the spec to its lane and waits for the JetStream ack. Returns the id.
-pub async fn submit_direct(topology: &Topology, spec: serde_json::Value) -> claw_proto::TaskId {
+/// The `queued` record the gateway would make of `spec` under `id`, admitted with the standard
+/// limits and kinds; panics when the spec is not admissible.
+pub fn admit(spec: serde_json::Value, id: &claw_proto::TaskId) -> claw_proto::TaskRecord {
     use claw_proto::kinds::Catalog;
     use claw_proto::spec::{Limits, TaskSpec};
     let spec: TaskSpec = serde_json::from_value(spec).expect("spec");
-    let id = spec.id.clone().unwrap_or_else(claw_proto::TaskId::generate);
-    let record = spec
-        .admit(
-            id.clone(),
-            time::OffsetDateTime::now_utc(),
-            None,
-            &Catalog::builtin(),
-            &Limits::STANDARD,
-        )
-        .expect("admit");
-    let bytes = serde_json::to_vec(&record).unwrap();
-    topology.tasks_kv.create(id.as_str(), bytes.into()).await.expect("create record");
+    let now = time::OffsetDateTime::now_utc();
+    spec.admit(id.clone(), now, None, &Catalog::builtin(), &Limits::STANDARD).expect("admit")
+}
+
+/// Mimics the gateway's submit without one: admits `spec` into a `queued` record, creates it,
+/// then publishes the spec to its lane and waits for the JetStream ack. Returns the id.
+pub async fn submit_direct(topology: &Topology, spec: serde_json::Value) -> claw_proto::TaskId {
+    let id = spec["id"]
+        .as_str()
+        .map(|id| claw_proto::TaskId::parse(id).expect("a valid id"))
+        .unwrap_or_else(claw_proto::TaskId::generate);
+    let record = admit(spec, &id);
+    topology.records.create(&record).await.expect("create record");
     let lane = topology::Lane::new(record.class, record.priority);
-    let body = serde_json::to_vec(&TaskSpec::of_record(&record)).unwrap();
+    let body = serde_json::to_vec(&claw_proto::spec::TaskSpec::of_record(&record)).unwrap();
     topology.js.publish(lane.subject(), body.into()).await.unwrap().await.expect("publish ack");
     id
 }
