@@ -95,9 +95,16 @@ async function click(page, id, verb) {
   await button.click({ timeout: WAIT_MS }); // waits until enabled
 }
 
-async function enabledVerbs(page, id) {
-  return row(page, id).locator('button[data-verb]:not([disabled])')
-    .evaluateAll((bs) => bs.map((b) => b.dataset.verb).sort().join(','));
+/**
+ * Waits until a task's enabled buttons are `verbs` (sorted, comma separated): while a click's
+ * request is in flight the row's buttons are disabled, and its status event can arrive first.
+ */
+function verbsAre(page, id, verbs, timeout) {
+  return until(page, `task ${id}'s enabled buttons to be [${verbs}]`, ([id, verbs]) => {
+    const li = document.querySelector(`li.task[data-task-id="${id}"]`);
+    const on = li ? [...li.querySelectorAll('button[data-verb]:not([disabled])')] : [];
+    return on.map((b) => b.dataset.verb).sort().join(',') === verbs;
+  }, [id, verbs], timeout);
 }
 
 function check(cond, message) {
@@ -168,7 +175,7 @@ async function main() {
     }, quick);
     check(parseFloat(await row(page, quick).locator('.bar-fill').evaluate((e) => e.style.width)) === 100,
       'a succeeded task shows a full bar');
-    check(await enabledVerbs(page, quick) === '', 'no control applies to a succeeded task');
+    await verbsAre(page, quick, ''); // no control applies to a succeeded task
     log(`task ${quick} succeeded with its result shown`);
 
     // A long task: pause, resume, cancel, each reflected live; buttons follow the status.
@@ -185,15 +192,15 @@ async function main() {
     await progressAbove(page, long, before);
     check(await row(page, long).getAttribute('data-status') === 'running', 'a late queued event is ignored');
     log('a late queued event left the running task running');
-    check(await enabledVerbs(page, long) === 'cancel,pause', 'a running task can be paused or cancelled');
+    await verbsAre(page, long, 'cancel,pause'); // a running task can be paused or cancelled
     await click(page, long, 'pause');
     await statusIs(page, long, 'paused');
-    check(await enabledVerbs(page, long) === 'cancel,resume', 'a paused task can be resumed or cancelled');
+    await verbsAre(page, long, 'cancel,resume'); // a paused task can be resumed or cancelled
     await click(page, long, 'resume');
     await statusIs(page, long, 'running');
     await click(page, long, 'cancel');
     await statusIs(page, long, 'cancelled');
-    check(await enabledVerbs(page, long) === 'retry', 'a cancelled task can only be retried');
+    await verbsAre(page, long, 'retry'); // a cancelled task can only be retried
     log(`task ${long} paused, resumed and cancelled from the page`);
 
     // A lane paused and resumed from the lanes panel.
