@@ -9,11 +9,12 @@ export type ConnectOptions = { http: HttpOptions } | { nats: NatsOptions };
 export interface SubmitOptions {
   /**
    * The same key gives the same task (per principal): a repeat returns the first task instead
-   * of creating another. With a key, a submit refused because the system was unreachable or
-   * the queue full is repeated (`retries` times), which is safe exactly because of the key.
+   * of creating another. With a key (or a spec with its own `id`), a submit refused because the
+   * system was unreachable or the queue full is repeated (`retries` times), which is safe
+   * exactly because of the key. The key decides the id (a UUIDv5 of it): give one or the other.
    */
   idempotencyKey?: string | undefined;
-  /** Repeats of a keyed submit after `unavailable` or `queue_full` (default 5). */
+  /** Repeats of a keyed submit, or one with an explicit `id`, after `unavailable` or `queue_full` (default 5). */
   retries?: number | undefined;
   signal?: AbortSignal | undefined;
 }
@@ -50,7 +51,8 @@ export class Claw {
 
   /** Submits a task; resolves once it is durably stored (`queued`). */
   async submit(spec: TaskSpec, options: SubmitOptions = {}): Promise<Submitted> {
-    const retries = options.idempotencyKey ? (options.retries ?? 5) : 0;
+    // A repeat of the same key or id returns the first task: only then is a retry safe.
+    const retries = options.idempotencyKey || spec.id ? (options.retries ?? 5) : 0;
     for (let attempt = 0; ; attempt++) {
       try {
         return await this.transport.submit(spec, options.idempotencyKey);

@@ -1,3 +1,0 @@
-#!/usr/bin/env bash
-# show-mock.sh [fromLine]  - summarise mock LLM requests
-tail -n +${1:-1} /tmp/openclaw-try/state/mock-requests.jsonl | node -e 'const l=require("fs").readFileSync(0,"utf8").trim().split("\n").filter(Boolean);const tx=c=>typeof c==="string"?c:Array.isArray(c)?c.map(p=>p.text??"").join(""):"";for(const x of l){const e=JSON.parse(x);const b=e.body;const ms=b.messages||[];const inj=[...new Set((JSON.stringify(b).match(/INJECT-[A-Za-z0-9_-]+/g)||[]))];console.log(e.t,e.method,e.url,"stream="+b.stream,"nmsg="+ms.length,"roles="+ms.map(m=>m.role).join(","),"ntools="+(b.tools||[]).length,"inject="+inj.join(","),"decision="+JSON.stringify(e.decision))}'
