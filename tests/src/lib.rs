@@ -494,8 +494,8 @@ pub fn python3() -> PathBuf {
 // ---- Per-role NATS users (`nats/accounts/claw.conf`) and a 3-node JetStream cluster. ----
 
 /// The users of `nats/accounts/claw.conf`.
-pub const ROLES: [&str; 7] =
-    ["gateway", "worker", "archiver", "publisher", "operator", "admin", "sys"];
+pub const ROLES: [&str; 8] =
+    ["gateway", "worker", "archiver", "publisher", "operator", "admin", "sys", "openclaw"];
 
 /// The test password of `role`.
 pub fn role_password(role: &str) -> String {
