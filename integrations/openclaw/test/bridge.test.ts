@@ -175,6 +175,24 @@ describe("the bridge, as the shipped openclaw role", () => {
     }
   });
 
+  test("with gateway.url, submits and cancels go through the gateway's HTTP API; the delivery is the same", async () => {
+    const host = new RecordingHost();
+    const bridge = await Bridge.connect(config({ gateway: { url: system.httpUrl } }), host);
+    void bridge.serve();
+    try {
+      const from = { sessionKey: "agent:main:bridge-http", agentId: "main" };
+      const done = await bridge.run(from, { input: { seconds: 0.5 } });
+      const stopped = await bridge.run(from, { input: { seconds: 600 } });
+      await waitFor("the task delivered", 30_000, async () => (await entryOf(bridge, from, done.id))?.state === "delivered");
+      assert.equal(host.deliveriesOf(done.id).length, 1);
+      const [cancelled] = await bridge.cancel(from, stopped.id);
+      assert.equal(cancelled?.cause, "user");
+      await assert.rejects(bridge.run(from, { kind: "no-such-kind", input: {} }), (e: unknown) => e instanceof ToolError && /invalid_request, field kind/.test(e.message));
+    } finally {
+      await bridge.close();
+    }
+  });
+
   test("no permission violations in the server's log", () => {
     assert.deepEqual(system.violations(), []);
   });
