@@ -357,6 +357,40 @@ async fn nats_native_tasks_run_and_garbage_is_dead_lettered_once() {
     worker.stop().await;
 }
 
+/// Issue 12, "forged dead letters": an unparsable message naming another task's id (by its
+/// `Nats-Msg-Id`, as any publisher can once the duplicate window has passed) is dead-lettered
+/// alone. It fails no record it did not create: the named task runs on and succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_invalid_copy_of_a_task_fails_nothing_but_itself() {
+    let nats = Nats::start();
+    let topology = nats.topology(&test_settings()).await;
+    let js = &topology.js;
+    let worker = Worker::start(&topology, "name = \"w-forged\"\nack_deadline_s = 2.0");
+    let lane = "tasks.short.normal";
+    // The victim's own lane message carries another message id, so the forgery below is past
+    // the stream's deduplication as it would be two minutes later.
+    let victim = json!({"id": "victim", "kind": "sleep", "input": {"seconds": 3, "steps": 3}});
+    publish_raw(js, lane, Some("victim-lane-message"), victim.to_string().into_bytes()).await;
+    wait_status(&topology, "victim", Status::Running).await;
+
+    publish_raw(js, lane, Some("victim"), b"\x00forged{".to_vec()).await;
+    let dlq = wait_for("the forgery dead-lettered", WAIT, || async {
+        let m = stream_messages(js, topology::DLQ_STREAM).await;
+        (!m.is_empty()).then_some(m)
+    })
+    .await;
+    assert_eq!(dlq.len(), 1);
+    assert_eq!(dlq[0].payload.as_ref(), b"\x00forged{");
+    assert_eq!(header(&dlq[0], headers::DLQ_REASON), Some("invalid_task"));
+
+    let r = wait_for("the victim finished", WAIT, || async {
+        record(&topology, "victim").await.filter(|r| r.status.is_terminal())
+    })
+    .await;
+    assert_eq!((r.status, r.attempt, r.error), (Status::Succeeded, 1, None), "the victim ran on");
+    worker.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_timed_out_attempt_is_killed_and_fails() {
     let nats = Nats::start();

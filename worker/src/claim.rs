@@ -81,7 +81,8 @@ pub(crate) async fn claim(d: &Delivery, spec: Result<TaskSpec, Invalid>, id_give
 }
 
 /// Dead-letters a message that is not a valid task, with a `failed` record when the
-/// publisher can find it (an id it gave, or a spec that parsed).
+/// publisher can find it (an id it gave, or a spec that parsed) and no record of that id
+/// exists: an invalid message never fails a record it did not create.
 async fn invalid(
     d: &Delivery,
     spec: Option<&TaskSpec>,
@@ -142,16 +143,16 @@ async fn write_invalid_record(d: &Delivery, spec: Option<&TaskSpec>, problem: &s
     }
     let written = match created {
         Ok(_) => Some(record),
-        // A record exists (the gateway made it, or an earlier delivery): fail that one.
-        Err(records::Error::Conflict) => match w.records.read(&d.id).await {
-            Ok(Some(mut existing)) => {
-                let failed = existing.record.fail(error.clone(), Cause::DeadLetter, now()).is_ok();
-                let saved =
-                    failed && w.records.update(&existing.record, existing.revision).await.is_ok();
-                saved.then_some(existing.record)
-            }
-            _ => None,
-        },
+        // A record of this id exists: another task's (perhaps another tenant's), whose id the
+        // message only names, or this message's own from an earlier delivery, already failed.
+        // Either way the invalid message fails nothing it did not create: the copy in the DLQ
+        // is all it leaves.
+        Err(records::Error::Conflict) => {
+            tracing::warn!(
+                "a record with this id exists; the invalid message is dead-lettered alone"
+            );
+            None
+        }
         Err(e) => {
             tracing::warn!(error = %e, "cannot write the failed record of an invalid task");
             None
