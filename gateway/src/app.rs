@@ -12,6 +12,7 @@ use claw_proto::topology::{self, Topology};
 
 use crate::Config;
 use crate::auth::Auth;
+use crate::browser::Hosts;
 use crate::error::Error;
 use crate::sessions::Owners;
 
@@ -33,6 +34,8 @@ pub struct Inner {
     pub sessions: Option<Owners>,
     pub catalog: Catalog,
     pub limits: Limits,
+    /// The names the gateway answers (`browser`), from the bound address and `--allowed-host`.
+    pub hosts: Hosts,
     pub config: Config,
 }
 
@@ -63,6 +66,7 @@ impl App {
             sessions,
             catalog: config.catalog(),
             limits: config.limits(),
+            hosts: Hosts::new(config.bound, &config.allowed_hosts),
             config,
         })))
     }

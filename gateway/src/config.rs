@@ -53,6 +53,16 @@ pub struct Config {
     /// not browsers) are always allowed.
     #[arg(long = "allowed-origin", env = "CLAW_ALLOWED_ORIGINS", value_delimiter = ',')]
     pub allowed_origins: Vec<String>,
+    /// A name the gateway answers besides its bound address (and `localhost` when that is
+    /// loopback), as `host` (any port) or `host:port` (repeatable): the names a reverse proxy or
+    /// users reach it by. Other `Host`s get 403, so a web page whose name was pointed at the
+    /// gateway (DNS rebinding) cannot use it. Bound to `0.0.0.0` without this, any name is
+    /// answered.
+    #[arg(long = "allowed-host", env = "CLAW_ALLOWED_HOSTS", value_delimiter = ',')]
+    pub allowed_hosts: Vec<String>,
+    /// The address the listener is bound to, filled in by [`crate::run`] (the `Host` rule).
+    #[arg(skip)]
+    pub bound: Option<SocketAddr>,
     /// Seconds one WebSocket send may stall before the client is dropped as too slow.
     #[arg(long, env = "CLAW_WS_SEND_TIMEOUT_S", default_value_t = 10.0, value_parser = parse_seconds)]
     pub ws_send_timeout_s: f64,

@@ -48,6 +48,7 @@ pub fn router(app: App) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .merge(authenticated)
+        .layer(middleware::from_fn_with_state(app.clone(), crate::browser::guard))
         .layer(DefaultBodyLimit::max(body_limit))
         // A failed request is logged once, where its error is made (`Error::body`); the trace
         // layer's own ERROR line for every 5xx would say it twice.

@@ -11,6 +11,7 @@
 
 pub mod app;
 pub mod auth;
+pub mod browser;
 pub mod config;
 pub mod control;
 pub mod error;
@@ -42,12 +43,13 @@ const WS_DRAIN: std::time::Duration = std::time::Duration::from_secs(5);
 /// parse.
 pub async fn run(
     topology: Topology,
-    config: Config,
+    mut config: Config,
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
     if let Ok(addr) = listener.local_addr() {
         config.check_exposure(addr)?;
+        config.bound = Some(addr);
     }
     metrics::install();
     let app = App::new(topology, config).await?;

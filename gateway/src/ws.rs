@@ -14,12 +14,11 @@
 //!
 //! Reading order: this file (the upgrade: auth, origin check, parameters, subscription), [`hub`] (one
 //! JetStream feed per watched session, shared by its sockets, and the replay for `since`),
-//! [`socket`] (one connection: a writer loop and a reader loop), [`command`] (client frames),
-//! [`origin`] (the `Origin` rule).
+//! [`socket`] (one connection: a writer loop and a reader loop), [`command`] (client frames).
+//! The `Origin` and `Host` rules are [`crate::browser`]'s.
 
 pub mod command;
 pub mod hub;
-pub mod origin;
 pub mod socket;
 
 use std::collections::HashMap;
@@ -59,7 +58,7 @@ pub async fn upgrade(
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response, Error> {
     let caller = app.auth.caller(&headers, true)?;
-    origin::check(&headers, &app.config.allowed_origins)?;
+    crate::browser::check_origin(&headers, &app)?;
     let Query(params) = query.map_err(|e| invalid(e.body_text()))?;
     let params = Params::parse(params)?;
     crate::sessions::access(&app, &caller, &params.session, crate::sessions::Use::Claim).await?;

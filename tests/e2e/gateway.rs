@@ -259,3 +259,60 @@ async fn a_repeat_of_an_orphaned_keyed_submit_queues_its_task() {
     let _worker = claw_tests::start_worker(&topo, "ack_deadline_s = 2.0");
     claw_tests::wait_status(&topo, &id, claw_proto::Status::Succeeded).await;
 }
+
+/// Issue 12, "browser-facing defaults": without tokens, a page of another site (a cross-site
+/// request, CSRF) or a page whose name was pointed at the gateway (DNS rebinding) cannot use the
+/// gateway; the web UI's own origin and programs (no `Origin`) can, and probes answer any name.
+#[tokio::test]
+async fn pages_of_other_origins_and_rebound_names_are_refused() {
+    let nats = Nats::start();
+    let topo = nats.topology(&test_settings()).await;
+    let gw = Gateway::start(&topo, &["--allowed-host", "claw.internal"]).await;
+    let port = gw.url.rsplit(':').next().unwrap().to_owned();
+    let http = reqwest::Client::new();
+    let spec = json!({"kind": "sleep"}).to_string();
+    let submit = |origin: Option<&str>, host: Option<String>| {
+        let mut request = http
+            .post(gw.url("/v1/tasks"))
+            .header("content-type", "application/json")
+            .body(spec.clone());
+        if let Some(origin) = origin {
+            request = request.header("origin", origin);
+        }
+        if let Some(host) = host {
+            request = request.header("host", host);
+        }
+        request.send()
+    };
+    let refused = |response: reqwest::Response| async move {
+        assert_eq!(response.status(), StatusCode::FORBIDDEN);
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(body["error"]["code"], "forbidden", "{body}");
+    };
+
+    // A cross-site request carries the page's origin: refused, nothing stored.
+    refused(submit(Some("https://evil.example"), None).await.unwrap()).await;
+    refused(submit(Some("null"), None).await.unwrap()).await;
+    assert_eq!(record_count(&topo).await, 0);
+    // DNS rebinding: the page's origin and the Host agree, and are not the gateway's.
+    let rebound = format!("evil.example:{port}");
+    refused(submit(Some(&format!("http://{rebound}")), Some(rebound.clone())).await.unwrap()).await;
+    let read = http.get(gw.url("/v1/tasks")).header("host", &rebound).send().await.unwrap();
+    refused(read).await;
+    let page = http.get(gw.url("/")).header("host", &rebound).send().await.unwrap();
+    refused(page).await;
+    assert_eq!(record_count(&topo).await, 0);
+
+    // The UI's own origin (by address, by localhost, by a listed name), and programs, pass.
+    let own = gw.url.clone();
+    assert_eq!(submit(Some(&own), None).await.unwrap().status(), StatusCode::ACCEPTED);
+    let local = format!("localhost:{port}");
+    let by_name = submit(Some(&format!("http://{local}")), Some(local)).await.unwrap();
+    assert_eq!(by_name.status(), StatusCode::ACCEPTED);
+    let listed = submit(Some("https://claw.internal"), Some("claw.internal".into())).await;
+    assert_eq!(listed.unwrap().status(), StatusCode::ACCEPTED);
+    assert_eq!(submit(None, None).await.unwrap().status(), StatusCode::ACCEPTED);
+    // Probes go by address, whatever name they use.
+    let probe = http.get(gw.url("/readyz")).header("host", &rebound).send().await.unwrap();
+    assert_eq!(probe.status(), StatusCode::OK);
+}

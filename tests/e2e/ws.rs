@@ -299,6 +299,15 @@ async fn origin_is_checked_on_upgrade() {
         other => panic!("a foreign origin connected: {other:?}"),
     }
 
+    // DNS rebinding: a page of a name pointed at the gateway, its origin agreeing with its Host.
+    let port = gw.url.rsplit(':').next().unwrap().to_owned();
+    let mut rebound = with_origin(&format!("http://evil.example:{port}"));
+    rebound.headers_mut().insert("host", format!("evil.example:{port}").parse().unwrap());
+    match tokio_tungstenite::connect_async(rebound).await {
+        Err(tungstenite::Error::Http(response)) => assert_eq!(response.status(), 403),
+        other => panic!("a rebound page connected: {other:?}"),
+    }
+
     // Bad parameters and plain GETs get our error shape, not a socket.
     let http = reqwest::Client::new();
     let response = http.get(gw.url("/v1/ws?session=o&since=x")).send().await.unwrap();
