@@ -131,8 +131,7 @@ async fn answer(request: service::Request, reply: Result<Vec<u8>, Failure>) {
         Ok(body) => (body, HeaderMap::new()),
         Err(failure) => {
             let mut headers = HeaderMap::new();
-            // A header value is one protocol line; the message may quote the caller's input.
-            let line = failure.error.message.replace(['\r', '\n'], " ");
+            let line = claw_proto::topology::headers::one_line(&failure.error.message);
             headers.insert(service::NATS_SERVICE_ERROR, line.as_str());
             headers.insert(service::NATS_SERVICE_ERROR_CODE, failure.status.to_string().as_str());
             let body = serde_json::to_vec(&ErrorBody { error: failure.error })

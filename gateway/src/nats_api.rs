@@ -142,7 +142,9 @@ async fn answer(request: &Request, result: Result<Vec<u8>, Error>) {
         Ok(body) => request.respond(Ok(body.into())).await,
         Err(e) => {
             let mut headers = HeaderMap::new();
-            headers.insert("Nats-Service-Error", e.to_string().as_str());
+            // The message may quote the caller's text; the body keeps it whole.
+            let line = claw_proto::topology::headers::one_line(&e.to_string());
+            headers.insert("Nats-Service-Error", line.as_str());
             headers.insert("Nats-Service-Error-Code", e.status().as_str());
             let body = serde_json::to_vec(&e.body()).unwrap_or_default();
             request.respond_with_headers(Ok(body.into()), headers).await

@@ -75,6 +75,13 @@ pub const ARCHIVE_LIST: &str = "claw.archive.list";
 
 /// Headers the system reads or writes.
 pub mod headers {
+    /// `text` as one header value: a message may quote a caller's input, and a line break would
+    /// end the header (async-nats refuses a value with one by panicking). Control characters
+    /// become spaces.
+    pub fn one_line(text: &str) -> String {
+        text.chars().map(|c| if c.is_control() { ' ' } else { c }).collect()
+    }
+
     /// JetStream's de-duplication id; the gateway sets it to the task id.
     pub const MSG_ID: &str = "Nats-Msg-Id";
     /// Why a message was dead-lettered: a short code (`invalid_task`, `max_attempts`, ...).

@@ -221,6 +221,19 @@ async fn submit_over_nats_request_reply_uses_the_same_path() {
     assert_eq!(headers.get("Nats-Service-Error-Code").unwrap().as_str(), "400");
     let body: Value = serde_json::from_slice(&bad.payload).unwrap();
     assert_eq!(body["error"]["code"], "malformed_json");
+
+    // Issue 12: an error message quoting the caller's text (here an unknown field's name) goes
+    // into a header; line breaks in it must not end the header and start one of the caller's.
+    let forged = r#"{"kind": "sleep", "x\r\nNats-Service-Error-Code: 200\r\nInjected: yes": 1}"#;
+    let bad = client.request("claw.api.submit", forged.into()).await.unwrap();
+    let headers = bad.headers.as_ref().expect("error headers");
+    assert_eq!(headers.get("Injected"), None, "{headers:?}");
+    let codes: Vec<_> = headers.get_all("Nats-Service-Error-Code").map(|v| v.as_str()).collect();
+    assert_eq!(codes, ["422"], "{headers:?}");
+    let message = headers.get("Nats-Service-Error").unwrap().as_str();
+    assert!(!message.contains(['\r', '\n']) && message.contains("Injected: yes"), "{message:?}");
+    let body: Value = serde_json::from_slice(&bad.payload).unwrap();
+    assert_eq!(body["error"]["code"], "invalid_request", "the body keeps the whole message");
 }
 
 /// A keyed submit whose gateway died between the record's create and the lane publish leaves a

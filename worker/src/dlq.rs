@@ -43,7 +43,7 @@ pub async fn publish(
     }
     h.insert(headers::DLQ_REASON, reason);
     // Header values cannot hold line breaks.
-    h.insert(headers::DLQ_MESSAGE, message.replace(['\r', '\n'], " ").as_str());
+    h.insert(headers::DLQ_MESSAGE, headers::one_line(message).as_str());
     h.insert(headers::DLQ_SUBJECT, msg.subject.as_str());
     h.insert(headers::DLQ_DELIVERIES, deliveries.to_string().as_str());
     if let Some(id) = task_id {
