@@ -52,6 +52,20 @@ impl Drop for GroupGuard {
     }
 }
 
+/// The child's process group (its pid, as it leads its own group). Never 0: `killpg(0, ..)`
+/// signals the caller's own group, the worker itself. The pid is gone only if the child was
+/// already reaped, which cannot happen before it is watched; refused, rather than guessed.
+fn group_of(pid: Option<u32>) -> Result<Pid, TaskError> {
+    match pid.and_then(|p| i32::try_from(p).ok()) {
+        Some(p) if p > 0 => Ok(Pid::from_raw(p)),
+        _ => Err(TaskError::new(
+            "spawn_failed",
+            "the program's pid is unknown; not running it",
+            true,
+        )),
+    }
+}
+
 /// Runs `spawn` to completion, or until `ctx` is cancelled (then TERM, `kill_grace`, KILL).
 /// While `ctx` is paused the group is stopped (SIGSTOP), and continued (SIGCONT) on resume.
 /// Progress and output lines go to `ctx`; the result is the `result` line (or null) on exit 0.
@@ -83,7 +97,7 @@ pub async fn run(spawn: Spawn, ctx: &Context, kill_grace: Duration) -> Result<Va
         let message = format!("cannot start {}: {e}", spawn.program.display());
         TaskError::new("spawn_failed", message, false)
     })?;
-    let pgid = Pid::from_raw(child.id().map(|id| id as i32).unwrap_or_default());
+    let pgid = group_of(child.id())?;
     let _guard = GroupGuard(pgid);
 
     if let (Some(mut stdin), Some(bytes)) = (child.stdin.take(), spawn.stdin) {
@@ -347,6 +361,16 @@ async fn read_tail<R: AsyncRead + Unpin>(mut reader: R) -> String {
 mod tests {
     use super::*;
     use tokio_util::sync::CancellationToken;
+
+    /// Issue 12: an unknown pid became group 0, and every signal meant for the task's group
+    /// (the kill on drop among them) would have gone to the worker's own.
+    #[test]
+    fn a_group_is_never_the_workers_own() {
+        assert_eq!(group_of(Some(4242)).unwrap(), Pid::from_raw(4242));
+        for unknown in [None, Some(0), Some(u32::MAX)] {
+            assert_eq!(group_of(unknown).unwrap_err().code, "spawn_failed", "{unknown:?}");
+        }
+    }
 
     #[tokio::test]
     async fn long_lines_are_cut_and_reading_continues() {
