@@ -94,15 +94,16 @@ pub struct Config {
     #[serde(default = "IsolationConfig::standard")]
     pub isolation: IsolationConfig,
     /// The lane consumers' ack deadline: a dead worker's task comes back after this long.
-    /// A float so tests can use a second or two.
+    /// A float so tests can use a second or two. More than 0, at most 86 400.
     #[serde(default = "default_ack_deadline_s")]
     pub ack_deadline_s: f64,
     #[serde(default = "RetryConfig::standard")]
     pub retry: RetryConfig,
-    /// Seconds between SIGTERM and SIGKILL of a task's process group.
+    /// Seconds between SIGTERM and SIGKILL of a task's process group (0 to 3600).
     #[serde(default = "default_kill_grace_s")]
     pub kill_grace_s: f64,
-    /// Seconds in-flight tasks get to finish on shutdown before they are handed back.
+    /// Seconds in-flight tasks get to finish on shutdown before they are handed back (0 to
+    /// 86 400).
     #[serde(default = "default_drain_s")]
     pub drain_s: f64,
     /// The programs the `exec` kind may run, by the name a task gives. Nothing else can run.
@@ -237,10 +238,11 @@ impl Config {
     }
 
     fn check(&self) -> Result<(), Error> {
-        let positive = |v: f64| v.is_finite() && v > 0.0;
-        if !positive(self.sizing.interval_s) {
-            return Err(Error::Config("sizing.interval_s must be a positive number".into()));
-        }
+        // Each becomes a Duration, which a huge number would overflow (a panic at start).
+        seconds("sizing.interval_s", self.sizing.interval_s, false, 3600.0)?;
+        seconds("ack_deadline_s", self.ack_deadline_s, false, 86_400.0)?;
+        seconds("kill_grace_s", self.kill_grace_s, true, 3600.0)?;
+        seconds("drain_s", self.drain_s, true, 86_400.0)?;
         in_range("max_concurrent", self.max_concurrent, 1..=MAX_CONCURRENT_LIMIT)?;
         for class in Class::ALL {
             self.check_pool(class)?;
@@ -273,15 +275,6 @@ impl Config {
             }
         }
         self.check_limits()?;
-        if !positive(self.ack_deadline_s) {
-            return Err(Error::Config("ack_deadline_s must be a positive number".into()));
-        }
-        if !(self.kill_grace_s.is_finite() && self.kill_grace_s >= 0.0) {
-            return Err(Error::Config("kill_grace_s must be 0 or more".into()));
-        }
-        if !(self.drain_s.is_finite() && self.drain_s >= 0.0) {
-            return Err(Error::Config("drain_s must be 0 or more".into()));
-        }
         let r = &self.retry;
         if r.initial_ms == 0 || r.max_ms < r.initial_ms || r.multiplier < 1.0 {
             return Err(Error::Config(
@@ -456,6 +449,16 @@ fn default_name() -> String {
 }
 
 /// `key = value` unless `value` is in `range`: the error names all three.
+/// A number of seconds: finite, above 0 (or 0 itself when `zero_ok`), at most `max`.
+fn seconds(key: &str, value: f64, zero_ok: bool, max: f64) -> Result<(), Error> {
+    let low_ok = if zero_ok { value >= 0.0 } else { value > 0.0 };
+    if value.is_finite() && low_ok && value <= max {
+        return Ok(());
+    }
+    let low = if zero_ok { "0" } else { "more than 0" };
+    Err(Error::Config(format!("{key} = {value} is out of range: allowed {low} to {max} seconds")))
+}
+
 fn in_range<T>(key: &str, value: T, range: RangeInclusive<T>) -> Result<(), Error>
 where
     T: PartialOrd + std::fmt::Display,
@@ -548,6 +551,25 @@ mod tests {
         assert_eq!(c.admission_limits().short_timeout_cap_s, 300);
         assert!(c.programs.is_empty());
         assert!(c.name.ends_with(&std::process::id().to_string()));
+    }
+
+    /// Issue 12: a huge number of seconds overflowed its Duration, a panic at start.
+    #[test]
+    fn seconds_out_of_range_are_refused_not_a_panic() {
+        for (line, key) in [
+            ("ack_deadline_s = 1e300", "ack_deadline_s"),
+            ("ack_deadline_s = 0", "ack_deadline_s"),
+            ("kill_grace_s = 1e20", "kill_grace_s"),
+            ("kill_grace_s = -1", "kill_grace_s"),
+            ("drain_s = 1e300", "drain_s"),
+            ("[sizing]\ninterval_s = 1e300", "sizing.interval_s"),
+        ] {
+            match Config::from_toml_str(line) {
+                Err(Error::Config(m)) => assert!(m.starts_with(&format!("{key} = ")), "{m}"),
+                other => panic!("{line}: {other:?}"),
+            }
+        }
+        assert!(Config::from_toml_str("kill_grace_s = 0\ndrain_s = 0").is_ok());
     }
 
     #[test]
