@@ -36,17 +36,23 @@ pub struct Config {
     /// Extra task kinds a custom worker runs, as NAME=short|long (repeatable).
     #[arg(long = "kind", env = "CLAW_KINDS", value_delimiter = ',', value_parser = parse_kind)]
     pub kinds: Vec<(String, Class)>,
-    /// Per-attempt timeout cap of short tasks, in seconds.
-    #[arg(long, env = "CLAW_SHORT_TIMEOUT_CAP_S", default_value_t = Limits::STANDARD.short_timeout_cap_s)]
+    /// Per-attempt timeout cap of short tasks, in seconds (1 to 300).
+    #[arg(long, env = "CLAW_SHORT_TIMEOUT_CAP_S", default_value_t = Limits::STANDARD.short_timeout_cap_s,
+          value_parser = clap::value_parser!(u64).range(1..=Limits::STANDARD.short_timeout_cap_s))]
     pub short_timeout_cap_s: u64,
-    /// Per-attempt timeout cap of long tasks, in seconds.
-    #[arg(long, env = "CLAW_LONG_TIMEOUT_CAP_S", default_value_t = Limits::STANDARD.long_timeout_cap_s)]
+    /// Per-attempt timeout cap of long tasks, in seconds (1 to 86 400).
+    #[arg(long, env = "CLAW_LONG_TIMEOUT_CAP_S", default_value_t = Limits::STANDARD.long_timeout_cap_s,
+          value_parser = clap::value_parser!(u64).range(1..=Limits::STANDARD.long_timeout_cap_s))]
     pub long_timeout_cap_s: u64,
-    /// Longest absolute deadline from submission, in seconds.
-    #[arg(long, env = "CLAW_MAX_DEADLINE_S", default_value_t = Limits::STANDARD.max_deadline_s)]
+    /// Longest absolute deadline from submission, in seconds (1 to 604 800). Like the timeout
+    /// caps, bounded by the standard plan: the worker refuses larger ones, and a huge one would
+    /// overflow the deadline's time arithmetic.
+    #[arg(long, env = "CLAW_MAX_DEADLINE_S", default_value_t = Limits::STANDARD.max_deadline_s,
+          value_parser = clap::value_parser!(u64).range(1..=Limits::STANDARD.max_deadline_s))]
     pub max_deadline_s: u64,
-    /// Attempts of a task that does not say.
-    #[arg(long, env = "CLAW_DEFAULT_MAX_ATTEMPTS", default_value_t = Limits::STANDARD.default_max_attempts)]
+    /// Attempts of a task that does not say (1 to 20).
+    #[arg(long, env = "CLAW_DEFAULT_MAX_ATTEMPTS", default_value_t = Limits::STANDARD.default_max_attempts,
+          value_parser = clap::value_parser!(u32).range(1..=i64::from(Limits::STANDARD.max_attempts_cap)))]
     pub default_max_attempts: u32,
     /// A browser origin allowed to open `/v1/ws` besides the gateway's own, as
     /// `scheme://host[:port]` (repeatable; `*` allows any). Requests without `Origin` (programs,
@@ -143,5 +149,22 @@ mod tests {
         assert!(tokens.check_exposure(public).is_ok());
         let insecure = Config::from_args(["--insecure-no-auth"]).unwrap();
         assert!(insecure.check_exposure(public).is_ok());
+    }
+
+    /// Issue 12: a huge cap overflowed the deadline arithmetic of the first submit using it.
+    #[test]
+    fn limits_beyond_the_standard_plan_are_refused_at_start() {
+        for (flag, value) in [
+            ("--max-deadline-s", "18446744073709551615"),
+            ("--max-deadline-s", "0"),
+            ("--long-timeout-cap-s", "86401"),
+            ("--short-timeout-cap-s", "301"),
+            ("--default-max-attempts", "21"),
+        ] {
+            let e = Config::from_args([flag, value]).unwrap_err().to_string();
+            assert!(e.contains(flag) && e.contains("not in"), "{flag} {value}: {e}");
+        }
+        let ok = Config::from_args(["--max-deadline-s", "3600", "--default-max-attempts", "20"]);
+        assert_eq!(ok.unwrap().limits().max_deadline_s, 3600);
     }
 }
