@@ -233,10 +233,21 @@ impl TaskSpec {
         })
     }
 
-    /// The normalized spec of an admitted record: what the gateway publishes to the lane.
+    /// The normalized spec of an admitted record: what the gateway publishes to the lane, now.
     /// Everything is explicit so a worker that never sees the record rebuilds the same one.
     pub fn of_record(record: &TaskRecord) -> TaskSpec {
-        let remaining = (record.deadline - record.created_at).whole_seconds().max(1) as u64;
+        TaskSpec::of_record_at(record, OffsetDateTime::now_utc())
+    }
+
+    /// [`TaskSpec::of_record`] for a message published at `now`. Its `deadline_s` counts from
+    /// the message, as a worker rebuilding the record counts it, so the rebuilt deadline is the
+    /// record's. (Counted from `created_at` it outgrew the 7 days once a retry or a resume days
+    /// later had moved the deadline, and the rebuild dead-lettered the task.)
+    pub fn of_record_at(record: &TaskRecord, now: OffsetDateTime) -> TaskSpec {
+        let left = record.deadline - now;
+        // Rounded up: a rebuilt deadline is never earlier than the record's.
+        let remaining =
+            (left.whole_seconds() + i64::from(left.subsec_nanoseconds() > 0)).max(1) as u64;
         TaskSpec {
             id: Some(record.id.clone()),
             kind: record.kind.clone(),
@@ -336,9 +347,31 @@ mod tests {
     fn of_record_rebuilds_the_same_record() {
         let r = admit(json!({"kind": "sleep", "priority": 9, "deadline_s": 100})).unwrap();
         let spec = TaskSpec::of_record(&r);
+        assert_eq!(spec.deadline_s, Some(100), "rounded up, a moment after admission");
+        let spec = TaskSpec::of_record_at(&r, r.created_at);
         let again = spec
             .admit(r.id.clone(), r.created_at, None, &Catalog::builtin(), &Limits::STANDARD)
             .unwrap();
         assert_eq!(again, r);
+    }
+
+    /// Issue 12: a task retried six days after it was created has a deadline a full window
+    /// from the retry. Its lane message must still be a valid spec that rebuilds that deadline
+    /// (counted from `created_at` its `deadline_s` was 13 days, refused, dead-lettered).
+    #[test]
+    fn a_retried_tasks_message_rebuilds_its_moved_deadline() {
+        let mut r = admit(json!({"kind": "sleep"})).unwrap();
+        let created = r.created_at - time::Duration::days(6);
+        r.deadline = created + (r.deadline - r.created_at);
+        r.created_at = created;
+        r.status = Status::Failed;
+        let now = OffsetDateTime::now_utc();
+        r.requeue(now).unwrap();
+        let published = now + time::Duration::seconds(2);
+        let spec = TaskSpec::of_record_at(&r, published);
+        let rebuilt =
+            spec.admit(r.id.clone(), published, None, &Catalog::builtin(), &Limits::STANDARD);
+        let rebuilt = rebuilt.expect("the message is a valid spec");
+        assert!((rebuilt.deadline - r.deadline).abs() < time::Duration::seconds(1));
     }
 }
