@@ -61,8 +61,9 @@ pub async fn upgrade(
     crate::browser::check_origin(&headers, &app)?;
     let Query(params) = query.map_err(|e| invalid(e.body_text()))?;
     let params = Params::parse(params)?;
-    crate::sessions::access(&app, &caller, &params.session, crate::sessions::Use::Claim).await?;
+    // Before the claim: a request that is no upgrade must not take a session it never watches.
     let ws = ws.map_err(|e| invalid(format!("expected a WebSocket upgrade: {}", e.body_text())))?;
+    crate::sessions::access(&app, &caller, &params.session, crate::sessions::Use::Claim).await?;
     let Some(Extension(hub)) = hub else {
         return Err(Error::Unavailable("this router serves no WebSocket hub".into()));
     };

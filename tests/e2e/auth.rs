@@ -338,6 +338,14 @@ async fn websockets_need_a_token_and_the_sessions_owner() {
     // The admin watches any session.
     let request = ws_request(&s.gw, "alice-ws", &[bearer(OPS)]);
     tokio_tungstenite::connect_async(request).await.expect("the admin watches alice's session");
+
+    // Issue 12: a plain GET (no upgrade) is refused before it claims anything, so bob's GET of
+    // a fresh session leaves it to alice.
+    let http = reqwest::Client::new();
+    let plain = http.get(s.gw.url("/v1/ws?session=fresh-ws")).bearer_auth(BOB).send().await;
+    assert_eq!(plain.unwrap().status(), 422);
+    let request = ws_request(&s.gw, "fresh-ws", &[bearer(ALICE)]);
+    tokio_tungstenite::connect_async(request).await.expect("the session is still free for alice");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
