@@ -10,7 +10,7 @@
 //! (`Nats-Service-Error`, `Nats-Service-Error-Code` = the HTTP status) so `nats req` shows them.
 
 use async_nats::HeaderMap;
-use async_nats::service::{Request, ServiceExt};
+use async_nats::service::{self, Request, ServiceExt};
 use claw_proto::api::{GetRequest, LaneRequest, Lanes, Verb};
 use claw_proto::spec::Invalid;
 use claw_proto::topology::{self, Lane};
@@ -144,8 +144,8 @@ async fn answer(request: &Request, result: Result<Vec<u8>, Error>) {
             let mut headers = HeaderMap::new();
             // The message may quote the caller's text; the body keeps it whole.
             let line = claw_proto::topology::headers::one_line(&e.to_string());
-            headers.insert("Nats-Service-Error", line.as_str());
-            headers.insert("Nats-Service-Error-Code", e.status().as_str());
+            headers.insert(service::NATS_SERVICE_ERROR, line.as_str());
+            headers.insert(service::NATS_SERVICE_ERROR_CODE, e.status().as_str());
             let body = serde_json::to_vec(&e.body()).unwrap_or_default();
             request.respond_with_headers(Ok(body.into()), headers).await
         }
