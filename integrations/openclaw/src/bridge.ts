@@ -216,14 +216,18 @@ export class Bridge {
     this.#following.set(key, stop);
     const signal = AbortSignal.any([stop.signal, this.#stop.signal]);
     this.#followTask(key, signal)
-      .catch((e) => {
-        if (!signal.aborted) this.#host.log("warn", `following ${key}: ${String(e)}`);
-      })
-      .finally(() => {
-        if (this.#following.get(key) === stop) this.#following.delete(key);
-        // Still unsettled (an error above): the next watch pass or the retry below picks it up.
-        if (!signal.aborted) setTimeout(() => void this.#retry(key), 2_000).unref();
-      });
+      .then(
+        () => {
+          if (this.#following.get(key) === stop) this.#following.delete(key);
+        },
+        (e) => {
+          if (this.#following.get(key) === stop) this.#following.delete(key);
+          if (signal.aborted) return;
+          // Still unsettled (OpenClaw starting, NATS away): followed again shortly.
+          this.#host.log("warn", `following ${key}: ${String(e)}`);
+          setTimeout(() => void this.#retry(key), 2_000).unref();
+        },
+      );
   }
 
   async #retry(key: string): Promise<void> {

@@ -1,7 +1,7 @@
 // What the agent reads: the tools' answers, progress notes, and the message that brings a task's
 // end to its session. Each delivery carries a marker with the task id, by which a gateway that
 // restarted mid-delivery finds out whether the message already reached the session.
-import type { TaskRecord } from "@openclaw-claw/client";
+import { isTerminal, type TaskRecord } from "@openclaw-claw/client";
 import type { Entry } from "./outbox.js";
 
 export function deliveryMarker(task: string): string {
@@ -61,7 +61,7 @@ export function statusLine(entry: Entry, record: TaskRecord | undefined, maxChar
   if (!record) return `${entry.task} ${name(entry)}: not found in the task system (${entry.state})`;
   const parts = [`${record.id} ${name(entry)}: ${record.status}`];
   const pct = percent(record);
-  if (pct && !["succeeded", "failed", "cancelled"].includes(record.status)) parts.push(pct);
+  if (pct && !isTerminal(record.status)) parts.push(pct);
   if (record.progress?.message) parts.push(record.progress.message);
   if (record.attempt > 1) parts.push(`attempt ${record.attempt}`);
   if (record.cause) parts.push(`cause ${record.cause}`);
