@@ -173,7 +173,12 @@ async fn start_claw(
 const NOOP: &str = r#"{"kind":"sleep","input":{"seconds":0}}"#;
 
 async fn submit(client: &reqwest::Client, url: &str) -> anyhow::Result<()> {
-    let r = client.post(format!("{url}/v1/tasks")).body(NOOP).send().await?;
+    let r = client
+        .post(format!("{url}/v1/tasks"))
+        .header("content-type", "application/json")
+        .body(NOOP)
+        .send()
+        .await?;
     if r.status() != reqwest::StatusCode::ACCEPTED {
         bail!("submit answered {}: {}", r.status(), r.text().await.unwrap_or_default());
     }
@@ -364,7 +369,12 @@ async fn cancel_queued(args: &Args) -> anyhow::Result<()> {
         bail!("pausing the lane answered {}", r.status());
     }
     let submit_one = || async {
-        let r = http.post(format!("{}/v1/tasks", system.url)).body(NOOP).send().await?;
+        let r = http
+            .post(format!("{}/v1/tasks", system.url))
+            .header("content-type", "application/json")
+            .body(NOOP)
+            .send()
+            .await?;
         let v: serde_json::Value = r.json().await?;
         v["id"].as_str().map(str::to_owned).context("no id in the submit answer")
     };

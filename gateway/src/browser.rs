@@ -1,5 +1,5 @@
 //! What keeps web pages out. A browser lets any page send requests to `127.0.0.1:8080`, and
-//! without API tokens the gateway cannot tell the user's page from another site's. Two rules:
+//! without API tokens the gateway cannot tell the user's page from another site's. Three rules:
 //!
 //! - **Host** (against DNS rebinding: a page of `evil.example` whose name then resolves to the
 //!   gateway reads and writes as if same-origin): the gateway answers only the names it is
@@ -10,6 +10,11 @@
 //!   but GET and HEAD) and a WebSocket upgrade from a page must come from the gateway's own origin
 //!   (an `Origin` whose host is one of the names above, not merely the request's `Host`) or one
 //!   listed with `--allowed-origin`. Requests without `Origin` are programs, and pass.
+//! - **Content-Type** (against the requests a page may send cross-site without asking first: a
+//!   form or a `text/plain` fetch, which older browsers and some extensions send without an
+//!   `Origin`): a request that changes something and carries a body, or names its type, must be
+//!   `application/json` (415 otherwise). A body of JSON is a request that browsers only send
+//!   cross-site after a CORS preflight, which the gateway never grants.
 //!
 //! `/healthz` and `/readyz` answer any `Host` (probes use addresses), and say nothing.
 
@@ -90,6 +95,7 @@ pub async fn guard(
         }
         if !matches!(*request.method(), Method::GET | Method::HEAD) {
             check_origin(request.headers(), &app)?;
+            check_content_type(request.headers())?;
         }
     }
     Ok(next.run(request).await)
@@ -102,6 +108,37 @@ fn host_of(headers: &HeaderMap, uri: &axum::http::Uri) -> String {
         .map(str::to_owned)
         .or_else(|| uri.authority().map(|a| a.to_string()))
         .unwrap_or_default()
+}
+
+/// Refuses a request that changes something with a body that is not said to be JSON (415).
+/// Without a body and without a `Content-Type` (`curl -X POST .../cancel`) it passes.
+pub fn check_content_type(headers: &HeaderMap) -> Result<(), Error> {
+    let declared = match headers.get(header::CONTENT_TYPE) {
+        Some(value) => value.to_str().unwrap_or("?"),
+        None => {
+            let empty = headers
+                .get(header::CONTENT_LENGTH)
+                .is_some_and(|n| n.to_str().is_ok_and(|n| n.trim() == "0"));
+            if empty || !headers.contains_key(header::CONTENT_LENGTH) && !chunked(headers) {
+                return Ok(());
+            }
+            ""
+        }
+    };
+    let essence = declared.split(';').next().unwrap_or("").trim();
+    if essence.eq_ignore_ascii_case("application/json") {
+        return Ok(());
+    }
+    let named =
+        if declared.is_empty() { "no Content-Type".to_owned() } else { format!("{declared:?}") };
+    Err(Error::UnsupportedMediaType(format!(
+        "a request body must be JSON with `Content-Type: application/json`, not {named} (with \
+         curl: -H 'content-type: application/json')"
+    )))
+}
+
+fn chunked(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::TRANSFER_ENCODING)
 }
 
 /// Refuses a request from a page of a foreign origin with 403.
@@ -192,6 +229,35 @@ mod tests {
         assert!(origin_allowed("https://APP.example", "127.0.0.1:8080", &hosts, &listed));
         assert!(!origin_allowed("http://app.example", "127.0.0.1:8080", &hosts, &listed));
         assert!(origin_allowed("http://anything", "127.0.0.1:8080", &hosts, &["*".to_owned()]));
+    }
+
+    #[test]
+    fn a_body_must_be_said_to_be_json() {
+        let headers = |pairs: &[(&'static str, &'static str)]| {
+            let mut h = HeaderMap::new();
+            for (name, value) in pairs {
+                h.insert(*name, value.parse().unwrap());
+            }
+            h
+        };
+        let passes = |pairs: &[(&'static str, &'static str)]| check_content_type(&headers(pairs));
+        assert!(passes(&[("content-type", "application/json")]).is_ok());
+        assert!(passes(&[("content-type", "Application/JSON; charset=utf-8")]).is_ok());
+        assert!(passes(&[]).is_ok(), "no body, no type: a control verb");
+        assert!(passes(&[("content-length", "0")]).is_ok());
+        for refused in [
+            &[("content-type", "text/plain"), ("content-length", "20")][..],
+            &[("content-type", "application/x-www-form-urlencoded"), ("content-length", "0")],
+            &[("content-type", "multipart/form-data; boundary=x")],
+            &[("content-type", "application/jsonx")],
+            &[("content-length", "20")],
+            &[("transfer-encoding", "chunked")],
+        ] {
+            let Err(Error::UnsupportedMediaType(message)) = passes(refused) else {
+                panic!("{refused:?} passed");
+            };
+            assert!(message.contains("application/json"), "{message}");
+        }
     }
 
     #[test]

@@ -29,6 +29,10 @@ pub enum Error {
     /// The verb does not apply to the task's current state (409, with that state).
     #[error("{message}")]
     Conflict { message: String, status: claw_proto::Status },
+    /// A body that is not said to be JSON (a form, `text/plain`): what a page of another site
+    /// may send without a CORS preflight.
+    #[error("{0}")]
+    UnsupportedMediaType(String),
     #[error("request body exceeds {0} bytes")]
     TooLarge(usize),
     /// The task's record (the spec with what admission adds) would not fit in the bucket.
@@ -110,6 +114,7 @@ impl Error {
                 StatusCode::PAYLOAD_TOO_LARGE
             }
             Error::Gone(_) => StatusCode::GONE,
+            Error::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Error::QueueFull { .. } => StatusCode::TOO_MANY_REQUESTS,
             Error::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Error::Config(_) | Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -128,6 +133,7 @@ impl Error {
                 "payload_too_large"
             }
             Error::Gone(_) => "gone",
+            Error::UnsupportedMediaType(_) => "unsupported_media_type",
             Error::QueueFull { .. } => "queue_full",
             Error::Unavailable(_) => "unavailable",
             Error::Config(_) | Error::Internal(_) => "internal",
@@ -207,6 +213,7 @@ mod tests {
             Error::RecordTooLarge { bytes: 0, max: 0 },
             Error::PayloadTooLarge { bytes: 0, max: 0 },
             Error::Gone(s()),
+            Error::UnsupportedMediaType(s()),
             Error::QueueFull { retry_after_s: 1 },
             Error::Unavailable(s()),
             Error::Config(s()),

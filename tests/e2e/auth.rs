@@ -71,7 +71,7 @@ async fn call(
         request = request.bearer_auth(token);
     }
     if let Some(body) = body {
-        request = request.body(body.to_string());
+        request = request.header("content-type", "application/json").body(body.to_string());
     }
     let response = request.send().await.unwrap();
     let status = response.status();
@@ -196,6 +196,7 @@ async fn tokens_gate_the_api_and_a_principal_sees_only_its_own_tasks() {
                 .post(url)
                 .bearer_auth(token)
                 .header("Idempotency-Key", "order-42")
+                .header("content-type", "application/json")
                 .body(
                     json!({"kind": "sleep", "session": session, "input": {"seconds": 0.1}})
                         .to_string(),

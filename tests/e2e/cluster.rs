@@ -73,7 +73,13 @@ async fn tasks_survive_a_sigkilled_stream_leader() {
                 let body = json!({"kind": "sleep", "session": format!("load-{n}"),
                                   "input": {"seconds": 0.05, "echo": i}});
                 let started = Instant::now();
-                let result = match http.post(&url).body(body.to_string()).send().await {
+                let result = match http
+                    .post(&url)
+                    .header("content-type", "application/json")
+                    .body(body.to_string())
+                    .send()
+                    .await
+                {
                     Ok(r) => {
                         let status = r.status();
                         r.json::<Value>().await.map(|v| (status, v)).map_err(|e| e.to_string())

@@ -20,7 +20,12 @@ struct Api {
 
 impl Api {
     async fn submit(&self, spec: Value) -> String {
-        let response = self.http.post(self.gw.url("/v1/tasks")).body(spec.to_string()).send();
+        let response = self
+            .http
+            .post(self.gw.url("/v1/tasks"))
+            .header("content-type", "application/json")
+            .body(spec.to_string())
+            .send();
         let record: Value = response.await.unwrap().json().await.unwrap();
         record["id"].as_str().unwrap_or_else(|| panic!("submit refused: {record}")).to_owned()
     }

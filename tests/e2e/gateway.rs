@@ -89,6 +89,7 @@ async fn accepted_task_is_stored_queued_with_its_lane() {
     let response = reqwest::Client::new()
         .post(gw.url("/v1/tasks"))
         .header("traceparent", trace)
+        .header("content-type", "application/json")
         .body(json!({"kind": "sleep", "input": {"seconds": 1}, "priority": 9}).to_string())
         .send()
         .await
@@ -126,6 +127,7 @@ async fn idempotency_key_returns_the_same_task() {
         client
             .post(gw.url("/v1/tasks"))
             .header("idempotency-key", "order-42")
+            .header("content-type", "application/json")
             .body(json!({"kind": "sleep"}).to_string())
             .send()
     };
@@ -151,6 +153,7 @@ async fn full_queue_gets_429_and_leaves_nothing_behind() {
     }
     let response = reqwest::Client::new()
         .post(gw.url("/v1/tasks"))
+        .header("content-type", "application/json")
         .body(json!({"kind": "sleep"}).to_string())
         .send()
         .await
@@ -256,6 +259,7 @@ async fn a_repeat_of_an_orphaned_keyed_submit_queues_its_task() {
         let response = reqwest::Client::new()
             .post(gw.url("/v1/tasks"))
             .header("Idempotency-Key", "orphan-1")
+            .header("content-type", "application/json")
             .body(spec.to_string())
             .send()
             .await
@@ -328,4 +332,52 @@ async fn pages_of_other_origins_and_rebound_names_are_refused() {
     // Probes go by address, whatever name they use.
     let probe = http.get(gw.url("/readyz")).header("host", &rebound).send().await.unwrap();
     assert_eq!(probe.status(), StatusCode::OK);
+}
+
+/// What a page of another site may send without a CORS preflight (a form, `text/plain`) is
+/// refused with 415 before anything is read, whatever its `Origin` says; JSON passes.
+#[tokio::test]
+async fn bodies_a_page_may_send_without_a_preflight_are_refused() {
+    let nats = Nats::start();
+    let topo = nats.topology(&test_settings()).await;
+    let gw = Gateway::start(&topo, &[]).await;
+    let http = reqwest::Client::new();
+    let spec = json!({"kind": "sleep"}).to_string();
+    let send = |path: &str, content_type: Option<&str>, body: Option<&str>| {
+        let mut request = http.post(gw.url(path));
+        if let Some(content_type) = content_type {
+            request = request.header("content-type", content_type);
+        }
+        if let Some(body) = body {
+            request = request.body(body.to_owned());
+        }
+        request.send()
+    };
+    let refused = |response: reqwest::Response| async move {
+        assert_eq!(response.status(), StatusCode::UNSUPPORTED_MEDIA_TYPE);
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(body["error"]["code"], "unsupported_media_type", "{body}");
+        assert!(body["error"]["message"].as_str().unwrap().contains("application/json"), "{body}");
+    };
+    refused(send("/v1/tasks", Some("text/plain"), Some(&spec)).await.unwrap()).await;
+    refused(
+        send("/v1/tasks", Some("application/x-www-form-urlencoded"), Some(&spec)).await.unwrap(),
+    )
+    .await;
+    refused(send("/v1/tasks", None, Some(&spec)).await.unwrap()).await;
+    assert_eq!(record_count(&topo).await, 0);
+
+    let json_type = Some("application/json; charset=utf-8");
+    let accepted = send("/v1/tasks", json_type, Some(&spec)).await.unwrap();
+    assert_eq!(accepted.status(), StatusCode::ACCEPTED);
+    let id = accepted.json::<Value>().await.unwrap()["id"].as_str().unwrap().to_owned();
+    // A form that cancels: refused, the task still queued. Without a body a verb needs no type.
+    let cancel = format!("/v1/tasks/{id}/cancel");
+    let form = Some("application/x-www-form-urlencoded");
+    refused(send(&cancel, form, Some("")).await.unwrap()).await;
+    let record: Value =
+        http.get(gw.url(&format!("/v1/tasks/{id}"))).send().await.unwrap().json().await.unwrap();
+    assert_eq!(record["status"], "queued", "{record}");
+    let cancelled = send(&cancel, None, None).await.unwrap();
+    assert_eq!(cancelled.status(), StatusCode::OK);
 }

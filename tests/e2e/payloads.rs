@@ -21,6 +21,7 @@ fn echo_spec(bytes: usize) -> Value {
 async fn submit(gw: &Gateway, spec: &Value) -> (StatusCode, Value) {
     let response = reqwest::Client::new()
         .post(gw.url("/v1/tasks"))
+        .header("content-type", "application/json")
         .body(spec.to_string())
         .send()
         .await

@@ -160,6 +160,7 @@ async fn each_role_can_do_its_job_and_nothing_else() {
     // A task over HTTP goes end to end: queue, worker, record, events, archive, history.
     let response = http
         .post(gw.url("/v1/tasks"))
+        .header("content-type", "application/json")
         .body(json!({"kind": "sleep", "session": "s1", "input": {"seconds": 0.1}}).to_string())
         .send()
         .await

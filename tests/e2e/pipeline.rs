@@ -80,7 +80,10 @@ async fn archiver_down_while_500_tasks_complete_catches_up_exactly_once() {
         let submits = (0..50).map(|i| {
             let body = json!({"kind": "sleep", "session": "batch",
                 "input": {"echo": chunk * 50 + i}});
-            http.post(gw.url("/v1/tasks")).body(body.to_string()).send()
+            http.post(gw.url("/v1/tasks"))
+                .header("content-type", "application/json")
+                .body(body.to_string())
+                .send()
         });
         for response in futures::future::join_all(submits).await {
             let record: Value = response.unwrap().json().await.unwrap();

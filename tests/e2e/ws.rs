@@ -107,7 +107,10 @@ async fn consumers_on_progress(js: &async_nats::jetstream::Context) -> usize {
 }
 
 async fn submit(base: &str, spec: Value) -> String {
-    let response = reqwest::Client::new().post(format!("{base}/v1/tasks")).body(spec.to_string());
+    let response = reqwest::Client::new()
+        .post(format!("{base}/v1/tasks"))
+        .header("content-type", "application/json")
+        .body(spec.to_string());
     let record: Value = response.send().await.unwrap().json().await.unwrap();
     record["id"].as_str().unwrap_or_else(|| panic!("submit refused: {record}")).to_owned()
 }

@@ -267,7 +267,7 @@ pub async fn post_json(
 ) -> serde_json::Value {
     let mut request = http.post(url);
     if let Some(body) = body {
-        request = request.body(body.to_string());
+        request = request.header("content-type", "application/json").body(body.to_string());
     }
     let response = request.send().await.unwrap_or_else(|e| panic!("POST {url}: {e}"));
     response.json().await.unwrap_or_else(|e| panic!("POST {url}: the answer is not JSON: {e}"))
