@@ -126,6 +126,10 @@ pub struct WatchArgs {
     /// Follow every task of this session instead (needs --nats-url), until Ctrl-C.
     #[arg(long)]
     pub session: Option<String>,
+    /// The gateway principal whose session it is (each principal's sessions are its own);
+    /// without it, the session of tasks without an owner (NATS-native ones).
+    #[arg(long, requires = "session")]
+    pub owner: Option<String>,
     #[command(flatten)]
     pub client: ClientArgs,
 }
@@ -205,7 +209,7 @@ async fn execute(command: Command) -> Result<u8, Error> {
         Command::Watch(a) => match (&a.id, &a.session) {
             (Some(id), _) => Ok(exit_code(watch::task(&client, id, json).await?)),
             (None, Some(session)) => {
-                watch::session(&client, session, json).await?;
+                watch::session(&client, a.owner.as_deref(), session, json).await?;
                 Ok(EXIT_OK)
             }
             (None, None) => Err(Error::Usage("watch needs a task id or --session".into())),

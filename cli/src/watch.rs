@@ -73,8 +73,14 @@ pub async fn task(client: &Client, id: &str, json: bool) -> Result<Watched, Erro
     }
 }
 
-/// Prints every event of a session's tasks, one line each, until Ctrl-C. NATS only.
-pub async fn session(client: &Client, session: &str, json: bool) -> Result<(), Error> {
+/// Prints every event of a session's tasks (of `owner`'s namespace, or of the tasks without an
+/// owner), one line each, until Ctrl-C. NATS only.
+pub async fn session(
+    client: &Client,
+    owner: Option<&str>,
+    session: &str,
+    json: bool,
+) -> Result<(), Error> {
     let Client::Nats(nats) = client else {
         return Err(Error::Usage(
             "watching a session needs --nats-url: over HTTP claw can only poll one task \
@@ -85,7 +91,11 @@ pub async fn session(client: &Client, session: &str, json: bool) -> Result<(), E
     let session =
         Session::parse(session).map_err(|e| Error::Usage(format!("--session {session:?}: {e}")))?;
     let js = connect::jetstream(nats.client.clone());
-    let mut messages = ordered(&js, topology::progress_session_filter(&session)).await?;
+    if let Some(owner) = owner {
+        Session::parse(owner).map_err(|e| Error::Usage(format!("--owner {owner:?}: {e}")))?;
+    }
+    let scope = topology::SessionScope::new(owner, session);
+    let mut messages = ordered(&js, scope.filter()).await?;
     let interrupted = tokio::signal::ctrl_c();
     tokio::pin!(interrupted);
     loop {
@@ -140,8 +150,7 @@ async fn follow(
     if record.status.is_terminal() {
         return Ok((value, record));
     }
-    let subject = topology::progress_subject(&record.session, &record.id);
-    let mut messages = ordered(&js, subject).await?;
+    let mut messages = ordered(&js, record.progress_subject()).await?;
     let mut recheck = tokio::time::interval(QUIET / 2);
     let mut last_event = Instant::now();
     let mut status = record.status;

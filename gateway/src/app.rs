@@ -8,13 +8,12 @@ use claw_proto::kinds::Catalog;
 use claw_proto::payloads::Payloads;
 use claw_proto::records::Records;
 use claw_proto::spec::Limits;
-use claw_proto::topology::{self, Topology};
+use claw_proto::topology::Topology;
 
 use crate::Config;
 use crate::auth::Auth;
 use crate::browser::Hosts;
 use crate::error::Error;
-use crate::sessions::Owners;
 
 #[derive(Clone, Debug)]
 pub struct App(Arc<Inner>);
@@ -29,9 +28,6 @@ pub struct Inner {
     pub payloads: Payloads,
     /// API tokens, or none (every caller anonymous).
     pub auth: Auth,
-    /// Session owners (the `sessions` bucket and its cache): only with tokens, as nobody
-    /// owns a session without them.
-    pub sessions: Option<Owners>,
     pub catalog: Catalog,
     pub limits: Limits,
     /// The names the gateway answers (`browser`), from the bound address and `--allowed-host`.
@@ -49,21 +45,12 @@ impl std::ops::Deref for App {
 impl App {
     pub async fn new(topology: Topology, config: Config) -> Result<App, Error> {
         let auth = Auth::load(config.tokens.as_deref())?;
-        let sessions = if auth.is_on() {
-            let kv = topology.js.get_key_value(topology::SESSIONS_BUCKET).await.map_err(|e| {
-                Error::Unavailable(format!("bucket {}: {e}", topology::SESSIONS_BUCKET))
-            })?;
-            Some(Owners::new(kv))
-        } else {
-            None
-        };
         Ok(App(Arc::new(Inner {
             client: topology.js.client(),
             js: topology.js,
             records: topology.records,
             payloads: topology.payloads.with_max_bytes(config.payload_max_bytes),
             auth,
-            sessions,
             catalog: config.catalog(),
             limits: config.limits(),
             hosts: Hosts::new(config.bound, &config.allowed_hosts),

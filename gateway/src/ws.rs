@@ -9,8 +9,11 @@
 //!
 //! The upgrade needs an API token when the gateway has them: `Authorization: Bearer` from
 //! programs, or, from browsers (which cannot set headers on a WebSocket), the subprotocol
-//! `claw.bearer.<token>` offered next to `claw.v1`; only `claw.v1` is echoed back. The session
-//! must be the caller's (a first watch claims it), else the upgrade is a 404.
+//! `claw.bearer.<token>` offered next to `claw.v1`; only `claw.v1` is echoed back. A session
+//! is always the caller's own: each principal's sessions are a namespace of their own
+//! ([`SessionScope`]), so there is nothing to claim and no other party's events to replay. An
+//! admin (or anyone, without tokens) may watch another namespace with `owner=<principal>`, or
+//! `owner=~` for the tasks without an owner.
 //!
 //! Reading order: this file (the upgrade: auth, origin check, parameters, subscription), [`hub`] (one
 //! JetStream feed per watched session, shared by its sockets, and the replay for `since`),
@@ -32,8 +35,10 @@ use axum::http::HeaderMap;
 use axum::response::Response;
 use claw_proto::spec::Invalid;
 use claw_proto::task::Session;
+use claw_proto::topology::SessionScope;
 
 use crate::app::App;
+use crate::auth::Caller;
 use crate::error::Error;
 
 pub use hub::Hub;
@@ -47,8 +52,8 @@ const READ_BUFFER: usize = 4 * 1024;
 /// `op`, `ref`, `idempotency_key`).
 const COMMAND_ENVELOPE: usize = 4 * 1024;
 
-/// `GET /v1/ws?session=S[&since=SEQ]`: checks the token (401), `Origin` (403) and the session's
-/// owner (404), subscribes to the session's feed (so a NATS failure is a 503 before the upgrade,
+/// `GET /v1/ws?session=S[&since=SEQ][&owner=P]`: checks the token (401), `Origin` (403) and the
+/// namespace (404 for another principal's), subscribes to the session's feed (so a NATS failure is a 503 before the upgrade,
 /// not a socket that closes at once) and hands the connection to [`socket::serve`].
 pub async fn upgrade(
     State(app): State<App>,
@@ -61,16 +66,15 @@ pub async fn upgrade(
     crate::browser::check_origin(&headers, &app)?;
     let Query(params) = query.map_err(|e| invalid(e.body_text()))?;
     let params = Params::parse(params)?;
-    // Before the claim: a request that is no upgrade must not take a session it never watches.
     let ws = ws.map_err(|e| invalid(format!("expected a WebSocket upgrade: {}", e.body_text())))?;
-    crate::sessions::access(&app, &caller, &params.session, crate::sessions::Use::Claim).await?;
+    let session = params.scope(&caller)?;
     let Some(Extension(hub)) = hub else {
         return Err(Error::Unavailable("this router serves no WebSocket hub".into()));
     };
-    let subscription = hub.subscribe(&params.session).await?;
+    let subscription = hub.subscribe(&session).await?;
     // Read after subscribing, so it is at least the feed's hand-over point (see `socket`).
     let stream_last = hub.stream_last_sequence().await?;
-    let start = socket::Start { session: params.session, caller, since: params.since, stream_last };
+    let start = socket::Start { session, caller, since: params.since, stream_last };
     let settings = hub.settings();
     let max_message = app.config.body_limit + COMMAND_ENVELOPE;
     let ws = ws
@@ -100,12 +104,17 @@ fn invalid(message: String) -> Error {
 struct Params {
     session: Session,
     since: Option<u64>,
+    /// Another namespace than the caller's: `Some(None)` is `owner=~`, the tasks without one.
+    owner: Option<Option<String>>,
 }
+
+/// What `owner=` names for the tasks without an owner.
+const NO_OWNER: &str = "~";
 
 impl Params {
     /// `session` defaults to `default`, like a submitted task's; empty values count as absent.
     fn parse(params: HashMap<String, String>) -> Result<Params, Error> {
-        let mut parsed = Params { session: Session::default(), since: None };
+        let mut parsed = Params { session: Session::default(), since: None, owner: None };
         for (key, value) in params {
             if value.is_empty() {
                 continue;
@@ -120,6 +129,12 @@ impl Params {
                         Invalid::field("since", "must be a stream sequence (an integer ≥ 0)")
                     })?)
                 }
+                "owner" if value == NO_OWNER => parsed.owner = Some(None),
+                "owner" => {
+                    // Principal names are session-like tokens (the tokens file checks them).
+                    Session::parse(&value).map_err(|e| Invalid::field("owner", e.to_string()))?;
+                    parsed.owner = Some(Some(value));
+                }
                 other => {
                     return Err(
                         Invalid::field(other, format!("unknown parameter {other:?}")).into()
@@ -128,6 +143,18 @@ impl Params {
             }
         }
         Ok(parsed)
+    }
+
+    /// The namespace watched: the caller's own, or (for a caller who sees everything) the one
+    /// `owner` names. Naming another principal's is 404, like a session that does not exist.
+    fn scope(&self, caller: &Caller) -> Result<SessionScope, Error> {
+        let own = caller.owner();
+        let owner = match &self.owner {
+            None => own,
+            Some(asked) if caller.sees_all() || asked.as_deref() == own => asked.as_deref(),
+            Some(_) => return Err(Error::NotFound(format!("no session {}", self.session))),
+        };
+        Ok(SessionScope::new(owner, self.session.clone()))
     }
 }
 
@@ -150,15 +177,47 @@ mod tests {
 
     #[test]
     fn parameters() {
+        let chat = Session::parse("chat-1").unwrap();
         let p = params(&[("session", "chat-1"), ("since", "42")]).unwrap();
-        assert_eq!(p, Params { session: Session::parse("chat-1").unwrap(), since: Some(42) });
+        assert_eq!(p, Params { session: chat.clone(), since: Some(42), owner: None });
         let p = params(&[("since", "")]).unwrap();
-        assert_eq!(p, Params { session: Session::default(), since: None });
-        for (k, v) in [("since", "-1"), ("since", "x"), ("session", "a.b"), ("colour", "red")] {
+        assert_eq!(p, Params { session: Session::default(), since: None, owner: None });
+        let p = params(&[("owner", "~")]).unwrap();
+        assert_eq!(p.owner, Some(None));
+        let p = params(&[("owner", "alice")]).unwrap();
+        assert_eq!(p.owner, Some(Some("alice".into())));
+        for (k, v) in [
+            ("since", "-1"),
+            ("since", "x"),
+            ("session", "a.b"),
+            ("colour", "red"),
+            ("owner", "a.b"),
+            ("owner", "*"),
+        ] {
             match params(&[(k, v)]) {
                 Err(Error::Invalid(i)) => assert_eq!(i.field.as_deref(), Some(k)),
                 other => panic!("{k}={v}: {other:?}"),
             }
         }
+    }
+
+    #[test]
+    fn a_socket_watches_its_callers_namespace_unless_an_admin_names_another() {
+        use crate::auth::Principal;
+        use std::sync::Arc;
+        let principal =
+            |name: &str, admin| Caller::Principal(Arc::new(Principal { name: name.into(), admin }));
+        let (alice, root) = (principal("alice", false), principal("root", true));
+        let scope = |caller: &Caller, pairs: &[(&str, &str)]| {
+            params(pairs).unwrap().scope(caller).map(|s| s.filter())
+        };
+        assert_eq!(scope(&alice, &[]).unwrap(), "progress.alice.default.*");
+        assert_eq!(scope(&alice, &[("owner", "alice")]).unwrap(), "progress.alice.default.*");
+        assert!(matches!(scope(&alice, &[("owner", "bob")]), Err(Error::NotFound(_))));
+        assert!(matches!(scope(&alice, &[("owner", "~")]), Err(Error::NotFound(_))));
+        assert_eq!(scope(&root, &[("session", "s")]).unwrap(), "progress.root.s.*");
+        assert_eq!(scope(&root, &[("owner", "bob")]).unwrap(), "progress.bob.default.*");
+        assert_eq!(scope(&root, &[("owner", "~")]).unwrap(), "progress.default.*");
+        assert_eq!(scope(&Caller::Anonymous, &[]).unwrap(), "progress.default.*");
     }
 }

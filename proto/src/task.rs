@@ -568,9 +568,14 @@ impl TaskRecord {
         Ok(())
     }
 
-    /// The subject this task's events go to: `progress.<session>.<id>`.
+    /// The session as its events are addressed: its owner's namespace.
+    pub fn scope(&self) -> crate::topology::SessionScope {
+        crate::topology::SessionScope::new(self.owner.as_deref(), self.session.clone())
+    }
+
+    /// The subject this task's events go to: `progress.[<owner>.]<session>.<id>`.
     pub fn progress_subject(&self) -> String {
-        crate::topology::progress_subject(&self.session, &self.id)
+        self.scope().subject(&self.id)
     }
 }
 

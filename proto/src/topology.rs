@@ -22,10 +22,6 @@ pub const DLQ_STREAM: &str = "DLQ";
 /// The KV bucket of task records, and the stream behind it.
 pub const TASKS_BUCKET: &str = "tasks";
 pub const TASKS_KV_STREAM: &str = "KV_tasks";
-/// The KV bucket of session owners (key = session, value = the gateway principal that first
-/// used it), and the stream behind it. Only a gateway with API tokens writes it.
-pub const SESSIONS_BUCKET: &str = "sessions";
-pub const SESSIONS_KV_STREAM: &str = "KV_sessions";
 /// The object store bucket of large task inputs and results (`claw_proto::payloads`), and the
 /// stream behind it.
 pub const PAYLOADS_BUCKET: &str = "payloads";
@@ -162,14 +158,61 @@ pub fn class_subjects(class: Class) -> String {
 /// The KV subject of a record, `$KV.tasks.<id>`; the archiver reads ids back from it.
 pub const KV_SUBJECT_PREFIX: &str = "$KV.tasks.";
 
-/// `progress.<session>.<task_id>`.
-pub fn progress_subject(session: &Session, id: &TaskId) -> String {
-    format!("progress.{session}.{id}")
+/// A session as its events are addressed. Each principal's sessions are a namespace of its
+/// own (alice's `default` is not bob's): their events go to `progress.<owner>.<session>.<id>`.
+/// Tasks without an owner (NATS-native publishers, a gateway without API tokens) share the
+/// namespace `progress.<session>.<id>`. A subscription to one never matches the other, because
+/// `*` matches exactly one token: `progress.alice.*` is the unowned session `alice`, not a
+/// session of alice's.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct SessionScope {
+    owner: Option<String>,
+    session: Session,
 }
 
-/// Every event of one session: `progress.<session>.*`.
-pub fn progress_session_filter(session: &Session) -> String {
-    format!("progress.{session}.*")
+impl SessionScope {
+    pub fn new(owner: Option<&str>, session: Session) -> SessionScope {
+        SessionScope { owner: owner.map(str::to_owned), session }
+    }
+
+    pub fn owner(&self) -> Option<&str> {
+        self.owner.as_deref()
+    }
+
+    pub fn session(&self) -> &Session {
+        &self.session
+    }
+
+    /// The subject of one task's events.
+    pub fn subject(&self, id: &TaskId) -> String {
+        format!("{}.{id}", self.prefix())
+    }
+
+    /// Every event of the session: `progress.[<owner>.]<session>.*`.
+    pub fn filter(&self) -> String {
+        format!("{}.*", self.prefix())
+    }
+
+    fn prefix(&self) -> String {
+        match &self.owner {
+            None => format!("progress.{}", self.session),
+            // Principal names are tokens (the tokens file is checked); an owner that is not one
+            // (a record written by hand) goes to a namespace no session filter names.
+            Some(owner) if Session::parse(owner).is_ok() => {
+                format!("progress.{owner}.{}", self.session)
+            }
+            Some(_) => format!("progress.~.{}", self.session),
+        }
+    }
+}
+
+impl std::fmt::Display for SessionScope {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.owner {
+            None => write!(f, "{}", self.session),
+            Some(owner) => write!(f, "{owner}/{}", self.session),
+        }
+    }
 }
 
 /// The gateway's request/reply subject for a verb: `claw.api.<verb>`.
@@ -258,12 +301,11 @@ macro_rules! def {
     };
 }
 
-const STREAMS: [Definition; 6] = [
+const STREAMS: [Definition; 5] = [
     def!("streams/TASKS.json"),
     def!("streams/PROGRESS.json"),
     def!("streams/DLQ.json"),
     def!("streams/KV_tasks.json"),
-    def!("streams/KV_sessions.json"),
     def!("streams/OBJ_payloads.json"),
 ];
 

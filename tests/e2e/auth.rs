@@ -162,10 +162,10 @@ async fn tokens_gate_the_api_and_a_principal_sees_only_its_own_tasks() {
     }
     assert_eq!(get(&s, &task, ALICE).await.0, StatusCode::OK);
     assert_eq!(get(&s, &task, OPS).await.0, StatusCode::OK);
-    // bob cannot use, list or take over alice's session.
+    // Sessions are per principal: bob's "alice-s" is a session of his own, not alice's.
     let into_alices = json!({"kind": "sleep", "session": "alice-s", "input": {"seconds": 0.1}});
-    assert_not_found(post(&s, "/v1/tasks", BOB, Some(into_alices)).await);
-    assert_not_found(get(&s, "/v1/tasks?session=alice-s", BOB).await);
+    let bobs_alice_s = submit(&s, BOB, into_alices).await;
+    assert_eq!(bobs_alice_s["owner"], "bob", "{bobs_alice_s}");
     // The owner filter is the caller's, never the query's.
     assert_eq!(get(&s, "/v1/tasks?owner=bob", ALICE).await.0, StatusCode::UNPROCESSABLE_ENTITY);
 
@@ -178,6 +178,7 @@ async fn tokens_gate_the_api_and_a_principal_sees_only_its_own_tasks() {
     assert!(listed(&s, "", ALICE).await.contains(&id));
     assert!(listed(&s, "", OPS).await.contains(&id));
     assert!(!listed(&s, "", BOB).await.contains(&id));
+    assert!(!listed(&s, "session=alice-s", BOB).await.contains(&id));
 
     // Control: bob's cancel is a 404 and changes nothing; alice's goes through.
     let long = json!({"kind": "sleep", "session": "alice-s", "input": {"seconds": 30}});
@@ -240,19 +241,16 @@ async fn tokens_gate_the_api_and_a_principal_sees_only_its_own_tasks() {
     );
     assert_eq!(post(&s, "/v1/lanes/long/low/pause", OPS, None).await.0, StatusCode::OK);
     assert_eq!(post(&s, "/v1/lanes/long/low/resume", OPS, None).await.0, StatusCode::OK);
-
-    // The session's owner is in NATS, where every gateway finds it.
-    let sessions = js.get_key_value(topology::SESSIONS_BUCKET).await.unwrap();
-    assert_eq!(sessions.get("alice-s").await.unwrap().as_deref(), Some(&b"alice"[..]));
 }
 
-/// `ws://.../v1/ws?session=S` with the given extra headers.
+/// `ws://.../v1/ws?<query>` (`session=S`, `session=S&owner=P&since=0`) with the given extra
+/// headers.
 fn ws_request(
     gw: &Gateway,
-    session: &str,
+    query: &str,
     headers: &[(&'static str, String)],
 ) -> tungstenite::handshake::client::Request {
-    let url = format!("{}/v1/ws?session={session}", gw.url.replacen("http://", "ws://", 1));
+    let url = format!("{}/v1/ws?{query}", gw.url.replacen("http://", "ws://", 1));
     let mut request = url.into_client_request().unwrap();
     for (name, value) in headers {
         request.headers_mut().insert(*name, value.parse().unwrap());
@@ -260,15 +258,23 @@ fn ws_request(
     request
 }
 
+type Socket =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
 /// Reads frames until one satisfies `wanted`, within [`WAIT`].
-async fn frame_where(
-    socket: &mut tokio_tungstenite::WebSocketStream<
-        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
-    >,
+async fn frame_where(socket: &mut Socket, what: &str, wanted: impl Fn(&Value) -> bool) -> Value {
+    frames_until(socket, what, wanted).await.pop().expect("the wanted frame")
+}
+
+/// Every frame up to and including the first that satisfies `wanted`, within [`WAIT`]. Frames
+/// come in stream order, so this holds every event stored before that one.
+async fn frames_until(
+    socket: &mut Socket,
     what: &str,
     wanted: impl Fn(&Value) -> bool,
-) -> Value {
+) -> Vec<Value> {
     let deadline = tokio::time::Instant::now() + WAIT;
+    let mut frames = Vec::new();
     loop {
         let frame = tokio::time::timeout_at(deadline, socket.next())
             .await
@@ -277,8 +283,10 @@ async fn frame_where(
             .expect("socket failed");
         if let Message::Text(text) = frame {
             let frame: Value = serde_json::from_str(text.as_str()).expect("JSON frame");
-            if wanted(&frame) {
-                return frame;
+            let done = wanted(&frame);
+            frames.push(frame);
+            if done {
+                return frames;
             }
         }
     }
@@ -297,25 +305,27 @@ async fn refused(request: tungstenite::handshake::client::Request, status: u16, 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn websockets_need_a_token_and_the_sessions_owner() {
+async fn websockets_need_a_token_and_watch_only_the_callers_sessions() {
     let s = stack().await;
     let subprotocol =
         |token: &str| ("sec-websocket-protocol", format!("claw.v1, claw.bearer.{token}"));
     let bearer = |token: &str| ("authorization", format!("Bearer {token}"));
 
-    refused(ws_request(&s.gw, "alice-ws", &[]), 401, "unauthorized").await;
+    refused(ws_request(&s.gw, "session=alice-ws", &[]), 401, "unauthorized").await;
     let wrong = subprotocol("claw_nobody-0123456789abcdef");
-    refused(ws_request(&s.gw, "alice-ws", &[wrong]), 401, "unauthorized").await;
+    refused(ws_request(&s.gw, "session=alice-ws", &[wrong]), 401, "unauthorized").await;
 
     // alice watches her session with the token in the subprotocol, as the browser does; only
     // the non-secret protocol comes back.
-    let request = ws_request(&s.gw, "alice-ws", &[subprotocol(ALICE)]);
+    let request = ws_request(&s.gw, "session=alice-ws", &[subprotocol(ALICE)]);
     let (mut socket, response) = tokio_tungstenite::connect_async(request).await.unwrap();
     assert_eq!(response.headers()["sec-websocket-protocol"], "claw.v1");
 
-    // bob may not watch it, with either way of giving his token.
-    refused(ws_request(&s.gw, "alice-ws", &[bearer(BOB)]), 404, "not_found").await;
-    refused(ws_request(&s.gw, "alice-ws", &[subprotocol(BOB)]), 404, "not_found").await;
+    // bob may not name her namespace, with either way of giving his token.
+    let alices = "session=alice-ws&owner=alice";
+    refused(ws_request(&s.gw, alices, &[bearer(BOB)]), 404, "not_found").await;
+    refused(ws_request(&s.gw, alices, &[subprotocol(BOB)]), 404, "not_found").await;
+    refused(ws_request(&s.gw, "session=alice-ws&owner=~", &[bearer(BOB)]), 404, "not_found").await;
 
     // alice's live events arrive.
     let spec = json!({"kind": "sleep", "session": "alice-ws", "input": {"seconds": 0.1}});
@@ -336,17 +346,85 @@ async fn websockets_need_a_token_and_the_sessions_owner() {
         (Some(false), Some("not_found"))
     );
 
-    // The admin watches any session.
-    let request = ws_request(&s.gw, "alice-ws", &[bearer(OPS)]);
-    tokio_tungstenite::connect_async(request).await.expect("the admin watches alice's session");
+    // The admin watches any principal's session by naming its owner: alice's past events too.
+    let request = ws_request(&s.gw, "session=alice-ws&owner=alice&since=0", &[bearer(OPS)]);
+    let (mut admins, _) = tokio_tungstenite::connect_async(request).await.unwrap();
+    frame_where(&mut admins, "alice's task on the admin's socket", |f| {
+        f["task_id"] == id.as_str() && f["data"]["status"] == "succeeded"
+    })
+    .await;
 
-    // Issue 12: a plain GET (no upgrade) is refused before it claims anything, so bob's GET of
-    // a fresh session leaves it to alice.
+    // A plain GET (no upgrade) is refused.
     let http = reqwest::Client::new();
     let plain = http.get(s.gw.url("/v1/ws?session=fresh-ws")).bearer_auth(BOB).send().await;
     assert_eq!(plain.unwrap().status(), 422);
-    let request = ws_request(&s.gw, "fresh-ws", &[bearer(ALICE)]);
-    tokio_tungstenite::connect_async(request).await.expect("the session is still free for alice");
+}
+
+/// Issue 12, sessions: a session is a namespace of its principal's. Before, a session used by
+/// an admin or a NATS publisher was unclaimed, so the first principal to watch it with
+/// `since=0` claimed it and replayed the others' events; and `default` belonged to whoever used
+/// it first, so every other principal's default submit and socket was a 404.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_are_namespaces_of_their_principal() {
+    let s = stack().await;
+    let bearer = |token: &str| ("authorization", format!("Bearer {token}"));
+
+    // Someone else's past in the session "shared": an admin's task and a NATS-native one.
+    let spec = json!({"kind": "sleep", "session": "shared", "input": {"seconds": 0.1}});
+    let admins = submit(&s, OPS, spec.clone()).await["id"].as_str().unwrap().to_owned();
+    let js = s.nats.jetstream().await;
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Nats-Msg-Id", "native-shared");
+    js.publish_with_headers("tasks.short.normal", headers, spec.to_string().into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    wait_status(&s, &admins, OPS, "succeeded").await;
+    wait_status(&s, "native-shared", OPS, "succeeded").await;
+
+    // alice's replay of "shared" from the start holds only her own task's events.
+    let request = ws_request(&s.gw, "session=shared&since=0", &[bearer(ALICE)]);
+    let (mut socket, _) = tokio_tungstenite::connect_async(request).await.unwrap();
+    let hers = submit(&s, ALICE, spec.clone()).await["id"].as_str().unwrap().to_owned();
+    // The others' events are older than hers: had she any, they would come first.
+    let others = frames_until(&mut socket, "alice's own task", |f| {
+        f["task_id"] == hers.as_str() && f["data"]["status"] == "succeeded"
+    })
+    .await;
+    let theirs = |f: &&Value| f["task_id"] == admins.as_str() || f["task_id"] == "native-shared";
+    assert!(others.iter().find(theirs).is_none(), "alice saw another party's event: {others:?}");
+
+    // Everyone's `default` is their own: bob's default submit and socket work beside alice's.
+    let quick = json!({"kind": "sleep", "input": {"seconds": 0.1}});
+    let alices_default = submit(&s, ALICE, quick.clone()).await;
+    wait_status(&s, alices_default["id"].as_str().unwrap(), ALICE, "succeeded").await;
+    let bobs_default = submit(&s, BOB, quick).await;
+    assert_eq!(
+        (alices_default["session"].as_str(), bobs_default["session"].as_str()),
+        (Some("default"), Some("default"))
+    );
+    let bobs = bobs_default["id"].as_str().unwrap();
+    let alices = alices_default["id"].as_str().unwrap();
+    let request = ws_request(&s.gw, "since=0", &[bearer(BOB)]);
+    let (mut socket, _) = tokio_tungstenite::connect_async(request).await.expect("bob's default");
+    // alice's task finished before bob's began: her events would come first.
+    let seen = frames_until(&mut socket, "bob's default task", |f| {
+        f["task_id"] == bobs && f["data"]["status"] == "succeeded"
+    })
+    .await;
+    assert!(seen.iter().all(|f| f["task_id"] != alices), "bob saw alice's default: {seen:?}");
+
+    // The admin reaches the unowned namespace (NATS-native tasks) with `owner=~`.
+    let request = ws_request(&s.gw, "session=shared&owner=~&since=0", &[bearer(OPS)]);
+    let (mut socket, _) = tokio_tungstenite::connect_async(request).await.unwrap();
+    frame_where(&mut socket, "the native task's past", |f| f["task_id"] == "native-shared").await;
+
+    // Events are addressed by namespace on NATS too: alice's are under `progress.alice.`.
+    let stored = js.get_stream(topology::PROGRESS_STREAM).await.unwrap();
+    let last =
+        stored.get_last_raw_message_by_subject(&format!("progress.alice.shared.{hers}")).await;
+    assert!(last.is_ok(), "alice's events are on progress.alice.shared.{hers}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -230,8 +230,8 @@ async fn each_role_can_do_its_job_and_nothing_else() {
     publisher.refused_publish("$JS.API.STREAM.DELETE.TASKS").await;
     publisher.refused_publish("$JS.API.STREAM.PURGE.TASKS").await;
     publisher.refused_publish("$KV.tasks.pub-task-1").await;
-    publisher.refused_publish("$KV.sessions.s1").await;
     publisher.refused_publish("progress.s1.forged").await;
+    publisher.refused_publish("progress.alice.s1.forged").await;
     publisher.refused_publish("$JS.API.CONSUMER.MSG.NEXT.TASKS.short-normal").await;
     publisher.refused_publish("$JS.API.CONSUMER.CREATE.TASKS.steal.tasks.short.normal").await;
     publisher.refused_publish("claw.api.cancel").await;
@@ -290,7 +290,6 @@ async fn each_role_can_do_its_job_and_nothing_else() {
     archiver.refused_publish("$JS.API.STREAM.PURGE.KV_tasks").await;
     archiver.refused_publish("$JS.API.STREAM.MSG.DELETE.TASKS").await;
     archiver.refused_publish("$JS.API.CONSUMER.MSG.NEXT.TASKS.short-high").await;
-    archiver.refused_publish("$KV.sessions.x").await;
     archiver.refused_publish("dlq.short.normal").await;
     archiver.refused_publish("claw.control.x").await;
     archiver.refused_publish("claw.api.cancel").await;
@@ -298,11 +297,9 @@ async fn each_role_can_do_its_job_and_nothing_else() {
     archiver.refused_subscribe("tasks.*.*").await;
 
     let gateway = Probe::connect(&nats, "gateway").await;
-    // A gateway with API tokens claims sessions in the `sessions` bucket, create-if-absent.
-    let sessions = gateway.js().get_key_value("sessions").await.expect("the sessions bucket");
-    sessions.create("perm-session", "alice".into()).await.expect("claim a session");
-    let owner = sessions.get("perm-session").await.expect("read a session's owner");
-    assert_eq!(owner.as_deref(), Some(&b"alice"[..]));
+    // A principal's events are stored under its namespace, `progress.<owner>.<session>.<id>`.
+    let ack = gateway.js().publish("progress.alice.perm-session.t1", "{}".into()).await;
+    ack.expect("publish a principal's event").await.expect("PROGRESS stores it");
     gateway.clean();
     gateway.refused_publish("$JS.API.STREAM.DELETE.TASKS").await;
     gateway.refused_publish("$JS.API.STREAM.PURGE.KV_tasks").await;
@@ -312,7 +309,7 @@ async fn each_role_can_do_its_job_and_nothing_else() {
     gateway.refused_subscribe("tasks.*.*").await;
 
     // Nothing was destroyed: every stream is still there.
-    for stream in ["TASKS", "PROGRESS", "DLQ", "KV_tasks", "KV_sessions"] {
+    for stream in ["TASKS", "PROGRESS", "DLQ", "KV_tasks"] {
         op_js.get_stream(stream).await.unwrap_or_else(|e| panic!("stream {stream}: {e}"));
     }
 }

@@ -2,7 +2,8 @@
 //! gateway, and the short-lived replay behind `since`.
 //!
 //! Interest decides what a gateway receives: the first socket of a session starts a [`Feed`]
-//! (an ordered pull consumer on `PROGRESS` filtered to `progress.<session>.*`), the last one to
+//! (an ordered pull consumer on `PROGRESS` filtered to the session's subjects,
+//! `progress.[<owner>.]<session>.*`: each principal's sessions are its own), the last one to
 //! leave stops it and deletes the consumer. So gateways run side by side and each receives only
 //! the sessions its clients watch. An ordered consumer rather than a core subscription, because
 //! every message it delivers carries its stream sequence (the resume position of `since`) and
@@ -27,8 +28,7 @@ use async_nats::jetstream::consumer::DeliverPolicy;
 use async_nats::jetstream::consumer::pull::{Ordered, OrderedConfig};
 use async_nats::jetstream::{self, Message};
 use axum::extract::ws::Utf8Bytes;
-use claw_proto::task::Session;
-use claw_proto::topology;
+use claw_proto::topology::{self, SessionScope};
 use futures::StreamExt;
 use serde_json::{Map, Value};
 use tokio::sync::{OnceCell, broadcast};
@@ -95,7 +95,7 @@ pub struct Hub(Arc<Inner>);
 #[derive(Debug)]
 struct Inner {
     js: jetstream::Context,
-    feeds: Mutex<HashMap<Session, Entry>>,
+    feeds: Mutex<HashMap<SessionScope, Entry>>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
     settings: Settings,
@@ -151,7 +151,7 @@ impl Hub {
     }
 
     /// Joins the session's feed, starting it for the first client.
-    pub async fn subscribe(&self, session: &Session) -> Result<Subscription, Error> {
+    pub async fn subscribe(&self, session: &SessionScope) -> Result<Subscription, Error> {
         let claim = {
             let mut feeds = lock(&self.0.feeds);
             let entry = feeds.entry(session.clone()).or_insert_with(|| Entry::new(session, self));
@@ -179,7 +179,12 @@ impl Hub {
 
     /// The stored events of `session` with `after < seq <= upto`, through a short-lived ordered
     /// consumer (one round trip per batch, not per message).
-    pub async fn replay(&self, session: &Session, after: u64, upto: u64) -> Result<Replay, Error> {
+    pub async fn replay(
+        &self,
+        session: &SessionScope,
+        after: u64,
+        upto: u64,
+    ) -> Result<Replay, Error> {
         let (messages, consumer, pending) = self.ordered(session, after + 1).await?;
         Ok(Replay { messages, upto, done: pending == 0 || after >= upto, _consumer: consumer })
     }
@@ -187,13 +192,13 @@ impl Hub {
     /// An ordered consumer on the session's events from `start`, and how many it has pending.
     async fn ordered(
         &self,
-        session: &Session,
+        session: &SessionScope,
         start: u64,
     ) -> Result<(Ordered, ConsumerGuard, u64), Error> {
         let name = format!("ws_{}", uuid::Uuid::new_v4().simple());
         let config = OrderedConfig {
             name: Some(name.clone()),
-            filter_subject: topology::progress_session_filter(session),
+            filter_subject: session.filter(),
             deliver_policy: DeliverPolicy::ByStartSequence { start_sequence: start.max(1) },
             max_batch: PULL_BATCH,
             ..Default::default()
@@ -230,7 +235,7 @@ impl Hub {
 }
 
 impl Entry {
-    fn new(session: &Session, hub: &Hub) -> Entry {
+    fn new(session: &SessionScope, hub: &Hub) -> Entry {
         let (tx, _) = broadcast::channel(FEED_CAPACITY);
         let feed = Feed {
             session: session.clone(),
@@ -267,7 +272,7 @@ impl Drop for Claim {
 
 #[derive(Debug)]
 struct Feed {
-    session: Session,
+    session: SessionScope,
     state: Mutex<FeedState>,
     started: OnceCell<()>,
     stop: CancellationToken,

@@ -15,6 +15,7 @@ use std::time::Duration;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, close_code};
 use bytes::Bytes;
 use claw_proto::task::Session;
+use claw_proto::topology::SessionScope;
 use futures::stream::{SplitSink, SplitStream};
 use futures::{SinkExt, StreamExt};
 use serde_json::json;
@@ -36,7 +37,8 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 /// What the upgrade decided: the socket's session and where its events start.
 #[derive(Debug)]
 pub struct Start {
-    pub session: Session,
+    /// The session watched, in its owner's namespace.
+    pub session: SessionScope,
     /// Who opened the socket: its commands run on that principal's behalf.
     pub caller: Caller,
     pub since: Option<u64>,
@@ -74,7 +76,7 @@ pub async fn serve(
         let settings = hub.settings();
         let (sink, stream) = socket.split();
         let (replies_tx, replies_rx) = mpsc::channel(REPLY_QUEUE);
-        let session = start.session.clone();
+        let session = start.session.session().clone();
         let caller = start.caller.clone();
         let writer = Writer { sink, settings, cursor: 0 };
         let mut writer =
@@ -154,7 +156,8 @@ impl Writer {
         mut replies: mpsc::Receiver<Utf8Bytes>,
     ) -> Result<Infallible, End> {
         let shutdown = hub.shutdown();
-        let hello = json!({"type": "hello", "session": start.session, "seq": start.stream_last});
+        let hello =
+            json!({"type": "hello", "session": start.session.session(), "seq": start.stream_last});
         self.send(Message::Text(hello.to_string().into())).await?;
         // A `since` beyond the stream's end (a stream re-created since) means "from now".
         self.cursor = start.since.map_or(start.stream_last, |s| s.min(start.stream_last));

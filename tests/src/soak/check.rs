@@ -716,9 +716,13 @@ async fn scan_progress(js: &jetstream::Context) -> Vec<StoredEvent> {
 
 fn parse_event(seq: u64, subject: &str, payload: &[u8]) -> Option<StoredEvent> {
     let v: Value = serde_json::from_slice(payload).ok()?;
-    // `progress.<session>.<task_id>`: the subject is what a session's feed filters on.
-    let mut parts = subject.splitn(3, '.');
-    let (_, session, task_id) = (parts.next()?, parts.next()?, parts.next()?);
+    // `progress.[<owner>.]<session>.<task_id>`: the subject is what a session's feed filters on
+    // (the soak's gateway has no tokens, so its tasks have no owner).
+    let parts: Vec<&str> = subject.split('.').collect();
+    let (session, task_id) = match parts[..] {
+        ["progress", session, task_id] | ["progress", _, session, task_id] => (session, task_id),
+        _ => return None,
+    };
     let status = (v["type"] == "status")
         .then(|| {
             let status = v["data"]["status"].as_str()?.to_owned();
