@@ -42,8 +42,8 @@ pub struct Submitted {
 /// Longest accepted `Idempotency-Key`.
 pub const MAX_IDEMPOTENCY_KEY: usize = 255;
 
-/// Submits a task on behalf of `caller`, who becomes its `owner` and must be allowed into its
-/// session (which a first use claims).
+/// Submits a task on behalf of `caller`, who becomes its `owner` (its session is one of the
+/// caller's own).
 pub async fn submit(
     app: &App,
     caller: &Caller,
@@ -86,7 +86,14 @@ async fn submit_inner(
             None => TaskId::derived("idempotency-key", key),
             Some(owner) => TaskId::derived(&format!("idempotency-key/{owner}"), key),
         },
-        (None, Some(id)) => id.clone(),
+        (None, Some(id)) => {
+            if caller.owner().is_some() && is_key_derived(id) {
+                let message = "may not be a UUID of version 5: those name the tasks of \
+                               Idempotency-Keys (send the key instead, or another id)";
+                return Err(Invalid::field("id", message).into());
+            }
+            id.clone()
+        }
         (None, None) => TaskId::generate(),
     };
     if spec.input_ref.is_some() {
@@ -133,6 +140,13 @@ async fn submit_inner(
         _ => {}
     }
     submitted
+}
+
+/// Whether `id` has the form of an id derived from an idempotency key (a UUID of version 5).
+/// Derived ids are predictable, so a principal who could give one explicitly could take the id
+/// of another principal's key before its first use and make that principal's submits 422.
+fn is_key_derived(id: &TaskId) -> bool {
+    uuid::Uuid::parse_str(id.as_str()).is_ok_and(|u| u.get_version_num() == 5)
 }
 
 /// Removes the stored input of a task whose submit was refused.

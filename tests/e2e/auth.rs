@@ -511,6 +511,42 @@ async fn the_gateway_refuses_a_public_address_without_tokens() {
     assert!(stderr.contains("bad-tokens.toml") && stderr.contains("at least 16"), "{stderr}");
 }
 
+/// Issue 12: ids derived from an idempotency key are predictable (a UUIDv5 of the principal and
+/// the key), so before, alice could submit with bob's future id as her explicit `id`, and every
+/// submit of bob's with that key was a 422 "taken". A principal's explicit id may not be a
+/// UUIDv5; any other id is still hers to choose.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_explicit_id_cannot_take_another_principals_key() {
+    let s = stack().await;
+    let bobs_future = claw_proto::TaskId::derived("idempotency-key/bob", "order-7");
+    let squat = json!({"kind": "sleep", "id": bobs_future.as_str()});
+    let (status, body) = post(&s, "/v1/tasks", ALICE, Some(squat)).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    assert_eq!(body["error"]["field"], "id", "{body}");
+
+    let response = reqwest::Client::new()
+        .post(s.gw.url("/v1/tasks"))
+        .bearer_auth(BOB)
+        .header("content-type", "application/json")
+        .header("Idempotency-Key", "order-7")
+        .body(json!({"kind": "sleep"}).to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::ACCEPTED);
+    let record: Value = response.json().await.unwrap();
+    assert_eq!(
+        (record["id"].as_str(), record["owner"].as_str()),
+        (Some(bobs_future.as_str()), Some("bob"))
+    );
+
+    // Other explicit ids (a UUIDv4 or v7, a name) are the caller's to choose, as before.
+    let own = json!({"kind": "sleep", "id": uuid::Uuid::new_v4().to_string()});
+    assert_eq!(post(&s, "/v1/tasks", ALICE, Some(own)).await.0, StatusCode::ACCEPTED);
+    let named = json!({"kind": "sleep", "id": "alice-job-1"});
+    assert_eq!(post(&s, "/v1/tasks", ALICE, Some(named)).await.0, StatusCode::ACCEPTED);
+}
+
 /// The race of a fast worker with a submit: the worker finds no record yet and builds one from
 /// the lane message, which does not say who submitted the task. The gateway writes the owner
 /// into that record (keeping the worker's state), or creates the record when there is none.
