@@ -9,9 +9,10 @@
 // also re-reads the records of the unfinished tasks it shows, so a row is never left stale.
 //
 // With API tokens (the gateway's --tokens), the first 401 shows a sign-in form; the token is
-// kept in localStorage and sent as `Authorization: Bearer` on every fetch and as the WebSocket
-// subprotocol `claw.bearer.<token>` next to `claw.v1` (browsers cannot set headers on a
-// WebSocket). "Sign out" forgets it. A gateway without tokens never answers 401, so the page
+// kept in localStorage and sent as `Authorization: Bearer` on every fetch. A WebSocket cannot
+// carry headers, so each (re)connect first asks `POST /v1/ws-ticket` for a single-use ticket
+// and opens `/v1/ws?...&ticket=T`: the URL a proxy logs holds nothing that still works.
+// "Sign out" forgets the token. A gateway without tokens never answers 401, so the page
 // then behaves as if none of this existed.
 //
 // Rendering is incremental: one <li> per task in a Map id → row, events only mark a row dirty,
@@ -66,6 +67,8 @@ const state = {
   fetchQueue: new Set(),
   fetching: 0,
   ws: null,
+  /** Connect attempts started: a ticket that comes back after a newer attempt began is dropped. */
+  connects: 0,
   /** The sequence of the last event seen, for `since`; null until the first. Per session. */
   lastSeq: null,
   failures: 0,
@@ -683,15 +686,28 @@ function socketUrl() {
   return `${scheme}//${location.host}/v1/ws?session=${encodeURIComponent(state.session)}&since=${since}`;
 }
 
-function connect() {
+async function connect() {
   clearTimeout(state.reconnectTimer);
   if (state.authRequired && !state.token) return;
+  const attempt = ++state.connects;
+  let ticket = '';
+  if (state.token) {
+    try {
+      ticket = `&ticket=${encodeURIComponent((await api('POST', '/v1/ws-ticket')).ticket)}`;
+    } catch (e) {
+      // A refused token signs the page out (as any 401 does); anything else is retried.
+      if (attempt === state.connects && !(e instanceof ApiError && e.status === 401)) {
+        scheduleReconnect();
+      }
+      return;
+    }
+    // Signed out, or a newer connect (a session change) started, while it was on its way.
+    if (attempt !== state.connects || !state.token) return;
+  }
+  const url = socketUrl() + ticket;
   let ws;
   try {
-    // The token rides as a subprotocol; the gateway echoes only `claw.v1`.
-    ws = state.token
-      ? new WebSocket(socketUrl(), ['claw.v1', `claw.bearer.${state.token}`])
-      : new WebSocket(socketUrl());
+    ws = new WebSocket(url, ['claw.v1']);
   } catch {
     scheduleReconnect();
     return;

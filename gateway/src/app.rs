@@ -8,7 +8,10 @@ use claw_proto::kinds::Catalog;
 use claw_proto::payloads::Payloads;
 use claw_proto::records::Records;
 use claw_proto::spec::Limits;
-use claw_proto::topology::Topology;
+use claw_proto::topology::{self, Topology};
+use std::time::Duration;
+
+use crate::tickets::Tickets;
 
 use crate::Config;
 use crate::auth::Auth;
@@ -28,6 +31,8 @@ pub struct Inner {
     pub payloads: Payloads,
     /// API tokens, or none (every caller anonymous).
     pub auth: Auth,
+    /// Single-use WebSocket tickets (the `tickets` bucket).
+    pub tickets: Tickets,
     pub catalog: Catalog,
     pub limits: Limits,
     /// The names the gateway answers (`browser`), from the bound address and `--allowed-host`.
@@ -45,12 +50,18 @@ impl std::ops::Deref for App {
 impl App {
     pub async fn new(topology: Topology, config: Config) -> Result<App, Error> {
         let auth = Auth::load(config.tokens.as_deref())?;
+        let tickets =
+            topology.js.get_key_value(topology::TICKETS_BUCKET).await.map_err(|e| {
+                Error::Unavailable(format!("bucket {}: {e}", topology::TICKETS_BUCKET))
+            })?;
+        let tickets = Tickets::new(tickets, Duration::from_secs(config.ws_ticket_s));
         Ok(App(Arc::new(Inner {
             client: topology.js.client(),
             js: topology.js,
             records: topology.records,
             payloads: topology.payloads.with_max_bytes(config.payload_max_bytes),
             auth,
+            tickets,
             catalog: config.catalog(),
             limits: config.limits(),
             hosts: Hosts::new(config.bound, &config.allowed_hosts),

@@ -1,8 +1,8 @@
 //! API tokens and the principals they stand for: a principal sees only its own tasks and sessions.
 //!
 //! With `--tokens FILE` every `/v1/*` request names a principal with `Authorization: Bearer
-//! <token>` (a WebSocket may instead offer the subprotocol `claw.bearer.<token>`, because
-//! browsers cannot set headers on one). A principal sees only its own tasks and sessions; an
+//! <token>` (a browser's WebSocket, which cannot set headers, gives a single-use ticket instead:
+//! [`crate::tickets`]). A principal sees only its own tasks and sessions; an
 //! admin principal sees everything. Without a tokens file there is one anonymous caller who
 //! sees everything, and the gateway serves loopback only ([`crate::Config::check_exposure`]).
 //!
@@ -31,11 +31,8 @@ use subtle::ConstantTimeEq;
 
 use crate::error::Error;
 
-/// The WebSocket subprotocol of `/v1/ws`; a client offers it next to the token and the gateway
-/// echoes only this one, never the secret.
+/// The WebSocket subprotocol of `/v1/ws`, echoed when a client offers it.
 pub const WS_PROTOCOL: &str = "claw.v1";
-/// A WebSocket subprotocol `claw.bearer.<token>` carries the token of a browser.
-pub const WS_BEARER_PREFIX: &str = "claw.bearer.";
 /// Plain tokens shorter than this are refused when the file is loaded: they could be guessed.
 pub const MIN_TOKEN_LEN: usize = 16;
 /// How the file marks a digest rather than a plain token.
@@ -116,13 +113,11 @@ impl Auth {
         matches!(self, Auth::Tokens(_))
     }
 
-    /// The caller of a request: from `Authorization: Bearer`, or (for a WebSocket upgrade,
-    /// `websocket` true) from a `claw.bearer.<token>` subprotocol. 401 when auth is on and no
-    /// known token is presented.
-    pub fn caller(&self, headers: &HeaderMap, websocket: bool) -> Result<Caller, Error> {
+    /// The caller of a request, from `Authorization: Bearer`. 401 when auth is on and no known
+    /// token is presented.
+    pub fn caller(&self, headers: &HeaderMap) -> Result<Caller, Error> {
         let Auth::Tokens(tokens) = self else { return Ok(Caller::Anonymous) };
-        let token = bearer(headers).or_else(|| websocket.then(|| ws_bearer(headers)).flatten());
-        let Some(token) = token else {
+        let Some(token) = bearer(headers) else {
             return Err(Error::Unauthorized(
                 "an API token is required: Authorization: Bearer <token>".into(),
             ));
@@ -176,6 +171,11 @@ impl Tokens {
             }
         }
         Ok(Tokens { entries })
+    }
+
+    /// The principal named `name`.
+    pub fn principal(&self, name: &str) -> Option<Arc<Principal>> {
+        self.entries.iter().find(|(_, p)| p.name == name).map(|(_, p)| p.clone())
     }
 
     /// The principal of `token`. Every digest is compared, in constant time, whatever matches.
@@ -237,17 +237,6 @@ fn bearer(headers: &HeaderMap) -> Option<&str> {
     let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?.trim();
     let (scheme, token) = value.split_once(' ')?;
     scheme.eq_ignore_ascii_case("bearer").then(|| token.trim()).filter(|t| !t.is_empty())
-}
-
-/// The token of a `claw.bearer.<token>` entry of `Sec-WebSocket-Protocol`.
-fn ws_bearer(headers: &HeaderMap) -> Option<&str> {
-    headers
-        .get_all(header::SEC_WEBSOCKET_PROTOCOL)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .find_map(|p| p.trim().strip_prefix(WS_BEARER_PREFIX))
-        .filter(|t| !t.is_empty())
 }
 
 #[cfg(test)]
@@ -325,23 +314,25 @@ mod tests {
     }
 
     #[test]
-    fn callers_come_from_the_header_or_the_subprotocol() {
+    fn callers_come_from_the_header_only() {
         let auth = Auth::Tokens(Tokens::parse(&file()).unwrap());
         let mut headers = HeaderMap::new();
-        assert!(matches!(auth.caller(&headers, true), Err(Error::Unauthorized(_))));
-        assert_eq!(Auth::Off.caller(&headers, false).unwrap(), Caller::Anonymous);
+        assert!(matches!(auth.caller(&headers), Err(Error::Unauthorized(_))));
+        assert_eq!(Auth::Off.caller(&headers).unwrap(), Caller::Anonymous);
 
         headers.insert(header::AUTHORIZATION, format!("Bearer {ALICE}").parse().unwrap());
-        assert_eq!(auth.caller(&headers, false).unwrap().owner(), Some("alice"));
+        assert_eq!(auth.caller(&headers).unwrap().owner(), Some("alice"));
         headers.insert(header::AUTHORIZATION, "Bearer nope-nope-nope-nope".parse().unwrap());
-        assert!(matches!(auth.caller(&headers, false), Err(Error::Unauthorized(_))));
+        assert!(matches!(auth.caller(&headers), Err(Error::Unauthorized(_))));
 
+        // A token in a subprotocol (where proxies log it) is not read: browsers use tickets.
         let mut ws = HeaderMap::new();
-        let protocols = format!("{WS_PROTOCOL}, {WS_BEARER_PREFIX}{OPS}");
+        let protocols = format!("{WS_PROTOCOL}, claw.bearer.{OPS}");
         ws.insert(header::SEC_WEBSOCKET_PROTOCOL, protocols.parse().unwrap());
-        assert_eq!(auth.caller(&ws, true).unwrap().owner(), Some("ops"));
-        // Only the WebSocket upgrade reads the subprotocol.
-        assert!(auth.caller(&ws, false).is_err());
+        assert!(auth.caller(&ws).is_err());
+        let Auth::Tokens(tokens) = &auth else { unreachable!() };
+        assert_eq!(tokens.principal("ops").map(|p| p.admin), Some(true));
+        assert!(tokens.principal("nobody").is_none());
     }
 
     #[test]

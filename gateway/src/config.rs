@@ -75,6 +75,11 @@ pub struct Config {
     /// Seconds between WebSocket pings; a client silent for three intervals is dropped.
     #[arg(long, env = "CLAW_WS_PING_S", default_value_t = 20.0, value_parser = parse_seconds)]
     pub ws_ping_s: f64,
+    /// Seconds a WebSocket ticket (`POST /v1/ws-ticket`) stays valid; the `tickets` bucket
+    /// drops entries after 60 s, so longer is not possible.
+    #[arg(long, env = "CLAW_WS_TICKET_S", default_value_t = 30,
+          value_parser = clap::value_parser!(u64).range(1..=60))]
+    pub ws_ticket_s: u64,
 }
 
 fn parse_seconds(s: &str) -> Result<f64, String> {

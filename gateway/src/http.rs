@@ -7,7 +7,7 @@
 //! With API tokens, every `/v1/*` route and `/metrics` pass through [`authenticate`], which puts
 //! the request's [`Caller`] in its extensions or answers 401. `/`, `/ui/*`, `/healthz` and
 //! `/readyz` stay open: the page is static and asks for a token itself. `/v1/ws` checks its
-//! token in the upgrade, because browsers send it as a subprotocol.
+//! token (or single-use ticket, which is how browsers come) in the upgrade.
 
 use std::collections::HashMap;
 
@@ -37,6 +37,7 @@ pub fn router(app: App) -> Router {
         .route("/v1/tasks", post(submit).get(list))
         .route("/v1/tasks/{id}", get(get_task))
         .route("/v1/tasks/{id}/{verb}", post(control).get(payload))
+        .route("/v1/ws-ticket", post(ws_ticket))
         .route("/v1/lanes", get(lanes))
         .route("/v1/lanes/{class}/{priority}/{action}", post(lane_control))
         .route("/metrics", get(metrics))
@@ -67,7 +68,7 @@ async fn authenticate(
     mut request: Request,
     next: Next,
 ) -> Result<Response, Error> {
-    let caller = app.auth.caller(request.headers(), false)?;
+    let caller = app.auth.caller(request.headers())?;
     request.extensions_mut().insert(caller);
     Ok(next.run(request).await)
 }
@@ -92,6 +93,14 @@ async fn submit(
     let submitted = tasks::submit(&app, &caller, &body, key, trace).await?;
     let status = if submitted.created { StatusCode::ACCEPTED } else { StatusCode::OK };
     Ok((status, Json(submitted.record)).into_response())
+}
+
+/// `POST /v1/ws-ticket` → a single-use ticket for `/v1/ws?ticket=T` ([`crate::tickets`]).
+async fn ws_ticket(
+    State(app): State<App>,
+    Extension(caller): Extension<Caller>,
+) -> Result<Response, Error> {
+    Ok(Json(app.tickets.issue(&caller).await?).into_response())
 }
 
 /// `POST /v1/tasks/{id}/cancel|pause|resume|retry` → the record afterwards, or 409 with its

@@ -8,8 +8,9 @@
 //! with a `reply` frame. `docs/PROTOCOL.md` has the wire contract.
 //!
 //! The upgrade needs an API token when the gateway has them: `Authorization: Bearer` from
-//! programs, or, from browsers (which cannot set headers on a WebSocket), the subprotocol
-//! `claw.bearer.<token>` offered next to `claw.v1`; only `claw.v1` is echoed back. A session
+//! programs, or, from browsers (which cannot set headers on a WebSocket), `ticket=T` from
+//! `POST /v1/ws-ticket` ([`crate::tickets`]): single-use and short-lived, so the URL a proxy
+//! logs holds nothing that still opens a socket. A session
 //! is always the caller's own: each principal's sessions are a namespace of their own
 //! ([`SessionScope`]), so there is nothing to claim and no other party's events to replay. An
 //! admin (or anyone, without tokens) may watch another namespace with `owner=<principal>`, or
@@ -52,7 +53,7 @@ const READ_BUFFER: usize = 4 * 1024;
 /// `op`, `ref`, `idempotency_key`).
 const COMMAND_ENVELOPE: usize = 4 * 1024;
 
-/// `GET /v1/ws?session=S[&since=SEQ][&owner=P]`: checks the token (401), `Origin` (403) and the
+/// `GET /v1/ws?session=S[&since=SEQ][&owner=P][&ticket=T]`: checks the token or ticket (401), `Origin` (403) and the
 /// namespace (404 for another principal's), subscribes to the session's feed (so a NATS failure is a 503 before the upgrade,
 /// not a socket that closes at once) and hands the connection to [`socket::serve`].
 pub async fn upgrade(
@@ -62,11 +63,14 @@ pub async fn upgrade(
     query: Result<Query<HashMap<String, String>>, QueryRejection>,
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response, Error> {
-    let caller = app.auth.caller(&headers, true)?;
     crate::browser::check_origin(&headers, &app)?;
     let Query(params) = query.map_err(|e| invalid(e.body_text()))?;
     let params = Params::parse(params)?;
     let ws = ws.map_err(|e| invalid(format!("expected a WebSocket upgrade: {}", e.body_text())))?;
+    let caller = match &params.ticket {
+        Some(ticket) => app.tickets.redeem(&app.auth, ticket).await?,
+        None => app.auth.caller(&headers)?,
+    };
     let session = params.scope(&caller)?;
     let Some(Extension(hub)) = hub else {
         return Err(Error::Unavailable("this router serves no WebSocket hub".into()));
@@ -78,7 +82,7 @@ pub async fn upgrade(
     let settings = hub.settings();
     let max_message = app.config.body_limit + COMMAND_ENVELOPE;
     let ws = ws
-        // Echoes `claw.v1` when offered; a `claw.bearer.<token>` offer is never echoed.
+        // Echoes `claw.v1` when offered.
         .protocols([crate::auth::WS_PROTOCOL])
         .read_buffer_size(READ_BUFFER)
         // Frames are written out at once and each send is flushed, so a write buffer to batch
@@ -106,6 +110,8 @@ struct Params {
     since: Option<u64>,
     /// Another namespace than the caller's: `Some(None)` is `owner=~`, the tasks without one.
     owner: Option<Option<String>>,
+    /// A single-use ticket instead of `Authorization` (browsers).
+    ticket: Option<String>,
 }
 
 /// What `owner=` names for the tasks without an owner.
@@ -114,7 +120,8 @@ const NO_OWNER: &str = "~";
 impl Params {
     /// `session` defaults to `default`, like a submitted task's; empty values count as absent.
     fn parse(params: HashMap<String, String>) -> Result<Params, Error> {
-        let mut parsed = Params { session: Session::default(), since: None, owner: None };
+        let mut parsed =
+            Params { session: Session::default(), since: None, owner: None, ticket: None };
         for (key, value) in params {
             if value.is_empty() {
                 continue;
@@ -129,6 +136,7 @@ impl Params {
                         Invalid::field("since", "must be a stream sequence (an integer ≥ 0)")
                     })?)
                 }
+                "ticket" => parsed.ticket = Some(value),
                 "owner" if value == NO_OWNER => parsed.owner = Some(None),
                 "owner" => {
                     // Principal names are session-like tokens (the tokens file checks them).
@@ -179,9 +187,12 @@ mod tests {
     fn parameters() {
         let chat = Session::parse("chat-1").unwrap();
         let p = params(&[("session", "chat-1"), ("since", "42")]).unwrap();
-        assert_eq!(p, Params { session: chat.clone(), since: Some(42), owner: None });
+        assert_eq!(p, Params { session: chat.clone(), since: Some(42), owner: None, ticket: None });
         let p = params(&[("since", "")]).unwrap();
-        assert_eq!(p, Params { session: Session::default(), since: None, owner: None });
+        assert_eq!(
+            p,
+            Params { session: Session::default(), since: None, owner: None, ticket: None }
+        );
         let p = params(&[("owner", "~")]).unwrap();
         assert_eq!(p.owner, Some(None));
         let p = params(&[("owner", "alice")]).unwrap();

@@ -22,6 +22,10 @@ pub const DLQ_STREAM: &str = "DLQ";
 /// The KV bucket of task records, and the stream behind it.
 pub const TASKS_BUCKET: &str = "tasks";
 pub const TASKS_KV_STREAM: &str = "KV_tasks";
+/// The KV bucket of single-use WebSocket tickets (`POST /v1/ws-ticket`), and the stream behind
+/// it. Only the gateway reads and writes it.
+pub const TICKETS_BUCKET: &str = "tickets";
+pub const TICKETS_KV_STREAM: &str = "KV_tickets";
 /// The object store bucket of large task inputs and results (`claw_proto::payloads`), and the
 /// stream behind it.
 pub const PAYLOADS_BUCKET: &str = "payloads";
@@ -301,11 +305,12 @@ macro_rules! def {
     };
 }
 
-const STREAMS: [Definition; 5] = [
+const STREAMS: [Definition; 6] = [
     def!("streams/TASKS.json"),
     def!("streams/PROGRESS.json"),
     def!("streams/DLQ.json"),
     def!("streams/KV_tasks.json"),
+    def!("streams/KV_tickets.json"),
     def!("streams/OBJ_payloads.json"),
 ];
 

@@ -1,6 +1,7 @@
 // The web UI's sign-in against a gateway with API tokens (started by tests/e2e/browser.rs):
-// the first 401 shows the token form; with the token the page connects its WebSocket (token
-// as a subprotocol), submits a task and watches it finish; a wrong token is refused with a
+// the first 401 shows the token form; with the token the page connects its WebSocket (with a
+// single-use ticket from POST /v1/ws-ticket: the token is in no socket URL or subprotocol, where
+// proxies would log it), submits a task and watches it finish; a wrong token is refused with a
 // message; "Sign out" forgets the token.
 //
 //   node tests/browser/auth.test.mjs <gateway-url> <token>
@@ -41,6 +42,8 @@ async function main() {
   const page = browser.pages()[0] || await browser.newPage();
   const problems = [];
   page.on('pageerror', (e) => problems.push(`page error: ${e.message}`));
+  const sockets = [];
+  page.on('websocket', (ws) => sockets.push(ws.url()));
   try {
     await page.goto(`${base}/?session=browser-auth`);
     await until(page, 'the sign-in form', () => !document.querySelector('#auth-card').hidden);
@@ -61,6 +64,11 @@ async function main() {
     const stored = await page.evaluate(() => localStorage.getItem('claw.token'));
     if (stored !== token) throw new Error('the token is not kept in localStorage');
     log('signed in, socket connected');
+    if (!sockets.some((url) => /[?&]ticket=ct_[0-9a-f]{64}(&|$)/.test(url))) {
+      throw new Error(`no socket opened with a ticket: ${sockets.join(' ')}`);
+    }
+    if (sockets.some((url) => url.includes(token))) throw new Error('the token is in a socket URL');
+    log('the socket was opened with a ticket, not the token');
 
     await page.fill('#f-kind', 'sleep');
     await page.fill('#f-input', '{"seconds": 0.3, "steps": 3}');
@@ -83,6 +91,8 @@ async function main() {
     await until(page, 'the form after signing out', () =>
       !document.querySelector('#auth-card').hidden && localStorage.getItem('claw.token') === null);
     log('signed out');
+    const tickets = sockets.map((url) => new URL(url).searchParams.get('ticket')).filter(Boolean);
+    if (new Set(tickets).size !== tickets.length) throw new Error('a ticket was used twice');
     if (problems.length) throw new Error(problems.join('\n'));
   } finally {
     await browser.close();

@@ -307,24 +307,41 @@ async fn refused(request: tungstenite::handshake::client::Request, status: u16, 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn websockets_need_a_token_and_watch_only_the_callers_sessions() {
     let s = stack().await;
-    let subprotocol =
-        |token: &str| ("sec-websocket-protocol", format!("claw.v1, claw.bearer.{token}"));
+    let subprotocol = || ("sec-websocket-protocol", "claw.v1".to_owned());
     let bearer = |token: &str| ("authorization", format!("Bearer {token}"));
 
     refused(ws_request(&s.gw, "session=alice-ws", &[]), 401, "unauthorized").await;
-    let wrong = subprotocol("claw_nobody-0123456789abcdef");
+    let wrong = bearer("claw_nobody-0123456789abcdef");
     refused(ws_request(&s.gw, "session=alice-ws", &[wrong]), 401, "unauthorized").await;
+    // A token in a subprotocol (which proxies log) is not read any more (protocol 2).
+    let offered = ("sec-websocket-protocol", format!("claw.v1, claw.bearer.{ALICE}"));
+    refused(ws_request(&s.gw, "session=alice-ws", &[offered]), 401, "unauthorized").await;
 
-    // alice watches her session with the token in the subprotocol, as the browser does; only
-    // the non-secret protocol comes back.
-    let request = ws_request(&s.gw, "session=alice-ws", &[subprotocol(ALICE)]);
+    // alice watches her session with a ticket, as the browser does, offering `claw.v1`.
+    let (status, issued) = post(&s, "/v1/ws-ticket", ALICE, None).await;
+    assert_eq!((status, issued["expires_in_s"].as_u64()), (StatusCode::OK, Some(30)), "{issued}");
+    let ticket = issued["ticket"].as_str().unwrap().to_owned();
+    let with_ticket = format!("session=alice-ws&ticket={ticket}");
+    let request = ws_request(&s.gw, &with_ticket, &[subprotocol()]);
     let (mut socket, response) = tokio_tungstenite::connect_async(request).await.unwrap();
     assert_eq!(response.headers()["sec-websocket-protocol"], "claw.v1");
+    // A ticket works once: a second upgrade with it (a replay from a log) is refused.
+    refused(ws_request(&s.gw, &with_ticket, &[]), 401, "unauthorized").await;
+    let forged = format!("session=alice-ws&ticket=ct_{}", "0".repeat(64));
+    refused(ws_request(&s.gw, &forged, &[]), 401, "unauthorized").await;
+    // The bucket keeps the ticket's digest, never the ticket.
+    let tickets = s.nats.jetstream().await.get_key_value("tickets").await.unwrap();
+    let digest: String =
+        claw_gateway::auth::hash(&ticket).iter().map(|b| format!("{b:02x}")).collect();
+    assert!(tickets.get(&ticket).await.unwrap().is_none());
+    let spent = tickets.entry(&digest).await.unwrap().expect("the ticket's digest is the key");
+    assert_eq!(spent.operation, async_nats::jetstream::kv::Operation::Purge, "spent");
 
-    // bob may not name her namespace, with either way of giving his token.
+    // bob may not name her namespace, with his token or with a ticket of his.
     let alices = "session=alice-ws&owner=alice";
     refused(ws_request(&s.gw, alices, &[bearer(BOB)]), 404, "not_found").await;
-    refused(ws_request(&s.gw, alices, &[subprotocol(BOB)]), 404, "not_found").await;
+    let bobs = post(&s, "/v1/ws-ticket", BOB, None).await.1["ticket"].as_str().unwrap().to_owned();
+    refused(ws_request(&s.gw, &format!("{alices}&ticket={bobs}"), &[]), 404, "not_found").await;
     refused(ws_request(&s.gw, "session=alice-ws&owner=~", &[bearer(BOB)]), 404, "not_found").await;
 
     // alice's live events arrive.
@@ -358,6 +375,30 @@ async fn websockets_need_a_token_and_watch_only_the_callers_sessions() {
     let http = reqwest::Client::new();
     let plain = http.get(s.gw.url("/v1/ws?session=fresh-ws")).bearer_auth(BOB).send().await;
     assert_eq!(plain.unwrap().status(), 422);
+}
+
+/// A ticket expires: one older than `--ws-ticket-s` is refused, unused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_ticket_expires() {
+    let nats = Nats::start();
+    let topo = nats.topology(&test_settings()).await;
+    let tokens = nats.dir.path().join("tokens.toml");
+    std::fs::write(&tokens, tokens_file()).unwrap();
+    let args = ["--tokens", tokens.to_str().unwrap(), "--ws-ticket-s", "1"];
+    let gw = Gateway::start(&topo, &args).await;
+    let issue = || async {
+        let (status, issued) =
+            call(reqwest::Method::POST, gw.url("/v1/ws-ticket"), Some(ALICE), None).await;
+        assert_eq!(status, StatusCode::OK, "{issued}");
+        issued["ticket"].as_str().unwrap().to_owned()
+    };
+    let fresh = issue().await;
+    let stale = issue().await;
+    let request = ws_request(&gw, &format!("ticket={fresh}"), &[]);
+    tokio_tungstenite::connect_async(request).await.expect("a fresh ticket opens a socket");
+    // Expiry is a matter of time: wait it out (1 s), then the unused ticket is refused.
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
+    refused(ws_request(&gw, &format!("ticket={stale}"), &[]), 401, "unauthorized").await;
 }
 
 /// Issue 12, sessions: a session is a namespace of its principal's. Before, a session used by

@@ -300,6 +300,12 @@ async fn each_role_can_do_its_job_and_nothing_else() {
     // A principal's events are stored under its namespace, `progress.<owner>.<session>.<id>`.
     let ack = gateway.js().publish("progress.alice.perm-session.t1", "{}".into()).await;
     ack.expect("publish a principal's event").await.expect("PROGRESS stores it");
+    // It issues and redeems WebSocket tickets: create, read, purge-if-unchanged.
+    let tickets = gateway.js().get_key_value("tickets").await.expect("the tickets bucket");
+    let revision = tickets.create("perm-ticket", "{}".into()).await.expect("issue a ticket");
+    let entry = tickets.entry("perm-ticket").await.expect("read a ticket").expect("there");
+    assert_eq!(entry.revision, revision);
+    tickets.purge_expect_revision("perm-ticket", Some(revision)).await.expect("redeem it");
     gateway.clean();
     gateway.refused_publish("$JS.API.STREAM.DELETE.TASKS").await;
     gateway.refused_publish("$JS.API.STREAM.PURGE.KV_tasks").await;

@@ -81,8 +81,27 @@ export class HttpTransport implements Transport {
     let since = options.since;
     let failures = 0;
     while (!options.signal?.aborted) {
-      const socket = new SocketFeed(this.#wsUrl(session, since), this.#token, options.signal);
+      let url = this.#wsUrl(session, since);
+      let socket: SocketFeed | undefined;
       let cause: unknown;
+      try {
+        // A WebSocket cannot carry headers: a single-use ticket stands in for the token.
+        if (this.#token) url = await this.#withTicket(url);
+        socket = new SocketFeed(url, options.signal);
+      } catch (e) {
+        if (e instanceof ClawError && !e.retryable) throw e;
+        cause = e;
+      }
+      if (socket === undefined) {
+        if (options.signal?.aborted) return;
+        options.onReconnect?.(since, cause);
+        try {
+          await sleep(backoff(failures++), options.signal);
+        } catch {
+          return;
+        }
+        continue;
+      }
       try {
         for await (const frame of socket) {
           if (frame.type === "hello") {
@@ -117,6 +136,14 @@ export class HttpTransport implements Transport {
         return;
       }
     }
+  }
+
+  /** `url` with a fresh ticket from `POST /v1/ws-ticket`. */
+  async #withTicket(url: URL): Promise<URL> {
+    const issued = (await this.#request("POST", "/v1/ws-ticket")).json as { ticket: string };
+    const withTicket = new URL(url);
+    withTicket.searchParams.set("ticket", issued.ticket);
+    return withTicket;
   }
 
   #wsUrl(session: string, since: number | undefined): URL {
@@ -156,11 +183,8 @@ class SocketFeed implements AsyncIterable<Frame> {
   greeted = false;
   closeReason: { code: number; reason: string } | undefined;
 
-  constructor(url: URL, token: string | undefined, signal?: AbortSignal) {
-    // Browsers cannot set headers on a WebSocket, and Node's follows them: the token goes as a
-    // subprotocol, which the gateway never echoes (it answers `claw.v1`).
-    const protocols = token ? ["claw.v1", `claw.bearer.${token}`] : ["claw.v1"];
-    this.#ws = new WebSocket(url, protocols);
+  constructor(url: URL, signal?: AbortSignal) {
+    this.#ws = new WebSocket(url, ["claw.v1"]);
     this.#ws.addEventListener("message", (event) => {
       try {
         const frame = JSON.parse(String(event.data)) as Frame;

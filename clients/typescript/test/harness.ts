@@ -2,7 +2,7 @@
 // nats-server`) and `claw-gateway`, `claw-worker` and `claw-archiver` (`cargo build --bins`) as processes, on free
 // ports in a temporary directory. The gateway can be restarted alone, on the same port.
 import { spawn, type ChildProcess } from "node:child_process";
-import { mkdtempSync, openSync, rmSync, writeFileSync } from "node:fs";
+import { existsSync, mkdtempSync, openSync, rmSync, writeFileSync } from "node:fs";
 import { connect as tcpConnect, createServer } from "node:net";
 import { tmpdir } from "node:os";
 import { dirname, join, resolve } from "node:path";
@@ -85,8 +85,10 @@ export class System {
     this.#archiver = archiver;
   }
 
-  static async start(): Promise<System> {
+  /** Starts the system; with `tokens` (a tokens file's TOML) the gateway has API tokens. */
+  static async start(options: { tokens?: string } = {}): Promise<System> {
     const dir = mkdtempSync(join(tmpdir(), "claw-ts-"));
+    if (options.tokens !== undefined) writeFileSync(join(dir, "tokens.toml"), options.tokens);
     const [natsPort, httpPort] = [await freePort(), await freePort()];
     const natsUrl = `nats://127.0.0.1:${natsPort}`;
     const nats = System.#startNats(dir, natsPort);
@@ -117,7 +119,9 @@ export class System {
   }
 
   static #startGateway(dir: string, natsUrl: string, httpAddr: string): Proc {
-    return new Proc("gateway", join(bins, "claw-gateway"), ["--http", httpAddr, "--nats-url", natsUrl], dir);
+    const tokens = join(dir, "tokens.toml");
+    const auth = existsSync(tokens) ? ["--tokens", tokens] : [];
+    return new Proc("gateway", join(bins, "claw-gateway"), ["--http", httpAddr, "--nats-url", natsUrl, ...auth], dir);
   }
 
   /** Waits until the gateway answers `/readyz`. */
