@@ -738,6 +738,9 @@ function onFrame(frame) {
     state.failures = 0;
     setConnection('connected');
     resync();
+  } else if (frame.type === 'gap') {
+    // The stream no longer holds some events after our `since`: the records say what they said.
+    resync();
   } else if (typeof frame.task_id === 'string' && frame.type !== 'reply') {
     onEvent(frame);
   }

@@ -77,8 +77,8 @@ pub async fn upgrade(
     };
     let subscription = hub.subscribe(&session).await?;
     // Read after subscribing, so it is at least the feed's hand-over point (see `socket`).
-    let stream_last = hub.stream_last_sequence().await?;
-    let start = socket::Start { session, caller, since: params.since, stream_last };
+    let bounds = hub.stream_bounds().await?;
+    let start = socket::Start { session, caller, since: params.since, bounds };
     let settings = hub.settings();
     let max_message = app.config.body_limit + COMMAND_ENVELOPE;
     let ws = ws

@@ -210,6 +210,43 @@ async fn reconnecting_with_since_gets_what_was_missed_once_then_live_events() {
     assert_eq!(union, stored(&topo.js, "bravo", start).await, "no gap, no duplicate");
 }
 
+/// Issue 12, event history: a `since` older than what `PROGRESS` still holds (its age, bytes
+/// or per-subject limits evicted the rest) gets an explicit `gap` frame naming the sequences
+/// that are gone, before the replay of what is left. Before, the replay silently started later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_since_older_than_the_stream_gets_a_gap_frame() {
+    let nats = Nats::start();
+    let topo = nats.topology(&test_settings()).await;
+    let gw = Gateway::start(&topo, &[]).await;
+    let _worker = start_worker(&topo, "ack_deadline_s = 2.0\n");
+    let spec = json!({"kind": "sleep", "session": "gappy", "input": {"seconds": 0.2, "steps": 4}});
+    let old = submit(&gw.url, spec.clone()).await;
+    wait_for("the old task's events", WAIT, || async {
+        has_status(&stored(&topo.js, "gappy", 0).await, &old, "succeeded").then_some(())
+    })
+    .await;
+    // The stream forgets everything up to now, as its limits would.
+    let mut stream = topo.js.get_stream(topology::PROGRESS_STREAM).await.unwrap();
+    let evicted = stream.info().await.unwrap().state.last_sequence;
+    stream.purge().sequence(evicted + 1).await.unwrap();
+    let new = submit(&gw.url, spec).await;
+
+    let mut socket = connect(&gw.url, "session=gappy&since=1").await;
+    hello(&mut socket, "gappy").await;
+    let gap = next_json(&mut socket).await;
+    assert_eq!(gap, json!({"type": "gap", "from": 2, "to": evicted}), "{gap}");
+    let mut after = Vec::new();
+    collect_until(&mut socket, &mut after, |e| has_status(e, &new, "succeeded")).await;
+    assert!(seqs(&after).iter().all(|&s| s > evicted), "then what is still stored");
+
+    // A since within what is stored has no gap: the next frame is an event.
+    let mut socket = connect(&gw.url, &format!("session=gappy&since={evicted}")).await;
+    hello(&mut socket, "gappy").await;
+    let first = next_json(&mut socket).await;
+    assert_ne!(first["type"], "gap", "{first}");
+    assert!(first["seq"].as_u64().unwrap() > evicted, "{first}");
+}
+
 /// The hand-over race: clients join with `since` in the past while events pour in, both onto a
 /// feed that is already running (another socket keeps it) and onto one they start themselves.
 /// Each must get exactly the stored events after its `since`, in order.

@@ -111,6 +111,10 @@ export class HttpTransport implements Transport {
             since ??= frame.seq as number;
             continue;
           }
+          if (frame.type === "gap") {
+            options.onGap?.(frame.from as number, frame.to as number);
+            continue;
+          }
           if (frame.type === "reply" || typeof frame.seq !== "number") continue;
           // A sequence is never sent twice; this guard keeps that true across reconnects.
           if (since !== undefined && frame.seq <= since) continue;

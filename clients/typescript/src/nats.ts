@@ -143,6 +143,11 @@ export class NatsTransport implements Transport {
       // Pull requests of 5 s (30 s by default), so a consumer lost with a restarted server is
       // noticed and recreated within seconds rather than half a minute.
       messages = await consumer.consume({ expires: 5_000 });
+      if (options.since !== undefined && options.onGap) {
+        // Read after the consumer exists: whatever is stored from here on, it delivers.
+        const { first_seq: first, last_seq: lastSeq } = (await (await this.#js.streams.get(STREAM)).info()).state;
+        if (options.since < lastSeq && options.since + 1 < first) options.onGap(options.since + 1, first - 1);
+      }
       options.onLive?.();
     } catch (e) {
       throw ClawError.unreachable(`watching ${session}`, e);

@@ -17,6 +17,13 @@ export interface WatchOptions {
   onLive?: (() => void) | undefined;
   /** Called when the watch lost its connection and is about to resume from `since`. */
   onReconnect?: ((since: number | undefined, cause: unknown) => void) | undefined;
+  /**
+   * Called when `PROGRESS` no longer holds the sequences `from`..`to` after `since` (its limits
+   * evicted them): events of the session may have been among them, so re-read the records of
+   * the tasks you follow. Over HTTP the gateway's `gap` frame says it; over NATS the stream's
+   * first sequence does.
+   */
+  onGap?: ((from: number, to: number) => void) | undefined;
 }
 
 /** One way of talking to the system: HTTP + WebSocket through a gateway, or NATS directly. */

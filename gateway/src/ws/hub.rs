@@ -171,10 +171,16 @@ impl Hub {
 
     /// The last sequence of `PROGRESS` (all sessions): "now" for a client.
     pub async fn stream_last_sequence(&self) -> Result<u64, Error> {
+        Ok(self.stream_bounds().await?.last)
+    }
+
+    /// The first and last sequence `PROGRESS` holds now.
+    pub async fn stream_bounds(&self) -> Result<Bounds, Error> {
         let stream = self.0.js.get_stream(topology::PROGRESS_STREAM).await.map_err(|e| {
             Error::Unavailable(format!("stream {}: {e}", topology::PROGRESS_STREAM))
         })?;
-        Ok(stream.cached_info().state.last_sequence)
+        let state = &stream.cached_info().state;
+        Ok(Bounds { first: state.first_sequence, last: state.last_sequence })
     }
 
     /// The stored events of `session` with `after < seq <= upto`, through a short-lived ordered
@@ -244,6 +250,23 @@ impl Entry {
             stop: hub.0.shutdown.child_token(),
         };
         Entry { feed: Arc::new(feed), clients: 0 }
+    }
+}
+
+/// What `PROGRESS` holds: sequences below `first` were evicted (its age, bytes or per-subject
+/// limits) or never existed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Bounds {
+    pub first: u64,
+    pub last: u64,
+}
+
+impl Bounds {
+    /// The sequences after `since` that are no longer stored, as `(from, to)`, when there are
+    /// any: events of the session may have been among them. A `since` beyond the stream's end
+    /// (the stream was re-created) is "from now", not a gap the stream can name.
+    pub fn gap_after(&self, since: u64) -> Option<(u64, u64)> {
+        (since < self.last && since + 1 < self.first).then(|| (since + 1, self.first - 1))
     }
 }
 
@@ -422,6 +445,19 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_gap_is_what_was_evicted_after_since() {
+        let held = Bounds { first: 100, last: 500 };
+        assert_eq!(held.gap_after(0), Some((1, 99)));
+        assert_eq!(held.gap_after(98), Some((99, 99)));
+        assert_eq!(held.gap_after(99), None, "the next one is stored");
+        assert_eq!(held.gap_after(300), None);
+        assert_eq!(held.gap_after(900), None, "beyond the end: from now");
+        // Everything purged: first is last + 1.
+        assert_eq!(Bounds { first: 501, last: 500 }.gap_after(10), Some((11, 500)));
+        assert_eq!(Bounds { first: 0, last: 0 }.gap_after(0), None, "a new stream");
+    }
 
     #[test]
     fn frames_carry_the_sequence() {

@@ -24,7 +24,7 @@ use tokio::sync::mpsc;
 use tracing::Instrument;
 
 use super::command;
-use super::hub::{Frame, Hub, Replay, Settings, Subscription};
+use super::hub::{Bounds, Frame, Hub, Replay, Settings, Subscription};
 use crate::app::App;
 use crate::auth::Caller;
 
@@ -42,9 +42,10 @@ pub struct Start {
     /// Who opened the socket: its commands run on that principal's behalf.
     pub caller: Caller,
     pub since: Option<u64>,
-    /// `PROGRESS`'s last sequence, read after subscribing (so it is at least the feed's
-    /// hand-over point): the `hello` frame's `seq`.
-    pub stream_last: u64,
+    /// What `PROGRESS` held, read after subscribing (so its last sequence is at least the feed's
+    /// hand-over point): the `hello` frame's `seq` is its last, and a `since` before its first
+    /// gets a `gap` frame.
+    pub bounds: Bounds,
 }
 
 /// Why a socket ended.
@@ -156,11 +157,18 @@ impl Writer {
         mut replies: mpsc::Receiver<Utf8Bytes>,
     ) -> Result<Infallible, End> {
         let shutdown = hub.shutdown();
-        let hello =
-            json!({"type": "hello", "session": start.session.session(), "seq": start.stream_last});
+        let last = start.bounds.last;
+        let hello = json!({"type": "hello", "session": start.session.session(), "seq": last});
         self.send(Message::Text(hello.to_string().into())).await?;
+        // Events the stream no longer holds are said, not skipped silently: the client re-reads
+        // its tasks' records for what it missed.
+        if let Some((from, to)) = start.since.and_then(|since| start.bounds.gap_after(since)) {
+            metrics::counter!("claw_gateway_ws_gaps_total").increment(1);
+            let gap = json!({"type": "gap", "from": from, "to": to});
+            self.send(Message::Text(gap.to_string().into())).await?;
+        }
         // A `since` beyond the stream's end (a stream re-created since) means "from now".
-        self.cursor = start.since.map_or(start.stream_last, |s| s.min(start.stream_last));
+        self.cursor = start.since.map_or(last, |s| s.min(last));
         let mut replay = None;
         if self.cursor < subscription.boundary {
             let replaying = hub.replay(&start.session, self.cursor, subscription.boundary).await;
