@@ -43,6 +43,7 @@ impl Failure {
                 message: message.into(),
                 field,
                 status: None,
+                limit: None,
             },
         }
     }
@@ -55,6 +56,7 @@ impl Failure {
                 message: format!("no archived task {id}"),
                 field: None,
                 status: None,
+                limit: None,
             },
         }
     }
@@ -69,6 +71,7 @@ impl Failure {
                 message: "the archive could not answer".into(),
                 field: None,
                 status: None,
+                limit: None,
             },
         }
     }

@@ -252,6 +252,7 @@ impl Http {
                 ),
                 field: None,
                 status: None,
+                limit: None,
             }
         } else {
             let text = String::from_utf8_lossy(&body);
@@ -260,6 +261,7 @@ impl Http {
                 message: text.trim().into(),
                 field: None,
                 status: None,
+                limit: None,
             }
         };
         Err(Error::Api { status, error })
@@ -381,6 +383,7 @@ impl Nats {
                         .map_or_else(|| "no detail".to_owned(), |v| v.as_str().to_owned()),
                     field: None,
                     status: None,
+                    limit: None,
                 },
             };
             return Err(Error::Api { status, error });

@@ -90,6 +90,7 @@ mod tests {
             message: "m".into(),
             field: field.map(str::to_owned),
             status: None,
+            limit: None,
         };
         Error::Api { status, error }
     }

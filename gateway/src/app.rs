@@ -11,6 +11,7 @@ use claw_proto::spec::Limits;
 use claw_proto::topology::{self, Topology};
 use std::time::Duration;
 
+use crate::quota::Quotas;
 use crate::tickets::Tickets;
 
 use crate::Config;
@@ -31,6 +32,8 @@ pub struct Inner {
     pub payloads: Payloads,
     /// API tokens, or none (every caller anonymous).
     pub auth: Auth,
+    /// Each principal's use of its limits (from the tokens file).
+    pub quotas: Quotas,
     /// Single-use WebSocket tickets (the `tickets` bucket).
     pub tickets: Tickets,
     pub catalog: Catalog,
@@ -55,12 +58,17 @@ impl App {
                 Error::Unavailable(format!("bucket {}: {e}", topology::TICKETS_BUCKET))
             })?;
         let tickets = Tickets::new(tickets, Duration::from_secs(config.ws_ticket_s));
+        let quotas = match &auth {
+            Auth::Tokens(tokens) => Quotas::new(tokens.quotas()),
+            Auth::Off => Quotas::default(),
+        };
         Ok(App(Arc::new(Inner {
             client: topology.js.client(),
             js: topology.js,
             records: topology.records,
             payloads: topology.payloads.with_max_bytes(config.payload_max_bytes),
             auth,
+            quotas,
             tickets,
             catalog: config.catalog(),
             limits: config.limits(),

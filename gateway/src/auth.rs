@@ -15,6 +15,11 @@
 //! [principals.ops]
 //! tokens = ["sha256:9c1d...07", "claw_0f3a..."]   # a plain token works too, but is a secret
 //! admin = true
+//!
+//! [limits]                  # every principal's limits ([`crate::quota`]), and one's own:
+//! submits_per_s = 100
+//! [principals.ops.limits]
+//! submits_per_s = 1000
 //! ```
 //!
 //! Only SHA-256 digests are kept in memory. A presented token is hashed and compared with every
@@ -30,6 +35,7 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use crate::error::Error;
+use crate::quota::{Overrides, Quota};
 
 /// The WebSocket subprotocol of `/v1/ws`, echoed when a client offers it.
 pub const WS_PROTOCOL: &str = "claw.v1";
@@ -95,6 +101,8 @@ pub enum Auth {
 #[derive(Debug)]
 pub struct Tokens {
     entries: Vec<([u8; 32], Arc<Principal>)>,
+    /// Each principal's limits, defaults applied.
+    quotas: Vec<(String, Quota)>,
 }
 
 impl Auth {
@@ -135,6 +143,9 @@ impl Tokens {
         #[derive(serde::Deserialize)]
         #[serde(deny_unknown_fields)]
         struct File {
+            /// Every principal's limits (`crate::quota`); each may override some.
+            #[serde(default)]
+            limits: Quota,
             #[serde(default)]
             principals: BTreeMap<String, Entry>,
         }
@@ -144,13 +155,17 @@ impl Tokens {
             tokens: Vec<String>,
             #[serde(default)]
             admin: bool,
+            #[serde(default)]
+            limits: Overrides,
         }
         let file: File = toml::from_str(text).map_err(|e| e.to_string())?;
         if file.principals.is_empty() {
             return Err("no principals: add a [principals.<name>] table with tokens".into());
         }
         let mut entries = Vec::new();
+        let mut quotas = Vec::new();
         let mut seen = HashSet::new();
+        file.limits.with(&Overrides::default()).map_err(|e| format!("[limits]: {e}"))?;
         for (name, entry) in file.principals {
             if claw_proto::Session::parse(&name).is_err() {
                 return Err(format!(
@@ -160,6 +175,9 @@ impl Tokens {
             if entry.tokens.is_empty() {
                 return Err(format!("principal {name:?} has no tokens"));
             }
+            let quota =
+                file.limits.with(&entry.limits).map_err(|e| format!("principal {name:?}: {e}"))?;
+            quotas.push((name.clone(), quota));
             let principal = Arc::new(Principal { name: name.clone(), admin: entry.admin });
             for token in entry.tokens {
                 let digest = digest_of_entry(&token)
@@ -170,7 +188,12 @@ impl Tokens {
                 entries.push((digest, principal.clone()));
             }
         }
-        Ok(Tokens { entries })
+        Ok(Tokens { entries, quotas })
+    }
+
+    /// Each principal's limits.
+    pub fn quotas(&self) -> impl Iterator<Item = (&str, Quota)> {
+        self.quotas.iter().map(|(name, quota)| (name.as_str(), *quota))
     }
 
     /// The principal named `name`.
@@ -279,6 +302,14 @@ mod tests {
             ("[principals.a]\ntokens = [\"0123456789abcdef\"]\nadmn = true\n", "unknown field"),
             ("[principals.a]\ntokens = [\"has space 0123456789\"]\n", "visible ASCII"),
             ("principals = 1\n", "invalid type"),
+            (
+                "[limits]\nsubmit_burst = 0\n[principals.a]\ntokens = [\"0123456789abcdef\"]\n",
+                "[limits]",
+            ),
+            (
+                "[principals.a]\ntokens = [\"0123456789abcdef\"]\nlimits = { rate = 1 }\n",
+                "unknown field",
+            ),
         ] {
             let e = Tokens::parse(text).err().unwrap_or_else(|| panic!("{text:?} parsed"));
             assert!(e.contains(expected), "{text:?}: {e}");

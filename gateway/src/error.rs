@@ -47,6 +47,10 @@ pub enum Error {
     Gone(String),
     #[error("the task queue is full; retry later")]
     QueueFull { retry_after_s: u64 },
+    /// One of the caller's limits ([`crate::quota`]): a rate (with the seconds until the next
+    /// is allowed) or a cap on what it holds at once.
+    #[error("{message}")]
+    Limited { limit: &'static str, message: String, retry_after_s: Option<u64> },
     /// NATS, JetStream or the archive cannot be reached; nothing was stored.
     #[error("{0}")]
     Unavailable(String),
@@ -115,7 +119,7 @@ impl Error {
             }
             Error::Gone(_) => StatusCode::GONE,
             Error::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            Error::QueueFull { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Error::QueueFull { .. } | Error::Limited { .. } => StatusCode::TOO_MANY_REQUESTS,
             Error::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Error::Config(_) | Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -135,6 +139,8 @@ impl Error {
             Error::Gone(_) => "gone",
             Error::UnsupportedMediaType(_) => "unsupported_media_type",
             Error::QueueFull { .. } => "queue_full",
+            Error::Limited { retry_after_s: Some(_), .. } => "rate_limited",
+            Error::Limited { retry_after_s: None, .. } => "quota_exceeded",
             Error::Unavailable(_) => "unavailable",
             Error::Config(_) | Error::Internal(_) => "internal",
         }
@@ -157,8 +163,18 @@ impl Error {
             Error::Conflict { status, .. } => Some(*status),
             _ => None,
         };
+        let limit = match self {
+            Error::Limited { limit, .. } => Some((*limit).to_owned()),
+            _ => None,
+        };
         ErrorBody {
-            error: ApiError { code: self.code().into(), message: self.to_string(), field, status },
+            error: ApiError {
+                code: self.code().into(),
+                message: self.to_string(),
+                field,
+                status,
+                limit,
+            },
         }
     }
 }
@@ -167,7 +183,8 @@ impl IntoResponse for Error {
     fn into_response(self) -> Response {
         let mut response = (self.status(), axum::Json(self.body())).into_response();
         match self {
-            Error::QueueFull { retry_after_s } => {
+            Error::QueueFull { retry_after_s }
+            | Error::Limited { retry_after_s: Some(retry_after_s), .. } => {
                 response
                     .headers_mut()
                     .insert(header::RETRY_AFTER, HeaderValue::from(retry_after_s));
@@ -215,6 +232,8 @@ mod tests {
             Error::Gone(s()),
             Error::UnsupportedMediaType(s()),
             Error::QueueFull { retry_after_s: 1 },
+            Error::Limited { limit: "submits_per_s", message: s(), retry_after_s: Some(1) },
+            Error::Limited { limit: "websockets", message: s(), retry_after_s: None },
             Error::Unavailable(s()),
             Error::Config(s()),
             Error::Internal(s()),

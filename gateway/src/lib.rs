@@ -3,7 +3,7 @@
 //! waits for the work itself.
 //!
 //! Reading order: [`config`], [`app`] (shared state), [`auth`] (API tokens, principals, who
-//! sees what), [`tickets`] (single-use WebSocket tickets), [`tasks`] (the operations, the submit hot
+//! sees what), [`quota`] (what one principal may take), [`tickets`] (single-use WebSocket tickets), [`tasks`] (the operations, the submit hot
 //! path), [`control`] (cancel, pause, resume, retry), [`lanes`] (lane depth and pause), [`http`]
 //! (axum routes), [`nats_api`] (the same operations as a NATS service), [`ws`] (live events of
 //! a session), [`ui`] (the embedded web page), [`error`] (one error type, one mapping to
@@ -19,6 +19,7 @@ pub mod http;
 pub mod lanes;
 pub mod metrics;
 pub mod nats_api;
+pub mod quota;
 pub mod tasks;
 pub mod tickets;
 pub mod ui;

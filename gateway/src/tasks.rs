@@ -74,6 +74,8 @@ async fn submit_inner(
     idempotency_key: Option<&str>,
     trace: &TraceParent,
 ) -> Result<Submitted, Error> {
+    // Before anything is read: a flood of bad bodies costs its sender's rate as well.
+    app.quotas.submit(caller)?;
     let spec = TaskSpec::parse(body)?;
     if let Some(key) = idempotency_key
         && (key.is_empty() || key.len() > MAX_IDEMPOTENCY_KEY)

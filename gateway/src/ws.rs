@@ -72,6 +72,8 @@ pub async fn upgrade(
         None => app.auth.caller(&headers)?,
     };
     let session = params.scope(&caller)?;
+    // Held by the socket until it closes.
+    let permits = (app.quotas.socket(&caller)?, app.quotas.watch(&caller, &session)?);
     let Some(Extension(hub)) = hub else {
         return Err(Error::Unavailable("this router serves no WebSocket hub".into()));
     };
@@ -95,7 +97,10 @@ pub async fn upgrade(
         .max_frame_size(max_message);
     let tracker = hub.tracker();
     Ok(ws.on_upgrade(move |websocket| {
-        tracker.track_future(socket::serve(websocket, app, subscription, start, hub))
+        tracker.track_future(async move {
+            let _permits = permits;
+            socket::serve(websocket, app, subscription, start, hub).await
+        })
     }))
 }
 

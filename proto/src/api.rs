@@ -17,6 +17,10 @@ pub struct ApiError {
     /// With `conflict` (409): the task's current status, which did not allow the verb.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub status: Option<Status>,
+    /// With `rate_limited` and `quota_exceeded` (429): which of the caller's limits refused it
+    /// (`submits_per_s`, `websockets`, `watched_sessions`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<String>,
 }
 
 /// A control verb on one task.

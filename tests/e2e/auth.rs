@@ -627,3 +627,88 @@ async fn a_record_a_worker_built_first_gets_its_submitters_owner() {
     let stored = claw_tests::record(&topo, lost.id.as_str()).await.unwrap();
     assert_eq!((stored.owner.as_deref(), stored.status), (Some("alice"), Status::Queued));
 }
+
+/// Issue 12, quotas: each principal's limits from the tokens file. A principal over its submit
+/// rate gets 429 `rate_limited` naming the limit, with `Retry-After`; past its open sockets or
+/// watched sessions, 429 `quota_exceeded`; another principal is not touched; `/metrics` counts
+/// each refusal by limit. Before, nothing limited a principal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_principal_over_its_limits_gets_429s_that_name_them() {
+    let nats = Nats::start();
+    let topo = nats.topology(&test_settings()).await;
+    let tokens = nats.dir.path().join("tokens.toml");
+    let limited = "[principals.alice.limits]\nsubmits_per_s = 1\nsubmit_burst = 3\n\
+                   websockets = 2\nwatched_sessions = 1\n";
+    std::fs::write(&tokens, format!("{}\n{limited}", tokens_file())).unwrap();
+    let gw = Gateway::start(&topo, &["--tokens", tokens.to_str().unwrap()]).await;
+    let submit = |token: &'static str| {
+        let url = gw.url("/v1/tasks");
+        async move {
+            reqwest::Client::new()
+                .post(url)
+                .bearer_auth(token)
+                .header("content-type", "application/json")
+                .body(json!({"kind": "sleep"}).to_string())
+                .send()
+                .await
+                .unwrap()
+        }
+    };
+    for _ in 0..3 {
+        assert_eq!(submit(ALICE).await.status(), StatusCode::ACCEPTED);
+    }
+    let refused_submit = submit(ALICE).await;
+    assert_eq!(refused_submit.status(), StatusCode::TOO_MANY_REQUESTS);
+    let retry_after = refused_submit.headers()["retry-after"].to_str().unwrap().parse::<u64>();
+    assert!(matches!(retry_after, Ok(1..=2)), "{retry_after:?}");
+    let body: Value = refused_submit.json().await.unwrap();
+    assert_eq!(
+        (body["error"]["code"].as_str(), body["error"]["limit"].as_str()),
+        (Some("rate_limited"), Some("submits_per_s")),
+        "{body}"
+    );
+    // bob has the defaults, untouched by alice's use.
+    assert_eq!(submit(BOB).await.status(), StatusCode::ACCEPTED);
+
+    // Sockets: two open at once, over one watched session.
+    let open = |query: &'static str| {
+        tokio_tungstenite::connect_async(ws_request(
+            &gw,
+            query,
+            &[("authorization", format!("Bearer {ALICE}"))],
+        ))
+    };
+    let (first, _) = open("session=one").await.unwrap();
+    let quota = |query: &'static str, limit: &'static str| async move {
+        match open(query).await {
+            Err(tungstenite::Error::Http(response)) => {
+                assert_eq!(response.status(), 429);
+                let body: Value =
+                    serde_json::from_slice(response.body().as_deref().unwrap()).unwrap();
+                assert_eq!(body["error"]["code"], "quota_exceeded", "{body}");
+                assert_eq!(body["error"]["limit"], limit, "{body}");
+            }
+            other => panic!("expected 429 {limit}, got {other:?}"),
+        }
+    };
+    quota("session=two", "watched_sessions").await;
+    let (_second, _) = open("session=one").await.expect("the same session costs no more");
+    quota("session=one", "websockets").await;
+    // Closing a socket gives its place back.
+    drop(first);
+    wait_for("a socket's place back", WAIT, || async { open("session=one").await.ok() }).await;
+
+    let metrics = reqwest::Client::new()
+        .get(gw.url("/metrics"))
+        .bearer_auth(BOB)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for limit in ["submits_per_s", "websockets", "watched_sessions"] {
+        let line = format!("claw_gateway_refusals_total{{limit=\"{limit}\"}}");
+        assert!(metrics.contains(&line), "{line} in /metrics:\n{metrics}");
+    }
+}

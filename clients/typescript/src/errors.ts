@@ -12,6 +12,8 @@ const STATUS: Record<ErrorCode, number> = {
   payload_too_large: 413,
   unsupported_media_type: 415,
   queue_full: 429,
+  rate_limited: 429,
+  quota_exceeded: 429,
   unavailable: 503,
   internal: 500,
 };
@@ -31,8 +33,10 @@ export class ClawError extends Error {
   readonly field: string | undefined;
   /** With `conflict`: the task's current status, which did not allow the verb. */
   readonly taskStatus: Status | undefined;
-  /** With `queue_full` over HTTP: the `Retry-After` seconds. */
+  /** With `queue_full` and `rate_limited` over HTTP: the `Retry-After` seconds. */
   readonly retryAfterS: number | undefined;
+  /** With `rate_limited` and `quota_exceeded`: which of the principal's limits refused it. */
+  readonly limit: string | undefined;
 
   constructor(
     body: ApiErrorBody,
@@ -44,11 +48,12 @@ export class ClawError extends Error {
     this.field = body.field ?? undefined;
     this.taskStatus = body.status ?? undefined;
     this.retryAfterS = opts.retryAfterS;
+    this.limit = body.limit ?? undefined;
   }
 
-  /** Whether the same request may succeed later: the system was unreachable, or the queue full. */
+  /** Whether the same request may succeed later: the system was unreachable, the queue full, or the principal over its rate. */
   get retryable(): boolean {
-    return this.code === "unavailable" || this.code === "queue_full";
+    return this.code === "unavailable" || this.code === "queue_full" || this.code === "rate_limited";
   }
 
   /** The gateway (or NATS) could not be reached: `unavailable`, with what went wrong as cause. */
