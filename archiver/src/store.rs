@@ -367,6 +367,11 @@ fn sql_revision(revision: u64) -> i64 {
 }
 
 /// Archives a terminal revision; returns 1 when the row was inserted or moved forward.
+///
+/// A row whose record has left the bucket (`removed_at`) is the only memory of that task: a
+/// later record under the same id (a lane message that names it again, after JetStream's
+/// duplicate window) is another task, and does not overwrite the row of another owner. It stays
+/// in the bucket; a read by the first owner still finds the archived task (`tasks::get`).
 async fn archive(conn: &mut SqliteConnection, entry: &Entry) -> Result<u64, Error> {
     let r = &entry.record;
     let done = sqlx::query(
@@ -379,7 +384,8 @@ async fn archive(conn: &mut SqliteConnection, entry: &Entry) -> Result<u64, Erro
             priority = excluded.priority, created_at = excluded.created_at,
             finished_at = excluded.finished_at, record = excluded.record,
             owner = excluded.owner, removed_at = NULL
-         WHERE excluded.revision > tasks.revision",
+         WHERE excluded.revision > tasks.revision
+           AND (tasks.removed_at IS NULL OR tasks.owner IS excluded.owner)",
     )
     .bind(r.id.as_str())
     .bind(sql_revision(entry.revision))
@@ -394,6 +400,22 @@ async fn archive(conn: &mut SqliteConnection, entry: &Entry) -> Result<u64, Erro
     .bind(r.owner.as_deref())
     .execute(&mut *conn)
     .await?;
+    if done.rows_affected() == 0 {
+        let taken: Option<bool> = sqlx::query_scalar(
+            "SELECT removed_at IS NOT NULL AND owner IS NOT ? AND revision < ?
+             FROM tasks WHERE id = ?",
+        )
+        .bind(r.owner.as_deref())
+        .bind(sql_revision(entry.revision))
+        .bind(r.id.as_str())
+        .fetch_optional(&mut *conn)
+        .await?;
+        if taken == Some(true) {
+            tracing::warn!(task_id = %r.id, owner = ?r.owner,
+                "not archived: the id names an archived task of another owner");
+            metrics::counter!("claw_archiver_reused_ids_total").increment(1);
+        }
+    }
     Ok(done.rows_affected())
 }
 

@@ -352,28 +352,32 @@ async fn announce(app: &App, record: &TaskRecord) {
 /// another principal is 404 exactly like one that does not exist.
 pub async fn get(app: &App, caller: &Caller, id: &str) -> Result<TaskRecord, Error> {
     let id = TaskId::parse(id).map_err(|_| not_found(id))?;
-    let record = read(app, &id).await?;
-    if !caller.may_see(record.owner.as_deref()) {
-        return Err(not_found(id.as_str()));
+    app.ensure_connected()?;
+    let live = app.records.read(&id).await?;
+    if let Some(stored) = &live
+        && caller.may_see(stored.record.owner.as_deref())
+    {
+        return Ok(stored.record.clone());
     }
-    Ok(record)
+    // Not in the bucket, or someone else's record under an id that was the caller's: an id
+    // named again after its record left the bucket is another task, and the archive keeps the
+    // first one (`claw-archiver`'s store).
+    let archived = archived(app, &id).await;
+    match archived {
+        Ok(record) if caller.may_see(record.owner.as_deref()) => Ok(record),
+        Ok(_) => Err(not_found(id.as_str())),
+        Err(Error::NotFound(_)) => Err(not_found(id.as_str())),
+        // The bucket answered that the task is not the caller's; the archive's trouble does
+        // not change that.
+        Err(_) if live.is_some() => Err(not_found(id.as_str())),
+        Err(e) => Err(e),
+    }
 }
 
-/// The record whoever owns it: live from the bucket, else from the archive.
-async fn read(app: &App, id: &TaskId) -> Result<TaskRecord, Error> {
-    app.ensure_connected()?;
-    match app.records.read(id).await {
-        Ok(Some(stored)) => Ok(stored.record),
-        Ok(None) => {
-            let request = GetRequest { id: id.clone() };
-            archive_request(app, topology::ARCHIVE_GET, &request).await.map_err(|e| match e {
-                // One sentence for every missing task, archived or hidden.
-                Error::NotFound(_) => not_found(id.as_str()),
-                e => e,
-            })
-        }
-        Err(e) => Err(e.into()),
-    }
+/// The record as the archive keeps it.
+async fn archived(app: &App, id: &TaskId) -> Result<TaskRecord, Error> {
+    let request = GetRequest { id: id.clone() };
+    archive_request(app, topology::ARCHIVE_GET, &request).await
 }
 
 /// The answer for a task that does not exist or that the caller may not see.

@@ -161,3 +161,72 @@ async fn stored_payloads_leave_with_their_record() {
         claw_tests::stream_messages(&topo.js, claw_proto::topology::PAYLOADS_STREAM).await;
     assert!(objects <= 2, "only the two deleted markers are left, not the chunks: {objects}");
 }
+
+/// Issue 12, forged ids: once bob's finished record has left the bucket, the archive is the only
+/// memory of his task. A lane message that names the same id again (a NATS publisher, after the
+/// duplicate window: here through the spec's `id` under another `Nats-Msg-Id`) runs as another
+/// task, but its record does not overwrite bob's archived row, and bob's read still finds his
+/// own task. Before, the new terminal record replaced the row, and bob got 404.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_id_named_again_after_its_record_left_does_not_overwrite_the_archived_task() {
+    use async_nats::HeaderMap;
+    use claw_proto::topology::headers;
+    const BOB: &str = "claw_bob-retention-0123456789";
+    let nats = Nats::start();
+    let topo = nats.topology(&test_settings()).await;
+    let _archiver = start_archiver(&topo, &nats.dir.path().join("archive.sqlite"));
+    let _worker = start_worker(&topo, "ack_deadline_s = 2.0\n");
+    let tokens = nats.dir.path().join("tokens.toml");
+    std::fs::write(&tokens, format!("[principals.bob]\ntokens = [\"{BOB}\"]\n")).unwrap();
+    let gw = Gateway::start(&topo, &["--tokens", tokens.to_str().unwrap()]).await;
+    let http = reqwest::Client::new();
+    let bobs_get = |id: String| {
+        let request = http.get(gw.url(&format!("/v1/tasks/{id}"))).bearer_auth(BOB).send();
+        async move {
+            let response = request.await.map_err(|e| e.to_string())?;
+            let status = response.status();
+            let body: Value = response.json().await.map_err(|e| e.to_string())?;
+            if status.is_success() { Ok(body) } else { Err(format!("{status}: {body}")) }
+        }
+    };
+
+    let spec = json!({"kind": "sleep", "input": {"seconds": 0.1, "echo": "bob's"}});
+    let submitted = http
+        .post(gw.url("/v1/tasks"))
+        .bearer_auth(BOB)
+        .header("content-type", "application/json")
+        .body(spec.to_string())
+        .send()
+        .await
+        .unwrap();
+    let id = id_of(&submitted.json().await.unwrap());
+    wait_status(&topo, &id, Status::Succeeded).await;
+    wait_for("bob's record to leave the bucket", Duration::from_secs(20), || async {
+        record(&topo, &id).await.is_none().then_some(())
+    })
+    .await;
+
+    let mut h = HeaderMap::new();
+    h.insert(headers::MSG_ID, "forged-1");
+    let forged = json!({"kind": "sleep", "id": id, "input": {"seconds": 0.1, "echo": "forged"}});
+    topo.js
+        .publish_with_headers("tasks.short.normal", h, forged.to_string().into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    wait_for("the forged task to finish", Duration::from_secs(20), || async {
+        let forged = record(&topo, &id).await?;
+        (forged.status == Status::Succeeded).then_some(())
+    })
+    .await;
+    // Several retentions and sweeps: bob's task stays his, in the archive and to his reads.
+    holds_for("bob's archived task stays his", WATCH, || async {
+        let body = bobs_get(id.clone()).await?;
+        match (body["owner"].as_str(), body["result"]["echo"].as_str()) {
+            (Some("bob"), Some("bob's")) => Ok(()),
+            _ => Err(format!("bob reads {body}")),
+        }
+    })
+    .await;
+}
