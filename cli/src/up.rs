@@ -48,17 +48,29 @@ pub struct UpArgs {
 /// How long the services get to drain after the stop signal before the process gives up on them.
 const STOP_DEADLINE: Duration = Duration::from_secs(45);
 
-pub async fn run(args: UpArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
+/// The worker's configuration (`--worker-config`) with the secrets it names read. Called
+/// before the runtime starts, so that the variables they came from can leave the environment
+/// while the process has one thread (`claw_worker::Config::secret_vars`).
+pub fn worker_config(args: &UpArgs) -> anyhow::Result<claw_worker::Config> {
+    let mut config = match &args.worker_config {
+        Some(path) => claw_worker::Config::load(path)?,
+        None => claw_worker::Config::from_toml_str("")?,
+    };
+    config.read_secrets()?;
+    Ok(config)
+}
+
+pub async fn run(
+    args: UpArgs,
+    worker_config: claw_worker::Config,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     // Before starting anything: a public address without tokens, or a bad tokens file.
     args.gateway.check_exposure(args.http)?;
     claw_gateway::auth::Auth::load(args.gateway.tokens.as_deref())?;
     std::fs::create_dir_all(&args.data)
         .with_context(|| format!("creating data directory {}", args.data.display()))?;
     let data = args.data.canonicalize()?;
-    let worker_config = match &args.worker_config {
-        Some(path) => claw_worker::Config::load(path)?,
-        None => claw_worker::Config::from_toml_str("")?,
-    };
 
     let mut server = None;
     let nats_url = match &args.nats_url {

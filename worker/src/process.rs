@@ -1,7 +1,8 @@
-//! Running one attempt as a child process: its own process group, a clean environment and a
-//! fresh working directory, stdout read as JSON lines ([`crate::protocol`]), the stderr tail
-//! kept for the error, TERM → grace → KILL of the whole group when the attempt is stopped, and
-//! SIGSTOP / SIGCONT of the whole group while the attempt is paused.
+//! Running one attempt as a child process: its own process group, a clean environment (only
+//! `PATH` and the program's configured variables: nothing of the worker's, so none of its
+//! secrets), a fresh working directory, stdout read as JSON lines ([`crate::protocol`]), the
+//! stderr tail kept for the error, TERM → grace → KILL of the whole group when the attempt is
+//! stopped, and SIGSTOP / SIGCONT of the whole group while the attempt is paused.
 //!
 //! Both `exec` programs and `__run-task` children (long-class in-process kinds) go through
 //! [`run`], so limits, stop and pause are handled in this one place.
