@@ -11,7 +11,8 @@
 //! What this does not cover: a process of the same user can still read the secret files, and
 //! ptrace the process or read its memory (where every secret it uses lives) unless it is made
 //! non-dumpable ([`make_undumpable`]); a root process can do all of it. A boundary between a
-//! service and the programs it runs needs another user for them.
+//! service and the programs it runs needs another user for them (the worker's
+//! `[isolation] user`).
 
 use std::ffi::OsStr;
 use std::io;

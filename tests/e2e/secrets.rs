@@ -3,7 +3,7 @@
 //! `exec` program that looks for both where a child can look: its own environment and its
 //! parent's `/proc/<ppid>/environ`. The secrets come from variables (which the worker scrubs
 //! at start) and from files (`--nats-password-file`, `api_key_file`). Then the file flags end
-//! to end with the shipped roles.
+//! to end with the shipped roles, and children running as another user (`[isolation] user`).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -13,7 +13,8 @@ use claw_proto::topology::Settings;
 use claw_proto::{Status, TaskRecord};
 use claw_tests::deploy::{GatewayService, Service, Shipped, wait_for_worker};
 use claw_tests::{
-    Nats, archived_ids, bin, id_of, post_json, role_password, submit_direct, wait_for, write_script,
+    Nats, archived_ids, bin, id_of, post_json, role_password, submit_direct, wait_for, wait_status,
+    write_script,
 };
 use serde_json::json;
 
@@ -247,4 +248,64 @@ async fn services_connect_with_password_files_as_the_shipped_roles() {
     archiver.assert_running();
     let violations = nats.violations();
     assert!(violations.is_empty(), "{}", violations.join("\n"));
+}
+
+/// With `[isolation] user = "nobody"`, a worker running as root starts its programs as nobody,
+/// with no supplementary groups: they cannot read the worker's environment nor its password
+/// file (mode 0600). Skipped where the test does not run as root.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn children_run_as_the_configured_user() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: switching children to another user needs a worker running as root");
+        return;
+    }
+    let nobody = nix::unistd::User::from_name("nobody").unwrap().expect("a user nobody");
+    let nats = Nats::start_secure();
+    let dir = nats.dir.path();
+    let env = role_env_with_file(worker_env(&nats), dir, "worker");
+    let password_file = dir.join("worker.password");
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&password_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    // The test directory is root's 0700: the program reports on stdout, not into a file.
+    let script = format!(
+        "#!/bin/sh\nif cat {password_file:?} >/dev/null 2>&1; then f=true; else f=false; fi\n\
+         if cat /proc/$PPID/environ >/dev/null 2>&1; then e=true; else e=false; fi\n\
+         echo \"{{\\\"result\\\": {{\\\"uid\\\": $(id -u), \\\"gid\\\": $(id -g), \\\"groups\\\": \\\"$(id -G)\\\", \\\"file\\\": $f, \\\"environ\\\": $e, \\\"cwd\\\": \\\"$(pwd)\\\"}}}}\"\n"
+    );
+    let whoami = write_script(dir, "whoami.sh", &script);
+    // The program must be reachable for nobody: the test directory is not.
+    let programs = tempfile::Builder::new().prefix("claw-test-programs-").tempdir().unwrap();
+    std::fs::set_permissions(programs.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let program = programs.path().join("whoami.sh");
+    std::fs::copy(&whoami, &program).unwrap();
+    let toml = format!(
+        "name = \"w-nobody\"\nack_deadline_s = 5.0\n[isolation]\nuser = \"nobody\"\n\
+         [programs.whoami]\npath = {program:?}\n"
+    );
+    let config = dir.join("w-nobody.toml");
+    std::fs::write(&config, toml).unwrap();
+    let topology = nats.role_topology("gateway", &settings()).await;
+    let mut worker = Service::start(
+        dir,
+        "w-nobody",
+        "claw-worker",
+        &["--config", config.to_str().unwrap()],
+        &env,
+    );
+    let operator = claw_proto::connect::connect(&nats.role("operator"), "operator").await.unwrap();
+    wait_for_worker(&operator, &mut worker).await;
+    let id =
+        submit_direct(&topology, json!({"kind": "exec", "input": {"program": "whoami"}})).await;
+    let record = wait_status(&topology, id.as_str(), Status::Succeeded).await;
+    let result = record.result.expect("a result");
+    let (uid, gid) = (nobody.uid.as_raw(), nobody.gid.as_raw());
+    assert_eq!(
+        (result["uid"].as_u64(), result["gid"].as_u64()),
+        (Some(uid.into()), Some(gid.into()))
+    );
+    assert_eq!(result["groups"], gid.to_string(), "no supplementary groups: {result}");
+    assert_eq!(result["file"], false, "nobody read the worker's password file: {result}");
+    assert_eq!(result["environ"], false, "nobody read the worker's environment: {result}");
+    assert!(result["cwd"].as_str().unwrap().contains("claw-task-"), "{result}");
+    worker.assert_running();
 }
