@@ -324,8 +324,14 @@ impl Nats {
             nats_args.nats_user = Some(user.clone());
             nats_args.nats_inbox_prefix = Some(format!("_INBOX.{user}"));
         }
-        nats_args.nats_password.clone_from(&args.nats_password);
-        nats_args.nats_password_file.clone_from(&args.nats_password_file);
+        // Read here, so that a file that cannot be read is named (a connect error would be
+        // reported by its root cause alone, "entity not found").
+        nats_args.nats_password = match &args.nats_password_file {
+            Some(path) => Some(
+                claw_proto::secrets::read_file(path).map_err(|e| Error::Usage(e.to_string()))?,
+            ),
+            None => args.nats_password.clone(),
+        };
         nats_args.nats_creds.clone_from(&args.nats_creds);
         nats_args.nats_token.clone_from(&args.nats_token);
         if args.nats_inbox_prefix.is_some() {
