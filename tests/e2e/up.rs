@@ -27,7 +27,17 @@ struct Up {
 }
 
 impl Drop for Up {
+    /// SIGTERM first, so that `claw up` stops its nats-server (a SIGKILLed one leaves it
+    /// running), and SIGKILL if it has not exited after a while (a test that failed midway).
     fn drop(&mut self) {
+        claw_tests::signal(self.child.id(), libc::SIGTERM);
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
