@@ -1,4 +1,5 @@
-//! `claw-archiver`: the archiver as its own process. Parses flags, starts tracing, connects,
+//! `claw-archiver`: the archiver as its own process. Parses flags, removes the NATS secrets it
+//! was given in variables from its environment (`claw_proto::secrets`), starts tracing, connects,
 //! ensures the topology, turns ctrl-c / SIGTERM into a cancellation, and calls
 //! [`claw_archiver::run`] (the same function `claw up` and the tests call).
 
@@ -22,11 +23,18 @@ struct Cli {
     metrics: Option<std::net::SocketAddr>,
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    // SAFETY: the runtime, and with it every other thread, starts below.
+    #[allow(unsafe_code)]
+    unsafe {
+        claw_proto::secrets::scrub_env(&claw_proto::secrets::NATS_VARS);
+    }
     claw_proto::logs::init();
+    tokio::runtime::Runtime::new()?.block_on(serve(cli))
+}
 
+async fn serve(cli: Cli) -> anyhow::Result<()> {
     let client = connect::connect(&cli.nats, "claw-archiver")
         .await
         .map_err(|e| anyhow::anyhow!(e))

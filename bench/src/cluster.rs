@@ -213,9 +213,19 @@ impl Cluster {
 }
 
 /// Connects to one URL or a comma-separated list of them (async-nats does not split a string).
+/// A `user:password@` in the first URL (how `start_claw` names the admin user of `claw up`'s
+/// embedded server) becomes the connection's credentials, which async-nats does not take from a
+/// URL itself.
 pub async fn connect(url: &str) -> anyhow::Result<async_nats::Client> {
-    let urls: Vec<&str> = url.split(',').map(str::trim).collect();
-    Ok(async_nats::connect(urls).await?)
+    let urls: Vec<async_nats::ServerAddr> =
+        url.split(',').map(|u| u.trim().parse()).collect::<Result<_, _>>()?;
+    let options = match urls.first().map(|u| (u.username(), u.password())) {
+        Some((Some(user), Some(password))) => {
+            async_nats::ConnectOptions::with_user_and_password(user.into(), password.into())
+        }
+        _ => async_nats::ConnectOptions::new(),
+    };
+    Ok(options.connect(urls).await?)
 }
 
 /// Fails unless every stream (the task lanes, the KV buckets, progress) has 3 replicas, so a row

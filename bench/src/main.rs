@@ -145,6 +145,7 @@ async fn start_claw(
         }
         None => {
             command.args(["--nats-port", &nats_port.to_string()]);
+            // Its admin user's password is known once `claw up` has written it (below).
             format!("nats://127.0.0.1:{nats_port}")
         }
     };
@@ -158,6 +159,9 @@ async fn start_claw(
         if let Ok(r) = client.get(format!("{}/readyz", system.url)).send().await
             && r.status().is_success()
         {
+            if system.servers.is_none() {
+                system.nats_url = embedded_admin_url(system._dir.path(), nats_port)?;
+            }
             return Ok(system);
         }
         if let Some(status) = system.child.try_wait()? {
@@ -168,6 +172,16 @@ async fn start_claw(
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// `nats://admin:<password>@127.0.0.1:<port>`: the embedded server's admin user, from the
+/// context file `claw up` writes into its data directory (`cluster::connect` takes the
+/// credentials out of the URL).
+fn embedded_admin_url(data: &Path, port: u16) -> anyhow::Result<String> {
+    let file = data.join("nats").join("context").join("admin.json");
+    let context: serde_json::Value = serde_json::from_slice(&std::fs::read(&file)?)?;
+    let password = context["password"].as_str().context("a password in admin.json")?;
+    Ok(format!("nats://admin:{password}@127.0.0.1:{port}"))
 }
 
 const NOOP: &str = r#"{"kind":"sleep","input":{"seconds":0}}"#;
@@ -454,7 +468,7 @@ async fn concurrency(args: &Args) -> anyhow::Result<()> {
     let system = start_system_with(&format!("max_concurrent = {n}\nshort_slots = {n}\n")).await?;
     let pid = system.child.id();
     let idle = ws::rss_kib(pid)?;
-    let client = async_nats::connect(&system.nats_url).await?;
+    let client = cluster::connect(&system.nats_url).await?;
     let js = async_nats::jetstream::new(client);
     let task = format!(r#"{{"kind":"sleep","input":{{"seconds":{}}}}}"#, args.sleep_s);
     let started = Instant::now();

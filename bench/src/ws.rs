@@ -105,7 +105,7 @@ pub async fn fanout(
             })
         })
         .collect();
-    let client = async_nats::connect(nats_url).await?;
+    let client = crate::cluster::connect(nats_url).await?;
     let started = Instant::now();
     let mut published = 0;
     while published < events {

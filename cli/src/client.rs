@@ -47,6 +47,15 @@ pub struct ClientArgs {
     pub nats_user: Option<String>,
     #[arg(long = "nats-password", env = "NATS_PASSWORD", hide_env_values = true, global = true)]
     pub nats_password: Option<String>,
+    /// A file holding the NATS password (its text without a trailing newline), instead of
+    /// --nats-password.
+    #[arg(
+        long = "nats-password-file",
+        env = "NATS_PASSWORD_FILE",
+        conflicts_with = "nats_password",
+        global = true
+    )]
+    pub nats_password_file: Option<PathBuf>,
     /// Reply inbox prefix; role users may only read their own (`_INBOX.<user>`, the default
     /// when --nats-user is given).
     #[arg(long = "nats-inbox-prefix", env = "NATS_INBOX_PREFIX", global = true)]
@@ -310,9 +319,20 @@ pub struct Nats {
 
 impl Nats {
     async fn connect(args: &ClientArgs, url: &str) -> Result<Nats, Error> {
-        let mut nats_args = match (&args.nats_user, &args.nats_password) {
-            (Some(user), Some(password)) => NatsArgs::url(url).with_user(user, password),
-            _ => NatsArgs::url(url),
+        let mut nats_args = NatsArgs::url(url);
+        if let Some(user) = &args.nats_user
+            && (args.nats_password.is_some() || args.nats_password_file.is_some())
+        {
+            nats_args.nats_user = Some(user.clone());
+            nats_args.nats_inbox_prefix = Some(format!("_INBOX.{user}"));
+        }
+        // Read here, so that a file that cannot be read is named (a connect error would be
+        // reported by its root cause alone, "entity not found").
+        nats_args.nats_password = match &args.nats_password_file {
+            Some(path) => Some(
+                claw_proto::secrets::read_file(path).map_err(|e| Error::Usage(e.to_string()))?,
+            ),
+            None => args.nats_password.clone(),
         };
         nats_args.nats_creds.clone_from(&args.nats_creds);
         nats_args.nats_token.clone_from(&args.nats_token);

@@ -50,15 +50,31 @@ fn main() -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Up(args) => {
             claw_proto::logs::init();
+            let worker_config = claw_cli::up::worker_config(&args)?;
+            // SAFETY: no other thread exists yet: the runtime starts below.
+            #[allow(unsafe_code)]
+            unsafe {
+                claw_proto::secrets::scrub_env(&worker_config.secret_vars());
+            }
+            // Task programs are this process's children: none may read its memory.
+            if let Err(e) = claw_proto::secrets::make_undumpable() {
+                tracing::warn!(error = %e, "cannot make claw up non-dumpable");
+            }
             let runtime = tokio::runtime::Runtime::new()?;
             runtime.block_on(async {
                 let shutdown = claw_proto::signal::cancel_on_shutdown();
-                claw_cli::up::run(args, shutdown).await
+                claw_cli::up::run(args, worker_config, shutdown).await
             })?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Token(command) => Ok(ExitCode::from(claw_cli::token::run(command))),
         Command::Client(command) => {
+            // SAFETY: no other thread exists yet: the runtime starts below. (A client starts
+            // no programs; this only keeps its secrets out of its own `/proc/<pid>/environ`.)
+            #[allow(unsafe_code)]
+            unsafe {
+                claw_proto::secrets::scrub_env(&["NATS_PASSWORD", "NATS_TOKEN", "CLAW_TOKEN"]);
+            }
             // A client's stderr is for its one-line error; logs only when asked for.
             if let Ok(filter) = tracing_subscriber::EnvFilter::try_from_env("RUST_LOG") {
                 tracing_subscriber::fmt()

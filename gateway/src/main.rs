@@ -1,7 +1,8 @@
 //! `claw-gateway`: the gateway as its own process (production layout). Parses configuration,
 //! refuses a public address without API tokens and a tokens file that does not parse (before
 //! touching NATS, so the mistake is the first thing said), connects to NATS, ensures the topology, binds the HTTP address and calls
-//! [`claw_gateway::run`] until SIGINT or SIGTERM.
+//! [`claw_gateway::run`] until SIGINT or SIGTERM. The NATS secrets it was given in variables
+//! leave its environment before any thread starts (`claw_proto::secrets`).
 
 use std::net::SocketAddr;
 
@@ -25,10 +26,18 @@ struct Cli {
     gateway: claw_gateway::Config,
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    // SAFETY: the runtime, and with it every other thread, starts below.
+    #[allow(unsafe_code)]
+    unsafe {
+        claw_proto::secrets::scrub_env(&claw_proto::secrets::NATS_VARS);
+    }
     claw_proto::logs::init();
+    tokio::runtime::Runtime::new()?.block_on(serve(cli))
+}
+
+async fn serve(cli: Cli) -> anyhow::Result<()> {
     cli.gateway.check_exposure(cli.http)?;
     claw_gateway::auth::Auth::load(cli.gateway.tokens.as_deref())?;
     let client = connect::connect(&cli.nats, "claw-gateway").await?;

@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use async_nats::{Client, ConnectOptions, Event};
 
+use crate::secrets;
+
 /// Connection flags shared by every binary.
 #[derive(Clone, Debug, clap::Args)]
 pub struct NatsArgs {
@@ -18,11 +20,22 @@ pub struct NatsArgs {
     /// A token for token authentication.
     #[arg(long = "nats-token", env = "NATS_TOKEN", hide_env_values = true)]
     pub nats_token: Option<String>,
-    /// User for user/password authentication (with --nats-password).
+    /// User for user/password authentication (with --nats-password or --nats-password-file).
     #[arg(long = "nats-user", env = "NATS_USER")]
     pub nats_user: Option<String>,
+    /// The user's password. Prefer --nats-password-file: a variable or an argument can be read
+    /// by other processes of the same user (`/proc/<pid>/environ`, `ps`); the variable is
+    /// removed from the environment at start, but only once the process runs.
     #[arg(long = "nats-password", env = "NATS_PASSWORD", hide_env_values = true)]
     pub nats_password: Option<String>,
+    /// A file holding the user's password (its text without a trailing newline), read at
+    /// connect. Not with --nats-password.
+    #[arg(
+        long = "nats-password-file",
+        env = "NATS_PASSWORD_FILE",
+        conflicts_with = "nats_password"
+    )]
+    pub nats_password_file: Option<PathBuf>,
     /// A file holding an nkey seed (`SU...`) for nkey authentication.
     #[arg(long = "nats-nkey", env = "NATS_NKEY")]
     pub nats_nkey: Option<PathBuf>,
@@ -55,6 +68,7 @@ impl NatsArgs {
             nats_token: None,
             nats_user: None,
             nats_password: None,
+            nats_password_file: None,
             nats_nkey: None,
             nats_inbox_prefix: None,
             nats_tls_ca: None,
@@ -70,8 +84,18 @@ impl NatsArgs {
         NatsArgs {
             nats_user: Some(user.to_owned()),
             nats_password: Some(password.to_owned()),
+            nats_password_file: None,
             nats_inbox_prefix: Some(format!("_INBOX.{user}")),
             ..self.clone()
+        }
+    }
+
+    /// The password: `--nats-password`, or the text of `--nats-password-file` (read now, so a
+    /// missing file is an error at start that names it).
+    pub fn password(&self) -> Result<Option<String>, secrets::FileError> {
+        match &self.nats_password_file {
+            Some(path) => secrets::read_file(path).map(Some),
+            None => Ok(self.nats_password.clone()),
         }
     }
 }
@@ -117,8 +141,8 @@ async fn connect_inner(args: &NatsArgs, name: &str) -> Result<Client, async_nats
     if let Some(token) = &args.nats_token {
         options = options.token(token.clone());
     }
-    if let (Some(user), Some(password)) = (&args.nats_user, &args.nats_password) {
-        options = options.user_and_password(user.clone(), password.clone());
+    if let (Some(user), Some(password)) = (&args.nats_user, args.password()?) {
+        options = options.user_and_password(user.clone(), password);
     }
     if let Some(path) = &args.nats_nkey {
         let seed = std::fs::read_to_string(path)

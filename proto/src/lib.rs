@@ -7,11 +7,12 @@
 //! one idempotent `ensure`), [`records`] (reading, creating and compare-and-setting task records:
 //! the one place every service does it), [`payloads`] (inputs and results too large for a record,
 //! in the object store), [`queue`] (publishing a task back to its lane, and which task a lane
-//! message carries), [`connect`] (how every process dials NATS) and [`nats_server`]
+//! message carries), [`connect`] (how every process dials NATS), [`secrets`] (secrets from
+//! files, and scrubbed from the environment before a child can read them) and [`nats_server`]
 //! (finding and starting a local nats-server for `claw up` and the tests), [`logs`] (the
 //! binaries' log set-up, text or JSON), [`metrics`] (the Prometheus recorder and `/metrics`), [`signal`] (the stop signal), [`trace`] (W3C `traceparent` from submit to worker).
 //!
-//! Only `topology`, `records`, `payloads`, `queue`, `connect`, `nats_server` and `metrics` do I/O; the model modules are plain data.
+//! Only `topology`, `records`, `payloads`, `queue`, `connect`, `secrets`, `nats_server` and `metrics` do I/O; the model modules are plain data.
 
 pub mod api;
 pub mod connect;
@@ -24,6 +25,7 @@ pub mod nats_server;
 pub mod payloads;
 pub mod queue;
 pub mod records;
+pub mod secrets;
 pub mod signal;
 pub mod spec;
 pub mod task;

@@ -259,6 +259,15 @@ async fn errors_are_one_line_on_stderr_with_their_exit_code() {
     assert!(out.error_line().contains("needs --nats-url"), "{out:?}");
     let out = claw(&["submit"]).await;
     assert_eq!(out.code, 2, "clap's usage error: {out:?}");
+    let missing = s.nats.dir.path().join("no-such-password-file");
+    let missing = missing.to_str().unwrap();
+    let out =
+        nats(&s.nats, &["get", "x", "--nats-user", "u", "--nats-password-file", missing]).await;
+    assert_eq!(out.code, 2, "{out:?}");
+    assert!(
+        out.error_line().starts_with(&format!("claw: cannot read the secret file {missing}")),
+        "{out:?}"
+    );
 
     // Nothing listens on a port we just had and closed.
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();

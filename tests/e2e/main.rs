@@ -20,6 +20,7 @@ mod permissions;
 mod pipeline;
 mod reconcile;
 mod retention;
+mod secrets;
 mod shipped;
 mod soak;
 mod topology;

@@ -51,6 +51,7 @@ use crate::dlq;
 use crate::events;
 use crate::handler::Registry;
 use crate::lease::Contact;
+use crate::limits::ChildUser;
 use crate::outcome::{Decision, ack_of, label};
 use crate::{settle, supervise};
 
@@ -78,6 +79,8 @@ pub(crate) struct Worker {
     pub catalog: Catalog,
     pub limits: Limits,
     pub runner: PathBuf,
+    /// Whom child processes run as (`[isolation] user`); `None`: the worker's own user.
+    pub child_user: Option<ChildUser>,
     /// The shorter of the configured and the consumers' actual ack deadline.
     pub ack_deadline: Duration,
     /// Fired when the drain deadline passes: running attempts stop and hand their message back.

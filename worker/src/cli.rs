@@ -1,6 +1,7 @@
 //! The worker's command line: what `claw-worker` runs, and what a team's own worker binary runs
-//! with its own kinds (see `examples/custom-worker`): flags and the TOML file, logs, connect,
-//! ensure the topology with this worker's ack deadline, run until SIGINT/SIGTERM.
+//! with its own kinds (see `examples/custom-worker`): flags and the TOML file, logs, the
+//! secrets read and scrubbed from the environment, connect, ensure the topology with this
+//! worker's ack deadline, run until SIGINT/SIGTERM.
 //!
 //! The `__run-task` child side of long-class tasks is dispatched first, before any flag parsing,
 //! because the worker starts this same executable for it.
@@ -33,6 +34,10 @@ struct Args {
 /// Runs a worker process with the kinds `registry` builds from the configuration; long-class
 /// tasks of in-process kinds run in `<this executable> __run-task` with `child_registry`,
 /// which must know the same in-process kinds (a child gets no configuration).
+///
+/// Call it first thing in `main`, before any thread is started: it removes the secret
+/// variables it read (`Config::secret_vars`) from the process's environment, which is only
+/// sound while the process has one thread.
 pub fn main_with(
     registry: impl FnOnce(&Config) -> Registry,
     child_registry: impl FnOnce() -> Registry,
@@ -42,10 +47,22 @@ pub fn main_with(
     }
     let args = Args::parse();
     claw_proto::logs::init();
-    let config = match &args.config {
+    let mut config = match &args.config {
         Some(path) => Config::load(path)?,
         None => Config::from_toml_str("")?,
     };
+    config.read_secrets()?;
+    // SAFETY: no other thread exists yet: the runtime starts below, and neither the flags,
+    // the logger nor the configuration start one.
+    #[allow(unsafe_code)]
+    let scrubbed = unsafe { claw_proto::secrets::scrub_env(&config.secret_vars()) };
+    if !scrubbed.is_empty() {
+        tracing::info!(variables = ?scrubbed, "secrets read and removed from the environment");
+    }
+    // Task programs are the worker's children: none may read its memory or ptrace it.
+    if let Err(e) = claw_proto::secrets::make_undumpable() {
+        tracing::warn!(error = %e, "cannot make the worker non-dumpable");
+    }
     let registry = registry(&config);
     tokio::runtime::Runtime::new()?.block_on(serve(args, config, registry))
 }

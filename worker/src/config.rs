@@ -275,6 +275,14 @@ impl Config {
             }
         }
         self.check_limits()?;
+        if let Some(llm) = &self.llm
+            && llm.api_key_env.is_some()
+            && llm.api_key_file.is_some()
+        {
+            return Err(Error::Config(
+                "llm.api_key_env and llm.api_key_file are both set: the key comes from one".into(),
+            ));
+        }
         let r = &self.retry;
         if r.initial_ms == 0 || r.max_ms < r.initial_ms || r.multiplier < 1.0 {
             return Err(Error::Config(
@@ -391,6 +399,29 @@ impl Config {
             default_max_attempts: l.default_max_attempts,
             max_attempts_cap: l.max_attempts_cap,
         }
+    }
+
+    /// Reads the secrets the configuration names (the llm kind's API key, from its file or its
+    /// variable) into it, once at start and before [`Config::secret_vars`] are removed from the
+    /// environment. A key file that cannot be read is an error; an unset variable is not (the
+    /// worker starts, and its `llm` tasks fail saying why, as they do without this call).
+    pub fn read_secrets(&mut self) -> Result<(), Error> {
+        let Some(llm) = &mut self.llm else { return Ok(()) };
+        match llm.key() {
+            Ok(key) => llm.api_key = key,
+            Err(why) if llm.api_key_file.is_some() => return Err(Error::Config(why)),
+            Err(_) => {}
+        }
+        Ok(())
+    }
+
+    /// The environment variables holding secrets a worker with this configuration reads: the
+    /// NATS password and token, and the llm kind's `api_key_env`. The worker removes them from
+    /// its environment at start (`claw_proto::secrets::scrub_env`).
+    pub fn secret_vars(&self) -> Vec<String> {
+        let nats = claw_proto::secrets::NATS_VARS.iter().map(|v| v.to_string());
+        let llm = self.llm.as_ref().and_then(|l| l.api_key_env.clone());
+        nats.chain(llm).collect()
     }
 
     /// The executable for `__run-task` children.
@@ -606,6 +637,37 @@ mod tests {
         assert!(Config::from_toml_str("[isolation]\nmemory = 3").is_err());
         let c = Config::from_toml_str("[pools.long]\nmax = 1\n[pools.short]\nmin = 4").unwrap();
         assert_eq!((c.pool_range(Class::Long), c.pool_range(Class::Short)), ((1, 1), (4, 50)));
+    }
+
+    #[test]
+    fn the_llm_key_comes_from_one_place_and_a_missing_file_stops_the_start() {
+        let both = "[llm]\nbase_url = \"http://x\"\nmodel = \"m\"\napi_key_env = \"K\"\n\
+                    api_key_file = \"/k\"";
+        assert!(refused(both).contains("both set"), "{}", refused(both));
+        let dir = std::env::temp_dir().join(format!("claw-config-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("key");
+        std::fs::write(&file, "sk-test\n").unwrap();
+        let toml = |path: &Path| {
+            format!("[llm]\nbase_url = \"http://x\"\nmodel = \"m\"\napi_key_file = {path:?}")
+        };
+        let mut c = Config::from_toml_str(&toml(&file)).unwrap();
+        c.read_secrets().unwrap();
+        let key = c.llm.as_ref().unwrap().api_key.clone().unwrap();
+        assert_eq!(key.0, "sk-test");
+        // A logged configuration does not show it.
+        assert!(!format!("{c:?}").contains("sk-test"));
+        let missing = dir.join("missing");
+        let mut c = Config::from_toml_str(&toml(&missing)).unwrap();
+        match c.read_secrets() {
+            Err(Error::Config(m)) => assert!(m.contains(&missing.display().to_string()), "{m}"),
+            other => panic!("{other:?}"),
+        }
+        std::fs::remove_dir_all(dir).unwrap();
+        let c =
+            Config::from_toml_str("[llm]\nbase_url = \"x\"\nmodel = \"m\"\napi_key_env = \"K\"");
+        let vars = c.unwrap().secret_vars();
+        assert_eq!(vars, ["NATS_PASSWORD", "NATS_TOKEN", "K"]);
     }
 
     /// The error of a config that must be refused.

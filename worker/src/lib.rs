@@ -59,6 +59,7 @@ pub use handler::{Context, Handler, Registry};
 use crate::attempt::Worker;
 use crate::capacity::Total;
 use crate::control::Controls;
+use crate::limits::ChildUser;
 use crate::pool::Pool;
 
 /// Runs a worker with the built-in kinds until `shutdown`, then drains (see [`run_with`]).
@@ -84,6 +85,7 @@ pub async fn run_with(
     let client = topology.js.client();
     let runner =
         config.runner().map_err(|e| Error::Config(format!("cannot find the runner: {e}")))?;
+    let child_user = child_user(&config.isolation)?;
     let ack_deadline = effective_ack_deadline(&topology, &config).await?;
     let worker = Arc::new(Worker {
         client: client.clone(),
@@ -94,6 +96,7 @@ pub async fn run_with(
         limits: config.admission_limits(),
         registry,
         runner,
+        child_user,
         ack_deadline,
         hand_back: CancellationToken::new(),
         controls: Arc::new(Controls::default()),
@@ -172,6 +175,24 @@ fn pool_gauges(
         metrics::gauge!("claw_worker_rss_bytes").set(sizing::rss_bytes() as f64);
         std::future::ready(())
     })
+}
+
+/// Whom child processes run as, checked once at start: `[isolation] user` needs a worker that
+/// runs as root, and a worker that runs as root without it says once that its task programs
+/// run as root too.
+fn child_user(isolation: &limits::IsolationConfig) -> Result<Option<ChildUser>, Error> {
+    let euid = nix::unistd::geteuid().as_raw();
+    let user = isolation.child_user(euid).map_err(Error::Config)?;
+    match user {
+        None if euid == 0 => tracing::warn!(
+            "the worker runs as root and [isolation] user is not set: task programs run as root \
+             too, and can read the worker's secrets and memory; set [isolation] user (e.g. \
+             \"nobody\")"
+        ),
+        None => {}
+        Some(ChildUser { uid, gid }) => tracing::info!(uid, gid, "child processes run as"),
+    }
+    Ok(user)
 }
 
 /// The ack deadline heartbeats and the lease are timed by: the configured one, or the lane

@@ -82,6 +82,69 @@ pub struct IsolationConfig {
     /// `RLIMIT_NPROC`: per real user, so it counts all the uid's processes. 0: not set.
     #[serde(default)]
     pub uid_processes: u64,
+    /// The user every child process runs as: a name, or a number. Needs the worker to run as
+    /// root (a worker that is not and has this set refuses to start). Unset (the default):
+    /// children run as the worker's own user, so they can read what it can (its configuration,
+    /// its secret files, and with root's capabilities its memory); a worker running as root
+    /// then warns at start.
+    #[serde(default)]
+    pub user: Option<String>,
+    /// The group children run as (a name or a number); default the user's own. Children get
+    /// no supplementary groups.
+    #[serde(default)]
+    pub group: Option<String>,
+}
+
+/// The user and group a child process is switched to before it execs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ChildUser {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+impl IsolationConfig {
+    /// The user children run as, from `user` and `group`, for a worker whose effective uid is
+    /// `euid`: `None` when unset; an error when the names are unknown, or when it is set and
+    /// the worker is not root (only root can switch users).
+    pub fn child_user(&self, euid: u32) -> Result<Option<ChildUser>, String> {
+        let Some(user) = &self.user else {
+            if self.group.is_some() {
+                return Err("isolation.group is set without isolation.user".into());
+            }
+            return Ok(None);
+        };
+        let entry = match user.parse::<u32>() {
+            Ok(uid) => nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid)),
+            Err(_) => nix::unistd::User::from_name(user),
+        };
+        let entry = entry.map_err(|e| format!("isolation.user = {user:?}: {e}"))?;
+        let (uid, user_gid) = match (entry, user.parse::<u32>()) {
+            (Some(e), _) => (e.uid.as_raw(), Some(e.gid.as_raw())),
+            (None, Ok(uid)) => (uid, None),
+            (None, Err(_)) => return Err(format!("isolation.user = {user:?}: no such user")),
+        };
+        let gid = match &self.group {
+            None => user_gid.ok_or_else(|| {
+                format!("isolation.user = {user:?} has no entry in the user database: set isolation.group")
+            })?,
+            Some(group) => match group.parse::<u32>() {
+                Ok(gid) => gid,
+                Err(_) => nix::unistd::Group::from_name(group)
+                    .map_err(|e| format!("isolation.group = {group:?}: {e}"))?
+                    .ok_or_else(|| format!("isolation.group = {group:?}: no such group"))?
+                    .gid
+                    .as_raw(),
+            },
+        };
+        if euid != 0 {
+            return Err(format!(
+                "isolation.user = {user:?} needs the worker to run as root (it runs as uid \
+                 {euid}), to switch its children to that user; unset it, or start the worker \
+                 as root"
+            ));
+        }
+        Ok(Some(ChildUser { uid, gid }))
+    }
 }
 
 /// The limits of one attempt's child, resolved from [`IsolationConfig`].
@@ -92,6 +155,8 @@ pub struct ChildLimits {
     pub open_files: Option<u64>,
     pub processes: Option<u64>,
     pub uid_processes: Option<u64>,
+    /// Whom the child runs as; `None`: the worker's own user.
+    pub user: Option<ChildUser>,
 }
 
 impl IsolationConfig {
@@ -102,11 +167,14 @@ impl IsolationConfig {
             open_files: default_open_files(),
             processes: default_processes(),
             uid_processes: 0,
+            user: None,
+            group: None,
         }
     }
 
-    /// The limits of an attempt whose timeout is `timeout_s`.
-    pub fn for_attempt(&self, timeout_s: u64) -> ChildLimits {
+    /// The limits of an attempt whose timeout is `timeout_s`, its child running as `user`
+    /// (resolved once at start, [`IsolationConfig::child_user`]).
+    pub fn for_attempt(&self, timeout_s: u64, user: Option<ChildUser>) -> ChildLimits {
         let some = |v: u64| (v > 0).then_some(v);
         ChildLimits {
             address_space: some(self.memory_mb.saturating_mul(1024 * 1024)),
@@ -114,6 +182,7 @@ impl IsolationConfig {
             open_files: some(self.open_files),
             processes: some(self.processes),
             uid_processes: some(self.uid_processes),
+            user,
         }
     }
 }
@@ -131,26 +200,48 @@ fn default_processes() -> u64 {
     256
 }
 
-/// Makes `cmd`'s child apply `limits` to itself before it execs, and leave the worker's own
+/// Makes `cmd`'s child apply `limits` to itself before it execs, leave the worker's own
 /// cgroup for the tasks' one when the worker has one (`cgroup.rs`): a task's memory is
-/// not the worker's.
+/// not the worker's; and then become `limits.user`, when set. The switch comes last because the
+/// steps before it need root's rights; the parent-death signal, which a change of user clears,
+/// is set after this hook (`process.rs`).
 #[allow(unsafe_code)]
 pub fn install(cmd: &mut tokio::process::Command, limits: ChildLimits) {
     let tasks_cgroup = crate::cgroup::tasks_procs();
     // SAFETY: the closure runs in the forked child before exec, where only async-signal-safe
     // calls are allowed. It calls setrlimit(2) (through nix, which passes a stack value to
-    // libc) with numbers copied into the closure beforehand, and open(2), write(2) and close(2)
-    // on a path that was a `&'static CStr` before the fork; it builds an io::Error from an errno
-    // on failure (no allocation): no locks, no heap, no shared state.
+    // libc) with numbers copied into the closure beforehand, open(2), write(2) and close(2)
+    // on a path that was a `&'static CStr` before the fork, and setgroups(2), setgid(2) and
+    // setuid(2) with ids copied in; it builds an io::Error from an errno on failure (no
+    // allocation): no locks, no heap, no shared state.
     unsafe {
         cmd.pre_exec(move || {
             apply(&limits)?;
             if let Some(procs) = tasks_cgroup {
                 join_cgroup(procs);
             }
+            if let Some(user) = limits.user {
+                become_user(user)?;
+            }
             Ok(())
         });
     }
+}
+
+/// Switches the calling (forked, not yet exec'd) process to `user`: no supplementary groups,
+/// then the group, then the user, in that order because each step needs the rights the next
+/// one gives up. `setuid` as root sets the real, effective and saved uid, so the program can
+/// never switch back.
+#[allow(unsafe_code)]
+fn become_user(user: ChildUser) -> io::Result<()> {
+    let check = |rc: libc::c_int| if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) };
+    // SAFETY: plain syscalls on integers; a failure is only a return value and errno.
+    unsafe {
+        check(libc::setgroups(0, std::ptr::null()))?;
+        check(libc::setgid(user.gid))?;
+        check(libc::setuid(user.uid))?;
+    }
+    Ok(())
 }
 
 /// Moves the calling process into the cgroup whose `cgroup.procs` is `procs` (writing `0`
@@ -273,20 +364,44 @@ mod tests {
     #[test]
     fn defaults_and_zero_means_none() {
         let c = IsolationConfig::standard();
-        let l = c.for_attempt(60);
+        let l = c.for_attempt(60, None);
         assert_eq!(l.address_space, Some(500 * 1024 * 1024));
         assert_eq!(
             (l.cpu_s, l.open_files, l.processes, l.uid_processes),
             (Some(60), Some(256), Some(256), None)
         );
         let c = IsolationConfig { memory_mb: 0, cpu_s: Some(0), open_files: 0, ..c };
-        let l = c.for_attempt(60);
+        let l = c.for_attempt(60, None);
         assert_eq!((l.address_space, l.cpu_s, l.open_files), (None, None, None));
     }
 
     #[test]
+    fn the_child_user_is_resolved_and_needs_root() {
+        let with = |user: Option<&str>, group: Option<&str>| IsolationConfig {
+            user: user.map(str::to_owned),
+            group: group.map(str::to_owned),
+            ..IsolationConfig::standard()
+        };
+        assert_eq!(with(None, None).child_user(1000), Ok(None));
+        let root = nix::unistd::User::from_name("root").unwrap().expect("a root entry");
+        assert_eq!(
+            with(Some("root"), None).child_user(0),
+            Ok(Some(ChildUser { uid: 0, gid: root.gid.as_raw() }))
+        );
+        assert_eq!(
+            with(Some("12345"), Some("54321")).child_user(0),
+            Ok(Some(ChildUser { uid: 12345, gid: 54321 }))
+        );
+        let e = with(Some("root"), None).child_user(1000).unwrap_err();
+        assert!(e.contains("needs the worker to run as root") && e.contains("1000"), "{e}");
+        let e = with(Some("no-such-user-here"), None).child_user(0).unwrap_err();
+        assert!(e.contains("no such user"), "{e}");
+        assert!(with(None, Some("root")).child_user(0).unwrap_err().contains("without"));
+    }
+
+    #[test]
     fn limits_are_named() {
-        let l = IsolationConfig::standard().for_attempt(10);
+        let l = IsolationConfig::standard().for_attempt(10, None);
         let code =
             |s, tail: &str, secs| classify(s, tail, &l, Duration::from_secs(secs)).map(|e| e.code);
         assert_eq!(code(exit(1), "Traceback...\nMemoryError", 1).as_deref(), Some("limit_memory"));

@@ -1,7 +1,9 @@
-//! Running one attempt as a child process: its own process group, a clean environment and a
-//! fresh working directory, stdout read as JSON lines ([`crate::protocol`]), the stderr tail
-//! kept for the error, TERM → grace → KILL of the whole group when the attempt is stopped, and
-//! SIGSTOP / SIGCONT of the whole group while the attempt is paused.
+//! Running one attempt as a child process: its own process group, a clean environment (only
+//! `PATH` and the program's configured variables: nothing of the worker's, so none of its
+//! secrets), a fresh working directory, the `[isolation]` limits and user, stdout read as JSON
+//! lines ([`crate::protocol`]), the stderr tail kept for the error, TERM → grace → KILL of the
+//! whole group when the attempt is stopped, and SIGSTOP / SIGCONT of the whole group while the
+//! attempt is paused.
 //!
 //! Both `exec` programs and `__run-task` children (long-class in-process kinds) go through
 //! [`run`], so limits, stop and pause are handled in this one place.
@@ -74,6 +76,13 @@ pub async fn run(spawn: Spawn, ctx: &Context, kill_grace: Duration) -> Result<Va
         .prefix(&workdir_prefix(std::process::id()))
         .tempdir()
         .map_err(|e| TaskError::new("workdir", format!("cannot create a work dir: {e}"), true))?;
+    let limits = ctx.child_limits().unwrap_or_default();
+    if let Some(user) = limits.user {
+        // Its own: the child starts in it, after it became that user (mode 0700 stays).
+        std::os::unix::fs::chown(workdir.path(), Some(user.uid), Some(user.gid)).map_err(|e| {
+            TaskError::new("workdir", format!("cannot give the work dir to {user:?}: {e}"), true)
+        })?;
+    }
     let path = std::env::var("PATH").unwrap_or_else(|_| DEFAULT_PATH.to_owned());
     let mut cmd = Command::new(&spawn.program);
     cmd.args(&spawn.args)
@@ -87,10 +96,10 @@ pub async fn run(spawn: Spawn, ctx: &Context, kill_grace: Duration) -> Result<Va
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true);
-    let limits = ctx.child_limits().unwrap_or_default();
     if ctx.child_limits().is_some() {
         limits::install(&mut cmd, limits);
     }
+    // After `install`: a change of user clears the parent-death signal.
     die_with_the_worker(&mut cmd);
     let started = std::time::Instant::now();
     let mut child = cmd.spawn().map_err(|e| {

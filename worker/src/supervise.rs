@@ -62,7 +62,7 @@ pub(crate) async fn supervise(d: &Delivery, held: &mut Held, control: &Registrat
             Err(e) => return Outcome::Failed(input_error(e)),
         }
     }
-    let limits = w.config.isolation.for_attempt(task.timeout_s);
+    let limits = w.config.isolation.for_attempt(task.timeout_s, w.child_user);
     let ctx = Context::new(CancellationToken::new()).with_child_limits(limits);
     let in_child =
         task.class == Class::Long && !handler.spawns_process() && handler.runs_in_child();

@@ -1,6 +1,6 @@
 // The real parts of the plugin's end-to-end test: the task system as `claw up` runs it (the
-// `claw` binary from `cargo build`, its embedded nats-server, a worker configuration with the
-// test's `slow-job` program), and an OpenClaw gateway from npm (`scripts/install-openclaw`),
+// `claw` binary from `cargo build`, its embedded nats-server with its users, a worker
+// configuration with the test's `slow-job` program), and an OpenClaw gateway from npm (`scripts/install-openclaw`),
 // offline, on a mock model, with this plugin loaded from its directory. Both on free ports in a
 // temporary directory; the OpenClaw gateway can be killed and started again on the same state.
 import { spawn, execFile, type ChildProcess } from "node:child_process";
@@ -74,28 +74,45 @@ class Proc {
   }
 }
 
+/** A user of `claw up`'s NATS, as the plugin's `nats` settings name its credentials. */
+export interface NatsUser {
+  user: string;
+  password: string;
+  inboxPrefix: string;
+}
+
 /** `claw up` with the test's worker configuration. */
 export class ClawUp {
   readonly httpUrl: string;
   readonly natsUrl: string;
+  readonly #data: string;
   readonly #proc: Proc;
-  private constructor(httpUrl: string, natsUrl: string, proc: Proc) {
+  private constructor(httpUrl: string, natsUrl: string, data: string, proc: Proc) {
     this.httpUrl = httpUrl;
     this.natsUrl = natsUrl;
+    this.#data = data;
     this.#proc = proc;
+  }
+
+  /** The credentials of `role` on the embedded server, from the context file `claw up`
+   *  writes for it into its data directory (`nats/context/<role>.json`, the `nats` CLI's format). */
+  natsUser(role: string): NatsUser {
+    const context = JSON.parse(readFileSync(join(this.#data, "nats", "context", `${role}.json`), "utf8"));
+    return { user: context.user, password: context.password, inboxPrefix: context.inbox_prefix };
   }
   static async start(dir: string): Promise<ClawUp> {
     const [http, nats] = [await freePort(), await freePort()];
+    const data = join(dir, "claw");
     const workerConfig = join(dir, "worker.toml");
     writeFileSync(workerConfig, `[programs.slow-job]\npath = "${join(pluginDir, "test", "slow-job.sh")}"\n`);
     const proc = new Proc(
       "claw-up",
       claw,
-      ["up", "--data", join(dir, "claw"), "--http", `127.0.0.1:${http}`, "--nats-port", String(nats), "--worker-config", workerConfig],
+      ["up", "--data", data, "--http", `127.0.0.1:${http}`, "--nats-port", String(nats), "--worker-config", workerConfig],
       dir,
       { ...process.env, RUST_LOG: "info", NATS_SERVER_BIN: natsServer, CLAW_NATS_SERVER: natsServer },
     );
-    const up = new ClawUp(`http://127.0.0.1:${http}`, `nats://127.0.0.1:${nats}`, proc);
+    const up = new ClawUp(`http://127.0.0.1:${http}`, `nats://127.0.0.1:${nats}`, data, proc);
     await waitFor("claw up to be ready", 60_000, async () => {
       if (!proc.running) throw new Error(`claw up exited:\n${proc.text().slice(-2000)}`);
       return (await fetch(`${up.httpUrl}/readyz`).catch(() => undefined))?.ok;

@@ -23,9 +23,12 @@ let outbox: KV;
 before(async () => {
   up = await ClawUp.start(dir);
   mock = await MockLlm.start();
-  oc = await OpenClaw.create(dir, mock.url, { nats: { servers: up.natsUrl }, defaultKind: "exec" });
+  // The plugin connects as the `openclaw` user, as docs/OPENCLAW.md says; the test looks on
+  // as the read-only `operator`.
+  oc = await OpenClaw.create(dir, mock.url, { nats: { servers: up.natsUrl, ...up.natsUser("openclaw") }, defaultKind: "exec" });
   await oc.start();
-  nc = await connect({ servers: up.natsUrl });
+  const operator = up.natsUser("operator");
+  nc = await connect({ servers: up.natsUrl, user: operator.user, pass: operator.password, inboxPrefix: operator.inboxPrefix });
   claw = await Claw.connect({ nats: { nc } });
   outbox = await waitFor("the plugin to create its outbox", 30_000, async () => {
     const kv = await new Kvm(nc).open("openclaw");

@@ -10,6 +10,7 @@
 //! comes sooner than the server asked. Without one, or when it is too long to wait here, the
 //! attempt fails retryably and the worker's backoff decides when the next attempt runs.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use claw_proto::{TaskError, TaskRecord};
@@ -27,14 +28,56 @@ use crate::handler::{Context, Handler};
 pub struct LlmConfig {
     /// e.g. `https://api.openai.com`, `http://127.0.0.1:11434` (Ollama), a vLLM or llama.cpp server.
     pub base_url: String,
-    /// The environment variable holding the API key (never the key itself in the file).
+    /// The environment variable holding the API key (never the key itself in the file). The
+    /// worker reads it at start and then removes it from its environment, so no child process
+    /// can read it there. Not with `api_key_file`.
     #[serde(default)]
     pub api_key_env: Option<String>,
+    /// A file holding the API key (its text without a trailing newline), read at start: the key
+    /// then never enters an environment. Not with `api_key_env`. A file that cannot be read
+    /// stops the worker at start.
+    #[serde(default)]
+    pub api_key_file: Option<PathBuf>,
     /// The model a task gets when it does not name one.
     pub model: String,
     /// The most completion tokens one task may ask for; a task's `max_tokens` is capped by it.
     #[serde(default = "default_max_tokens_cap")]
     pub max_tokens_cap: u32,
+    /// The key once read from `api_key_file` or `api_key_env` ([`crate::Config::read_secrets`],
+    /// at start, before the variable is removed); never from the TOML itself.
+    #[serde(skip)]
+    pub api_key: Option<ApiKey>,
+}
+
+/// An API key. Its `Debug` does not show it, so a logged configuration carries no secret.
+#[derive(Clone)]
+pub struct ApiKey(pub String);
+
+impl std::fmt::Debug for ApiKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ApiKey(..)")
+    }
+}
+
+impl LlmConfig {
+    /// The API key: the one already read, else `api_key_file`'s text, else `api_key_env`'s
+    /// value; `None` when neither is configured. Err says why a configured key is missing.
+    pub fn key(&self) -> Result<Option<ApiKey>, String> {
+        if let Some(key) = &self.api_key {
+            return Ok(Some(key.clone()));
+        }
+        match (&self.api_key_file, &self.api_key_env) {
+            (Some(path), _) => match claw_proto::secrets::read_file(path) {
+                Ok(key) => Ok(Some(ApiKey(key))),
+                Err(e) => Err(format!("llm.api_key_file: {e}")),
+            },
+            (None, Some(var)) => match std::env::var(var) {
+                Ok(key) if !key.is_empty() => Ok(Some(ApiKey(key))),
+                _ => Err(format!("the environment variable {var} (llm.api_key_env) is not set")),
+            },
+            (None, None) => Ok(None),
+        }
+    }
 }
 
 fn default_max_tokens_cap() -> u32 {
@@ -74,28 +117,21 @@ pub struct Llm {
     /// Why every task must fail, when the configuration cannot work (the key's variable is not
     /// set): a clear non-retryable error beats the "unknown kind" a missing handler would give.
     broken: Option<String>,
-    api_key: Option<String>,
+    api_key: Option<ApiKey>,
     /// `None` only when `broken` says why.
     client: Option<reqwest::Client>,
 }
 
 impl Llm {
-    /// Reads the API key from the environment now, once: a key rotated later needs a restart.
+    /// Takes the API key read at start, or reads it now ([`LlmConfig::key`]), once: a key
+    /// rotated later needs a restart.
     pub fn new(config: &LlmConfig) -> Llm {
         let mut broken = None;
-        let api_key = match &config.api_key_env {
-            None => None,
-            Some(var) => match std::env::var(var) {
-                Ok(key) if !key.is_empty() => Some(key),
-                _ => {
-                    let why =
-                        format!("the environment variable {var} (llm.api_key_env) is not set");
-                    tracing::warn!("llm tasks will fail: {why}");
-                    broken = Some(why);
-                    None
-                }
-            },
-        };
+        let api_key = config.key().unwrap_or_else(|why| {
+            tracing::warn!("llm tasks will fail: {why}");
+            broken = Some(why);
+            None
+        });
         let client = reqwest::Client::builder()
             .connect_timeout(CONNECT_TIMEOUT)
             .read_timeout(READ_TIMEOUT)
@@ -175,7 +211,7 @@ impl Llm {
         body: &Value,
     ) -> Result<reqwest::Response, TaskError> {
         let mut request = client.post(&self.endpoint).json(body);
-        if let Some(key) = &self.api_key {
+        if let Some(ApiKey(key)) = &self.api_key {
             request = request.bearer_auth(key);
         }
         request.send().await.map_err(|e| unavailable(&e))
@@ -592,8 +628,10 @@ mod tests {
         let config = LlmConfig {
             base_url: "http://127.0.0.1:9".into(),
             api_key_env: Some("CLAW_TEST_SURELY_UNSET_KEY".into()),
+            api_key_file: None,
             model: "m".into(),
             max_tokens_cap: 10,
+            api_key: None,
         };
         let llm = Llm::new(&config);
         let e = llm.broken.clone().unwrap();
