@@ -53,10 +53,14 @@ impl std::ops::Deref for App {
 impl App {
     pub async fn new(topology: Topology, config: Config) -> Result<App, Error> {
         let auth = Auth::load(config.tokens.as_deref())?;
-        let tickets =
-            topology.js.get_key_value(topology::TICKETS_BUCKET).await.map_err(|e| {
+        // Without tokens no ticket is stored or checked, and a start needs no NATS round trip.
+        let tickets = if auth.is_on() {
+            Some(topology.js.get_key_value(topology::TICKETS_BUCKET).await.map_err(|e| {
                 Error::Unavailable(format!("bucket {}: {e}", topology::TICKETS_BUCKET))
-            })?;
+            })?)
+        } else {
+            None
+        };
         let tickets = Tickets::new(tickets, Duration::from_secs(config.ws_ticket_s));
         let quotas = match &auth {
             Auth::Tokens(tokens) => Quotas::new(tokens.quotas()),

@@ -36,10 +36,10 @@ struct Entry {
     expires_at: OffsetDateTime,
 }
 
-/// The `tickets` bucket.
+/// The `tickets` bucket (none without API tokens, where nothing needs a ticket).
 #[derive(Debug)]
 pub struct Tickets {
-    kv: kv::Store,
+    kv: Option<kv::Store>,
     ttl: Duration,
 }
 
@@ -53,7 +53,7 @@ fn refused() -> Error {
 }
 
 impl Tickets {
-    pub fn new(kv: kv::Store, ttl: Duration) -> Tickets {
+    pub fn new(kv: Option<kv::Store>, ttl: Duration) -> Tickets {
         Tickets { kv, ttl }
     }
 
@@ -65,14 +65,15 @@ impl Tickets {
             .map_err(|e| Error::Internal(format!("no randomness from the OS: {e}")))?;
         let ticket = format!("ct_{}", hex::encode(bytes));
         let issued = Issued { ticket, expires_in_s: self.ttl.as_secs() };
-        let Caller::Principal(principal) = caller else { return Ok(issued) };
+        let (Caller::Principal(principal), Some(kv)) = (caller, &self.kv) else {
+            return Ok(issued);
+        };
         let entry = Entry {
             principal: principal.name.clone(),
             expires_at: OffsetDateTime::now_utc() + self.ttl,
         };
         let value = serde_json::to_vec(&entry).map_err(|e| Error::Internal(e.to_string()))?;
-        self.kv
-            .create(key(&issued.ticket), value.into())
+        kv.create(key(&issued.ticket), value.into())
             .await
             .map_err(|e| Error::Unavailable(format!("storing a WebSocket ticket: {e}")))?;
         Ok(issued)
@@ -80,13 +81,14 @@ impl Tickets {
 
     /// The caller `ticket` stands for, spending it; 401 when it is used, expired or unknown.
     pub async fn redeem(&self, auth: &Auth, ticket: &str) -> Result<Caller, Error> {
-        let Auth::Tokens(tokens) = auth else { return Ok(Caller::Anonymous) };
+        let (Auth::Tokens(tokens), Some(kv)) = (auth, &self.kv) else {
+            return Ok(Caller::Anonymous);
+        };
         if !ticket.starts_with("ct_") || ticket.len() != 67 {
             return Err(refused());
         }
         let key = key(ticket);
-        let found = self
-            .kv
+        let found = kv
             .entry(&key)
             .await
             .map_err(|e| Error::Unavailable(format!("reading a WebSocket ticket: {e}")))?;
@@ -94,7 +96,7 @@ impl Tickets {
             return Err(refused());
         };
         // Spent before it is checked: a ticket that fails is gone too.
-        if self.kv.purge_expect_revision(&key, Some(found.revision)).await.is_err() {
+        if kv.purge_expect_revision(&key, Some(found.revision)).await.is_err() {
             return Err(refused());
         }
         let entry: Entry = serde_json::from_slice(&found.value).map_err(|_| refused())?;
