@@ -101,31 +101,35 @@ pub enum ParseError {
 }
 
 impl TaskSpec {
-    /// Like [`TaskSpec::from_slice`], but tells malformed JSON apart from a wrong shape.
+    /// Parses a spec from raw bytes, telling malformed JSON (the whole body is not one JSON
+    /// value) apart from a wrong shape, whose field at fault it names (`serde_path_to_error`).
     pub fn parse(bytes: &[u8]) -> Result<TaskSpec, ParseError> {
-        let de = &mut serde_json::Deserializer::from_slice(bytes);
-        serde_path_to_error::deserialize(de).map_err(|e| {
-            use serde_json::error::Category;
-            match e.inner().classify() {
-                Category::Syntax | Category::Eof | Category::Io => {
-                    ParseError::Syntax(e.inner().to_string())
-                }
+        use serde_json::error::Category;
+        let syntax = |e: serde_json::Error| ParseError::Syntax(e.to_string());
+        let mut de = serde_json::Deserializer::from_slice(bytes);
+        match serde_path_to_error::deserialize(&mut de) {
+            // Nothing but whitespace may follow the spec.
+            Ok(spec) => de.end().map(|()| spec).map_err(syntax),
+            Err(e) => match e.inner().classify() {
+                Category::Syntax | Category::Eof | Category::Io => Err(syntax(e.into_inner())),
                 Category::Data => {
+                    // The deserializer stopped at the first field of the wrong shape, before
+                    // reading the rest: whether the body is JSON is asked of all of it.
+                    serde_json::from_slice::<serde::de::IgnoredAny>(bytes).map_err(syntax)?;
                     let path = e.path().to_string();
                     let field = (path != ".").then_some(path);
-                    ParseError::Invalid(Invalid { field, message: e.inner().to_string() })
+                    Err(ParseError::Invalid(Invalid { field, message: e.inner().to_string() }))
                 }
-            }
-        })
+            },
+        }
     }
 
-    /// Parses a spec from raw bytes, naming the field at fault (`serde_path_to_error`).
+    /// [`TaskSpec::parse`] where malformed JSON is one more way to be invalid (no field): what
+    /// a worker, which has no 400 to answer, makes of a lane message.
     pub fn from_slice(bytes: &[u8]) -> Result<TaskSpec, Invalid> {
-        let de = &mut serde_json::Deserializer::from_slice(bytes);
-        serde_path_to_error::deserialize(de).map_err(|e| {
-            let path = e.path().to_string();
-            let field = (path != ".").then_some(path);
-            Invalid { field, message: e.inner().to_string() }
+        TaskSpec::parse(bytes).map_err(|e| match e {
+            ParseError::Syntax(message) => Invalid { field: None, message },
+            ParseError::Invalid(invalid) => invalid,
         })
     }
 
@@ -326,6 +330,26 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert!(matches!(TaskSpec::parse(b"[]"), Err(ParseError::Invalid(_))));
+    }
+
+    /// Issue 12 (fuzz target `task_spec`): a body that is not JSON is a 400 whatever field comes
+    /// first. The deserializer stops at the first field of the wrong shape, so `{"kin:d""llm"}`
+    /// was a 422 for its unknown field, and it never looked past the spec, so a body with
+    /// something after the object was taken as that spec, by the gateway and by a worker.
+    #[test]
+    fn malformed_json_is_malformed_whatever_the_first_field_is() {
+        for body in [
+            &br#"{"kin:d""llm","input":{}}"#[..],
+            br#"{"kind": 3, oops"#,
+            br#"{"kind": "sleep"} {"kind": "exec"}"#,
+            br#"{"kind": "sleep"}]"#,
+        ] {
+            let text = String::from_utf8_lossy(body);
+            assert!(matches!(TaskSpec::parse(body), Err(ParseError::Syntax(_))), "{text}");
+            assert!(TaskSpec::from_slice(body).is_err(), "{text}");
+        }
+        // Whitespace after the spec is still JSON.
+        assert!(TaskSpec::parse(b" {\"kind\": \"sleep\"}\n").is_ok());
     }
 
     #[test]
