@@ -13,11 +13,11 @@ use claw_proto::records;
 use claw_proto::spec::{Limits, ParseError, TaskSpec};
 use claw_proto::{Status, TaskId};
 use libfuzzer_sys::fuzz_target;
-use serde::de::IgnoredAny;
+use serde_json::Value;
 use time::OffsetDateTime;
 
 fuzz_target!(|body: &[u8]| {
-    let is_json = serde_json::from_slice::<IgnoredAny>(body).is_ok();
+    let is_json = serde_json::from_slice::<Value>(body).is_ok();
     let spec = match TaskSpec::parse(body) {
         Ok(spec) => spec,
         Err(ParseError::Syntax(_)) => return assert!(!is_json, "valid JSON refused as malformed"),

@@ -114,8 +114,9 @@ impl TaskSpec {
                 Category::Syntax | Category::Eof | Category::Io => Err(syntax(e.into_inner())),
                 Category::Data => {
                     // The deserializer stopped at the first field of the wrong shape, before
-                    // reading the rest: whether the body is JSON is asked of all of it.
-                    serde_json::from_slice::<serde::de::IgnoredAny>(bytes).map_err(syntax)?;
+                    // reading the rest: whether the body is JSON is asked of all of it, as a
+                    // `Value` (`IgnoredAny` would skip strings without checking their UTF-8).
+                    serde_json::from_slice::<Value>(bytes).map_err(syntax)?;
                     let path = e.path().to_string();
                     let field = (path != ".").then_some(path);
                     Err(ParseError::Invalid(Invalid { field, message: e.inner().to_string() }))
@@ -343,6 +344,7 @@ mod tests {
             br#"{"kind": 3, oops"#,
             br#"{"kind": "sleep"} {"kind": "exec"}"#,
             br#"{"kind": "sleep"}]"#,
+            b"{\"kid\": 1, \"kind\": \"sl\xffeep\"}",
         ] {
             let text = String::from_utf8_lossy(body);
             assert!(matches!(TaskSpec::parse(body), Err(ParseError::Syntax(_))), "{text}");
