@@ -104,25 +104,25 @@ impl TaskSpec {
     /// Parses a spec from raw bytes, telling malformed JSON (the whole body is not one JSON
     /// value) apart from a wrong shape, whose field at fault it names (`serde_path_to_error`).
     pub fn parse(bytes: &[u8]) -> Result<TaskSpec, ParseError> {
-        use serde_json::error::Category;
-        let syntax = |e: serde_json::Error| ParseError::Syntax(e.to_string());
         let mut de = serde_json::Deserializer::from_slice(bytes);
-        match serde_path_to_error::deserialize(&mut de) {
+        let e = match serde_path_to_error::deserialize(&mut de) {
             // Nothing but whitespace may follow the spec.
-            Ok(spec) => de.end().map(|()| spec).map_err(syntax),
-            Err(e) => match e.inner().classify() {
-                Category::Syntax | Category::Eof | Category::Io => Err(syntax(e.into_inner())),
-                Category::Data => {
-                    // The deserializer stopped at the first field of the wrong shape, before
-                    // reading the rest: whether the body is JSON is asked of all of it, as a
-                    // `Value` (`IgnoredAny` would skip strings without checking their UTF-8).
-                    serde_json::from_slice::<Value>(bytes).map_err(syntax)?;
-                    let path = e.path().to_string();
-                    let field = (path != ".").then_some(path);
-                    Err(ParseError::Invalid(Invalid { field, message: e.inner().to_string() }))
-                }
-            },
+            Ok(spec) => {
+                return de.end().map(|()| spec).map_err(|e| ParseError::Syntax(e.to_string()));
+            }
+            Err(e) => e,
+        };
+        // Whether the body is JSON is asked of all of it, as a `Value`, not of serde's category
+        // of the error: the deserializer stops at the first field of the wrong shape before
+        // reading the rest, and it calls some wrong shapes syntax (an integer where a word of
+        // an enum goes, `"class": 3`). (`IgnoredAny` would skip strings without checking
+        // their UTF-8.)
+        if let Err(not_json) = serde_json::from_slice::<Value>(bytes) {
+            return Err(ParseError::Syntax(not_json.to_string()));
         }
+        let path = e.path().to_string();
+        let field = (path != ".").then_some(path);
+        Err(ParseError::Invalid(Invalid { field, message: e.inner().to_string() }))
     }
 
     /// [`TaskSpec::parse`] where malformed JSON is one more way to be invalid (no field): what
@@ -334,9 +334,10 @@ mod tests {
     }
 
     /// Issue 12 (fuzz target `task_spec`): a body that is not JSON is a 400 whatever field comes
-    /// first. The deserializer stops at the first field of the wrong shape, so `{"kin:d""llm"}`
-    /// was a 422 for its unknown field, and it never looked past the spec, so a body with
-    /// something after the object was taken as that spec, by the gateway and by a worker.
+    /// first, and one that is JSON is no 400. The deserializer stops at the first field of the
+    /// wrong shape, so `{"kin:d""llm"}` was a 422 for its unknown field; it never looked past
+    /// the spec, so a body with something after the object was taken as that spec, by the
+    /// gateway and by a worker; and serde calls `"class": 3` a syntax error.
     #[test]
     fn malformed_json_is_malformed_whatever_the_first_field_is() {
         for body in [
@@ -349,6 +350,11 @@ mod tests {
             let text = String::from_utf8_lossy(body);
             assert!(matches!(TaskSpec::parse(body), Err(ParseError::Syntax(_))), "{text}");
             assert!(TaskSpec::from_slice(body).is_err(), "{text}");
+        }
+        // And a wrong shape of JSON is no malformed JSON.
+        match TaskSpec::parse(br#"{"kind": "sleep", "class": 3}"#) {
+            Err(ParseError::Invalid(i)) => assert_eq!(i.field.as_deref(), Some("class")),
+            other => panic!("{other:?}"),
         }
         // Whitespace after the spec is still JSON.
         assert!(TaskSpec::parse(b" {\"kind\": \"sleep\"}\n").is_ok());
