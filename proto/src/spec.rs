@@ -104,7 +104,11 @@ impl TaskSpec {
     /// Parses a spec from raw bytes, telling malformed JSON (the whole body is not one JSON
     /// value) apart from a wrong shape, whose field at fault it names (`serde_path_to_error`).
     pub fn parse(bytes: &[u8]) -> Result<TaskSpec, ParseError> {
-        let mut de = serde_json::Deserializer::from_slice(bytes);
+        // JSON is UTF-8, checked here for the whole body: serde_json checks only the strings it
+        // keeps, and skips those of a field it ignores (an unknown one of `input_ref`).
+        let text = std::str::from_utf8(bytes)
+            .map_err(|e| ParseError::Syntax(format!("the body is not UTF-8: {e}")))?;
+        let mut de = serde_json::Deserializer::from_str(text);
         let e = match serde_path_to_error::deserialize(&mut de) {
             // Nothing but whitespace may follow the spec.
             Ok(spec) => {
@@ -115,9 +119,8 @@ impl TaskSpec {
         // Whether the body is JSON is asked of all of it, as a `Value`, not of serde's category
         // of the error: the deserializer stops at the first field of the wrong shape before
         // reading the rest, and it calls some wrong shapes syntax (an integer where a word of
-        // an enum goes, `"class": 3`). (`IgnoredAny` would skip strings without checking
-        // their UTF-8.)
-        if let Err(not_json) = serde_json::from_slice::<Value>(bytes) {
+        // an enum goes, `"class": 3`).
+        if let Err(not_json) = serde_json::from_str::<Value>(text) {
             return Err(ParseError::Syntax(not_json.to_string()));
         }
         let path = e.path().to_string();
@@ -346,6 +349,7 @@ mod tests {
             br#"{"kind": "sleep"} {"kind": "exec"}"#,
             br#"{"kind": "sleep"}]"#,
             b"{\"kid\": 1, \"kind\": \"sl\xffeep\"}",
+            b"{\"kind\": \"sleep\", \"input_ref\": {\"bucket\": \"b\", \"name\": \"n\", \"size\": 1, \"x\": \"\xff\"}}",
         ] {
             let text = String::from_utf8_lossy(body);
             assert!(matches!(TaskSpec::parse(body), Err(ParseError::Syntax(_))), "{text}");
