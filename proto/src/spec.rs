@@ -364,6 +364,17 @@ mod tests {
         assert!(TaskSpec::parse(b" {\"kind\": \"sleep\"}\n").is_ok());
     }
 
+    /// Issue 12 (fuzz target `task_spec`): a number of the input is the same number after the
+    /// record's trip through the bucket. serde_json's default parsing of floats is not correctly
+    /// rounded, so `4.000018445e-22` read back as `4.0000184450000004e-22`: a record's numbers
+    /// drifted on every write and read (the workspace now turns on `float_roundtrip`).
+    #[test]
+    fn an_admitted_records_numbers_survive_the_bucket() {
+        let r = admit(json!({"kind": "llm", "input": 0.0000000000000000000004000018445})).unwrap();
+        let stored = serde_json::to_vec(&r).unwrap();
+        assert_eq!(crate::records::decode(&stored).unwrap(), r);
+    }
+
     #[test]
     fn the_lane_of_a_message_wins() {
         let spec = TaskSpec::from_slice(br#"{"kind":"sleep","class":"long"}"#).unwrap();
