@@ -39,6 +39,12 @@ pub enum Error {
     Unavailable(async_nats::Error),
 }
 
+/// A stored value as a record, or [`Error::Corrupt`]: what [`Records::read`] makes of the bytes
+/// of a `PUT`. No I/O, so the fuzz target `record` (fuzz/) runs it on arbitrary bytes.
+pub fn decode(value: &[u8]) -> Result<TaskRecord, Error> {
+    serde_json::from_slice(value).map_err(|e| Error::Corrupt(e.to_string()))
+}
+
 /// A record as stored, with the revision a compare-and-set must name.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Stored {
@@ -95,9 +101,7 @@ impl Records {
         let Some(entry) = entry.filter(|e| e.operation == Operation::Put) else {
             return Ok(None);
         };
-        let record =
-            serde_json::from_slice(&entry.value).map_err(|e| Error::Corrupt(e.to_string()))?;
-        Ok(Some(Stored { record, revision: entry.revision }))
+        Ok(Some(Stored { record: decode(&entry.value)?, revision: entry.revision }))
     }
 
     /// Creates the record unless one exists ([`Error::Conflict`]); a delete marker does not

@@ -101,31 +101,39 @@ pub enum ParseError {
 }
 
 impl TaskSpec {
-    /// Like [`TaskSpec::from_slice`], but tells malformed JSON apart from a wrong shape.
+    /// Parses a spec from raw bytes, telling malformed JSON (the whole body is not one JSON
+    /// value) apart from a wrong shape, whose field at fault it names (`serde_path_to_error`).
     pub fn parse(bytes: &[u8]) -> Result<TaskSpec, ParseError> {
-        let de = &mut serde_json::Deserializer::from_slice(bytes);
-        serde_path_to_error::deserialize(de).map_err(|e| {
-            use serde_json::error::Category;
-            match e.inner().classify() {
-                Category::Syntax | Category::Eof | Category::Io => {
-                    ParseError::Syntax(e.inner().to_string())
-                }
-                Category::Data => {
-                    let path = e.path().to_string();
-                    let field = (path != ".").then_some(path);
-                    ParseError::Invalid(Invalid { field, message: e.inner().to_string() })
-                }
+        // JSON is UTF-8, checked here for the whole body: serde_json checks only the strings it
+        // keeps, and skips those of a field it ignores (an unknown one of `input_ref`).
+        let text = std::str::from_utf8(bytes)
+            .map_err(|e| ParseError::Syntax(format!("the body is not UTF-8: {e}")))?;
+        let mut de = serde_json::Deserializer::from_str(text);
+        let e = match serde_path_to_error::deserialize(&mut de) {
+            // Nothing but whitespace may follow the spec.
+            Ok(spec) => {
+                return de.end().map(|()| spec).map_err(|e| ParseError::Syntax(e.to_string()));
             }
-        })
+            Err(e) => e,
+        };
+        // Whether the body is JSON is asked of all of it, as a `Value`, not of serde's category
+        // of the error: the deserializer stops at the first field of the wrong shape before
+        // reading the rest, and it calls some wrong shapes syntax (an integer where a word of
+        // an enum goes, `"class": 3`).
+        if let Err(not_json) = serde_json::from_str::<Value>(text) {
+            return Err(ParseError::Syntax(not_json.to_string()));
+        }
+        let path = e.path().to_string();
+        let field = (path != ".").then_some(path);
+        Err(ParseError::Invalid(Invalid { field, message: e.inner().to_string() }))
     }
 
-    /// Parses a spec from raw bytes, naming the field at fault (`serde_path_to_error`).
+    /// [`TaskSpec::parse`] where malformed JSON is one more way to be invalid (no field): what
+    /// a worker, which has no 400 to answer, makes of a lane message.
     pub fn from_slice(bytes: &[u8]) -> Result<TaskSpec, Invalid> {
-        let de = &mut serde_json::Deserializer::from_slice(bytes);
-        serde_path_to_error::deserialize(de).map_err(|e| {
-            let path = e.path().to_string();
-            let field = (path != ".").then_some(path);
-            Invalid { field, message: e.inner().to_string() }
+        TaskSpec::parse(bytes).map_err(|e| match e {
+            ParseError::Syntax(message) => Invalid { field: None, message },
+            ParseError::Invalid(invalid) => invalid,
         })
     }
 
@@ -326,6 +334,45 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert!(matches!(TaskSpec::parse(b"[]"), Err(ParseError::Invalid(_))));
+    }
+
+    /// Issue 12 (fuzz target `task_spec`): a body that is not JSON is a 400 whatever field comes
+    /// first, and one that is JSON is no 400. The deserializer stops at the first field of the
+    /// wrong shape, so `{"kin:d""llm"}` was a 422 for its unknown field; it never looked past
+    /// the spec, so a body with something after the object was taken as that spec, by the
+    /// gateway and by a worker; and serde calls `"class": 3` a syntax error.
+    #[test]
+    fn malformed_json_is_malformed_whatever_the_first_field_is() {
+        for body in [
+            &br#"{"kin:d""llm","input":{}}"#[..],
+            br#"{"kind": 3, oops"#,
+            br#"{"kind": "sleep"} {"kind": "exec"}"#,
+            br#"{"kind": "sleep"}]"#,
+            b"{\"kid\": 1, \"kind\": \"sl\xffeep\"}",
+            b"{\"kind\": \"sleep\", \"input_ref\": {\"bucket\": \"b\", \"name\": \"n\", \"size\": 1, \"x\": \"\xff\"}}",
+        ] {
+            let text = String::from_utf8_lossy(body);
+            assert!(matches!(TaskSpec::parse(body), Err(ParseError::Syntax(_))), "{text}");
+            assert!(TaskSpec::from_slice(body).is_err(), "{text}");
+        }
+        // And a wrong shape of JSON is no malformed JSON.
+        match TaskSpec::parse(br#"{"kind": "sleep", "class": 3}"#) {
+            Err(ParseError::Invalid(i)) => assert_eq!(i.field.as_deref(), Some("class")),
+            other => panic!("{other:?}"),
+        }
+        // Whitespace after the spec is still JSON.
+        assert!(TaskSpec::parse(b" {\"kind\": \"sleep\"}\n").is_ok());
+    }
+
+    /// Issue 12 (fuzz target `task_spec`): a number of the input is the same number after the
+    /// record's trip through the bucket. serde_json's default parsing of floats is not correctly
+    /// rounded, so `4.000018445e-22` read back as `4.0000184450000004e-22`: a record's numbers
+    /// drifted on every write and read (the workspace now turns on `float_roundtrip`).
+    #[test]
+    fn an_admitted_records_numbers_survive_the_bucket() {
+        let r = admit(json!({"kind": "llm", "input": 0.0000000000000000000004000018445})).unwrap();
+        let stored = serde_json::to_vec(&r).unwrap();
+        assert_eq!(crate::records::decode(&stored).unwrap(), r);
     }
 
     #[test]
