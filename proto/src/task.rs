@@ -550,12 +550,17 @@ impl TaskRecord {
     }
 
     /// An explicit retry of a finished task: a new round of attempts of the same id. The
-    /// absolute deadline starts again from now, as long as the first one was.
+    /// absolute deadline starts again from now, as long as the first one was (within what
+    /// admission allows: a record written by hand with a deadline before its creation, or
+    /// centuries after it, gets one from now to seven days, never a time that cannot be
+    /// written back).
     pub fn requeue(&mut self, now: OffsetDateTime) -> Result<(), IllegalTransition> {
         if !matches!(self.status, Status::Failed | Status::Cancelled) {
             return Err(self.refuse("retry"));
         }
-        self.deadline = now + (self.deadline - self.created_at);
+        let longest = time::Duration::seconds(crate::spec::Limits::STANDARD.max_deadline_s as i64);
+        let span = (self.deadline - self.created_at).clamp(time::Duration::ZERO, longest);
+        self.deadline = now + span;
         self.status = Status::Queued;
         // A new round: the next start is attempt 1 again, with all of max_attempts ahead.
         self.attempt = 0;
@@ -793,5 +798,22 @@ mod tests {
         let json = serde_json::to_value(&owned).unwrap();
         assert_eq!(json["owner"], "alice");
         assert_eq!(serde_json::from_value::<TaskRecord>(json).unwrap(), owned);
+    }
+
+    #[test]
+    fn a_retry_of_a_record_with_a_nonsense_deadline_gets_one_that_can_be_written() {
+        let now = OffsetDateTime::now_utc();
+        let mut record = record(Status::Running);
+        record.fail(TaskError::new("boom", "x", false), Cause::Error, now).unwrap();
+        // Found by the fuzz target `record`: created in year 4052, due in 2026.
+        record.created_at = now + time::Duration::days(365 * 2026);
+        record.requeue(now).unwrap();
+        assert_eq!(record.deadline, now);
+        serde_json::to_vec(&record).expect("the record can be written back");
+        record.cancel(Cause::User, now).unwrap();
+        record.created_at = now - time::Duration::days(3000);
+        record.requeue(now).unwrap();
+        assert_eq!(record.deadline, now + time::Duration::days(7));
+        serde_json::to_vec(&record).expect("the record can be written back");
     }
 }
