@@ -74,7 +74,7 @@ pub fn decode(
         return Err(format!("record id {} stored under key {key}", record.id));
     }
     if !record.status.is_terminal() {
-        return Ok(Change::Live(Box::new(Live::of(&record, revision, written_at))));
+        return Ok(Change::Live(Box::new(Live::of(&record, revision, written_at, payload.len()))));
     }
     match std::str::from_utf8(payload) {
         Ok(json) => {
@@ -310,7 +310,7 @@ mod tests {
         let later = AT + time::Duration::seconds(5);
         for s in [Status::Queued, Status::Running, Status::Retrying, Status::Paused] {
             let r = record(s);
-            let expected = Change::Live(Box::new(Live::of(&r, 3, later)));
+            let expected = Change::Live(Box::new(Live::of(&r, 3, later, bytes(&r).len())));
             assert_eq!(decode("$KV.tasks.t1", None, &bytes(&r), 3, later), Ok(expected));
         }
         let gone = |revision| Ok(Change::Gone { id: TaskId::parse("t1").unwrap(), revision });

@@ -1,5 +1,7 @@
 //! The `claw-archive` NATS micro service: `claw.archive.get` and `claw.archive.list`, the history
-//! the gateway serves on `GET /v1/tasks/{id}` (after a KV miss) and `GET /v1/tasks`.
+//! the gateway serves on `GET /v1/tasks/{id}` (after a KV miss) and `GET /v1/tasks`, and
+//! `claw.archive.usage`, what each principal holds (its queued and running tasks, its bytes in
+//! the bucket and the object store), which the gateways' quotas count against.
 //!
 //! Every reply is JSON. A failure is a normal reply whose body is the shared error shape
 //! `{"error": {"code", "message", "field"?}}`, so callers parse one thing; it also carries the
@@ -77,7 +79,7 @@ impl Failure {
     }
 }
 
-/// Serves both endpoints until `shutdown`, then drains the requests in hand.
+/// Serves the endpoints (get, list, usage) until `shutdown`, then drains the requests in hand.
 pub async fn serve(client: Client, store: Store, shutdown: CancellationToken) -> Result<(), Error> {
     let nats = |what: &'static str| move |source| Error::Nats { what, source };
     let service = client
@@ -91,8 +93,16 @@ pub async fn serve(client: Client, store: Store, shutdown: CancellationToken) ->
         group.endpoint_builder().name("get").add("get").await.map_err(nats("endpoint get"))?;
     let list =
         group.endpoint_builder().name("list").add("list").await.map_err(nats("endpoint list"))?;
+    let usage = group
+        .endpoint_builder()
+        .name("usage")
+        .add("usage")
+        .await
+        .map_err(nats("endpoint usage"))?;
+    // Every gateway asks about once a second; one query a second answers them all.
+    let cache = UsageCache::default();
 
-    let serving = futures::future::join(
+    let serving = futures::future::join3(
         get.for_each_concurrent(MAX_IN_FLIGHT, |request| {
             let store = store.clone();
             async move {
@@ -108,6 +118,10 @@ pub async fn serve(client: Client, store: Store, shutdown: CancellationToken) ->
                 let reply = list_reply(&store, &request.message.payload, max_bytes).await;
                 answer(request, reply).await;
             }
+        }),
+        usage.for_each_concurrent(MAX_IN_FLIGHT, |request| {
+            let (store, cache) = (store.clone(), cache.clone());
+            async move { answer(request, cache.reply(&store).await).await }
         }),
     );
     tokio::pin!(serving);
@@ -144,6 +158,35 @@ async fn answer(request: service::Request, reply: Result<Vec<u8>, Failure>) {
     };
     if let Err(e) = request.respond_with_headers(Ok(body.into()), headers).await {
         tracing::warn!(subject = %request.message.subject, error = %e, "archive reply failed");
+    }
+}
+
+/// How long one answer of `claw.archive.usage` is reused.
+const USAGE_FRESH: Duration = Duration::from_millis(500);
+
+/// The last usage report, shared by the requests of this process: many gateways asking at
+/// once cost one query (the lock is held while it runs, so the others wait for its answer).
+#[derive(Clone, Debug, Default)]
+struct UsageCache(std::sync::Arc<tokio::sync::Mutex<Option<Answered>>>);
+
+/// When a usage reply was made, and its body.
+type Answered = (tokio::time::Instant, Vec<u8>);
+
+impl UsageCache {
+    /// `claw.archive.usage` (the request body is ignored) → a [`UsageReport`].
+    ///
+    /// [`UsageReport`]: claw_proto::api::UsageReport
+    async fn reply(&self, store: &Store) -> Result<Vec<u8>, Failure> {
+        let mut last = self.0.lock().await;
+        if let Some((at, body)) = &*last
+            && at.elapsed() < USAGE_FRESH
+        {
+            return Ok(body.clone());
+        }
+        let report = store.usage().await.map_err(|e| Failure::internal(&e))?;
+        let body = serde_json::to_vec(&report).expect("a usage report always serializes");
+        *last = Some((tokio::time::Instant::now(), body.clone()));
+        Ok(body)
     }
 }
 

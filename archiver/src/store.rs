@@ -17,7 +17,7 @@ use std::path::Path;
 use std::str::FromStr;
 use std::time::Duration;
 
-use claw_proto::api::ListPage;
+use claw_proto::api::{ListPage, Usage, UsageReport};
 use claw_proto::{Class, Priority, Session, Status, TaskId, TaskRecord};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{QueryBuilder, Sqlite, SqliteConnection, SqlitePool};
@@ -66,11 +66,21 @@ pub struct Live {
     /// The server's timestamp of the revision.
     pub written_at: OffsetDateTime,
     pub message_seq: Option<u64>,
+    /// The principal whose task it is, and what the record holds ([`TaskRecord::stored_bytes`]):
+    /// its share of the quotas.
+    pub owner: Option<String>,
+    pub bytes: u64,
 }
 
 impl Live {
-    /// `record`, live, at `revision`, which the server stored at `written_at`.
-    pub fn of(record: &TaskRecord, revision: u64, written_at: OffsetDateTime) -> Live {
+    /// `record`, live, at `revision`, which the server stored at `written_at`, in `json_len`
+    /// bytes of JSON.
+    pub fn of(
+        record: &TaskRecord,
+        revision: u64,
+        written_at: OffsetDateTime,
+        json_len: usize,
+    ) -> Live {
         Live {
             id: record.id.clone(),
             revision,
@@ -81,6 +91,8 @@ impl Live {
             deadline: record.deadline,
             written_at,
             message_seq: record.message_seq,
+            owner: record.owner.clone(),
+            bytes: record.stored_bytes(json_len),
         }
     }
 }
@@ -225,6 +237,38 @@ impl Store {
                 Some(Stranded { id, revision: u64::try_from(revision).unwrap_or(0) })
             })
             .collect())
+    }
+
+    /// What each principal holds: its live tasks by status and the bytes of its records still
+    /// in the bucket (live rows, and archived revisions not yet removed; an archived task that
+    /// runs again after a retry counts once, as its live row).
+    pub async fn usage(&self) -> Result<UsageReport, Error> {
+        let rows: Vec<(String, i64, i64, i64)> = sqlx::query_as(
+            "SELECT owner, sum(queued), sum(running), sum(bytes) FROM (
+                 SELECT owner,
+                        sum(status <> 'running') AS queued,
+                        sum(status = 'running') AS running,
+                        sum(bytes) AS bytes
+                 FROM live WHERE owner IS NOT NULL GROUP BY owner
+                 UNION ALL
+                 SELECT owner, 0, 0, sum(bytes) FROM tasks
+                 WHERE removed_at IS NULL AND owner IS NOT NULL
+                   AND id NOT IN (SELECT id FROM live)
+                 GROUP BY owner)
+             GROUP BY owner",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        let count = |n: i64| u64::try_from(n).unwrap_or(0);
+        let principals = rows
+            .into_iter()
+            .map(|(owner, queued, running, bytes)| {
+                let usage =
+                    Usage { queued: count(queued), running: count(running), bytes: count(bytes) };
+                (owner, usage)
+            })
+            .collect();
+        Ok(UsageReport { principals })
     }
 
     /// Drops the live row of `id` if it is still at `revision` or older: the record is gone
@@ -376,14 +420,14 @@ async fn archive(conn: &mut SqliteConnection, entry: &Entry) -> Result<u64, Erro
     let r = &entry.record;
     let done = sqlx::query(
         "INSERT INTO tasks (id, revision, session, kind, status, class, priority,
-                            created_at, finished_at, record, owner)
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                            created_at, finished_at, record, owner, bytes)
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
          ON CONFLICT (id) DO UPDATE SET
             revision = excluded.revision, session = excluded.session,
             kind = excluded.kind, status = excluded.status, class = excluded.class,
             priority = excluded.priority, created_at = excluded.created_at,
             finished_at = excluded.finished_at, record = excluded.record,
-            owner = excluded.owner, removed_at = NULL
+            owner = excluded.owner, bytes = excluded.bytes, removed_at = NULL
          WHERE excluded.revision > tasks.revision
            AND (tasks.removed_at IS NULL OR tasks.owner IS excluded.owner)",
     )
@@ -398,6 +442,7 @@ async fn archive(conn: &mut SqliteConnection, entry: &Entry) -> Result<u64, Erro
     .bind(r.finished_at.map(micros))
     .bind(&entry.json)
     .bind(r.owner.as_deref())
+    .bind(sql_revision(r.stored_bytes(entry.json.len())))
     .execute(&mut *conn)
     .await?;
     if done.rows_affected() == 0 {
@@ -425,14 +470,15 @@ async fn archive(conn: &mut SqliteConnection, entry: &Entry) -> Result<u64, Erro
 async fn keep_live(conn: &mut SqliteConnection, live: &Live) -> Result<(), Error> {
     sqlx::query(
         "INSERT INTO live (id, revision, status, paused_from, class, priority, deadline,
-                           written_at, message_seq)
-         SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9
+                           written_at, message_seq, owner, bytes)
+         SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11
          WHERE NOT EXISTS (SELECT 1 FROM tasks WHERE id = ?1 AND revision > ?2)
          ON CONFLICT (id) DO UPDATE SET
             revision = excluded.revision, status = excluded.status,
             paused_from = excluded.paused_from, class = excluded.class,
             priority = excluded.priority, deadline = excluded.deadline,
-            written_at = excluded.written_at, message_seq = excluded.message_seq
+            written_at = excluded.written_at, message_seq = excluded.message_seq,
+            owner = excluded.owner, bytes = excluded.bytes
          WHERE excluded.revision > live.revision",
     )
     .bind(live.id.as_str())
@@ -444,6 +490,8 @@ async fn keep_live(conn: &mut SqliteConnection, live: &Live) -> Result<(), Error
     .bind(micros(live.deadline))
     .bind(micros(live.written_at))
     .bind(live.message_seq.map(sql_revision))
+    .bind(live.owner.as_deref())
+    .bind(sql_revision(live.bytes))
     .execute(&mut *conn)
     .await?;
     Ok(())
@@ -757,7 +805,8 @@ mod tests {
     }
 
     fn live(record: &TaskRecord, revision: u64, written_at: OffsetDateTime) -> Change {
-        Change::Live(Box::new(Live::of(record, revision, written_at)))
+        let len = serde_json::to_vec(record).unwrap().len();
+        Change::Live(Box::new(Live::of(record, revision, written_at, len)))
     }
 
     fn terminal_change(revision: u64, record: &TaskRecord) -> Change {
@@ -821,6 +870,64 @@ mod tests {
         r.requeue(at).unwrap();
         store.write(&[live(&r, 6, at)]).await.unwrap();
         assert_eq!(live_rows(&store).await, [(r.id.to_string(), 6, "queued".into())]);
+    }
+
+    #[sqlx::test]
+    async fn usage_counts_each_principals_live_tasks_and_the_bytes_still_in_the_bucket(
+        pool: SqlitePool,
+    ) {
+        let store = Store::migrated(pool).await.unwrap();
+        let at = OffsetDateTime::now_utc();
+        let owned = |owner: Option<&str>| TaskRecord { owner: owner.map(Into::into), ..queued() };
+        let size = |r: &TaskRecord| serde_json::to_vec(r).unwrap().len() as u64;
+        let (a1, a2, b1, nobody) =
+            (owned(Some("a")), owned(Some("a")), owned(Some("b")), owned(None));
+        let mut running = a2.clone();
+        running.start(1, "w", at).unwrap();
+        let mut big = b1.clone();
+        big.input_ref = Some(claw_proto::PayloadRef {
+            bucket: "payloads".into(),
+            name: format!("{}/input", big.id),
+            size: 1_000_000,
+            digest: None,
+        });
+        store
+            .write(&[
+                live(&a1, 1, at),
+                live(&running, 2, at),
+                live(&big, 3, at),
+                live(&nobody, 4, at),
+            ])
+            .await
+            .unwrap();
+        let usage = store.usage().await.unwrap().principals;
+        assert_eq!(usage.len(), 2, "tasks without an owner are nobody's: {usage:?}");
+        let a = Usage { queued: 1, running: 1, bytes: size(&a1) + size(&running) };
+        assert_eq!(usage["a"], a);
+        assert_eq!(usage["b"], Usage { queued: 1, running: 0, bytes: size(&big) + 1_000_000 });
+
+        // Finished: no longer queued or running, but its record is held until it is removed.
+        let mut done = running.clone();
+        let error = claw_proto::TaskError::new("x", "y", false);
+        done.fail(error, claw_proto::Cause::Error, at).unwrap();
+        store.write(&[terminal_change(5, &done)]).await.unwrap();
+        let usage = store.usage().await.unwrap().principals;
+        assert_eq!(usage["a"], Usage { queued: 1, running: 0, bytes: size(&a1) + size(&done) });
+        // A retry of it runs again: counted once, as its live row.
+        let mut again = done.clone();
+        again.requeue(at).unwrap();
+        store.write(&[live(&again, 6, at)]).await.unwrap();
+        let usage = store.usage().await.unwrap().principals;
+        assert_eq!(usage["a"], Usage { queued: 2, running: 0, bytes: size(&a1) + size(&again) });
+        // Removed from the bucket by the retention sweep: it holds nothing any more.
+        let mut over = again.clone();
+        over.start(2, "w", at).unwrap();
+        over.succeed(json!("r"), at).unwrap();
+        store.write(&[terminal_change(7, &over)]).await.unwrap();
+        let archived = Archived { id: over.id.to_string(), revision: 7, payloads: false };
+        store.mark_removed(&archived, at).await.unwrap();
+        let usage = store.usage().await.unwrap().principals;
+        assert_eq!(usage["a"], Usage { queued: 1, running: 0, bytes: size(&a1) });
     }
 
     #[sqlx::test]

@@ -38,6 +38,7 @@ pub fn router(app: App) -> Router {
         .route("/v1/tasks/{id}", get(get_task))
         .route("/v1/tasks/{id}/{verb}", post(control).get(payload))
         .route("/v1/ws-ticket", post(ws_ticket))
+        .route("/v1/usage", get(usage))
         .route("/v1/lanes", get(lanes))
         .route("/v1/lanes/{class}/{priority}/{action}", post(lane_control))
         .route("/metrics", get(metrics))
@@ -150,6 +151,17 @@ async fn payload(
             "task {} has no result: it is {}",
             record.id, record.status
         ))),
+    }
+}
+
+/// The caller's limits and what it holds; 404 without API tokens (nobody has limits).
+async fn usage(
+    State(app): State<App>,
+    Extension(caller): Extension<Caller>,
+) -> Result<Response, Error> {
+    match app.quotas.view(&caller) {
+        Some(view) => Ok(Json(view).into_response()),
+        None => Err(Error::NotFound("no limits: the gateway runs without API tokens".into())),
     }
 }
 

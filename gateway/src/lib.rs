@@ -58,6 +58,7 @@ pub async fn run(
         tracing::info!("no API tokens: every caller sees and controls every task");
     }
     let nats = tokio::spawn(nats_api::serve(app.clone(), shutdown.clone()));
+    tokio::spawn(quota::refresh(app.clone(), shutdown.clone()));
     let addr = listener.local_addr().ok();
     tracing::info!(?addr, "gateway listening");
     let http_shutdown = shutdown.clone();

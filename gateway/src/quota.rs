@@ -1,41 +1,59 @@
-//! What one principal may take of a shared gateway: submits per second, open WebSockets, and
-//! watched sessions (each costs a JetStream consumer, and the account allows 1 000). Set in the
-//! tokens file, for everyone under `[limits]` and per principal under
-//! `[principals.<name>.limits]`:
+//! What one principal may take of a shared system: tasks waiting to run, bytes stored, submits
+//! per second, open WebSockets, and watched sessions (each costs a JetStream consumer, and the
+//! account allows 1 000). Set in the tokens file, for everyone under `[limits]` and per
+//! principal under `[principals.<name>.limits]`:
 //!
 //! ```toml
-//! [limits]                 # every principal (these are the defaults)
-//! submits_per_s = 100      # sustained; a burst of `submit_burst` is allowed
+//! [limits]                      # every principal (these are the defaults)
+//! queued_tasks = 10000          # queued, retrying or paused at once, in the whole system
+//! stored_bytes = 1073741824     # records and payloads held in JetStream (1 GiB)
+//! submits_per_s = 100           # sustained; a burst of `submit_burst` is allowed
 //! submit_burst = 200
-//! websockets = 100         # open at once, on this gateway
-//! watched_sessions = 50    # distinct sessions its sockets watch at once, on this gateway
+//! websockets = 100              # open at once, on this gateway
+//! watched_sessions = 50         # distinct sessions its sockets watch at once, on this gateway
 //!
 //! [principals.batch.limits]
-//! submits_per_s = 1000     # only what differs
+//! submits_per_s = 1000          # only what differs
 //! ```
 //!
 //! A refusal is a 429 that names the limit (`limit` in the error body): `rate_limited` with
-//! `Retry-After` for the rate, `quota_exceeded` for what frees up when a socket closes. Each is
-//! counted in `/metrics` as `claw_gateway_refusals_total{limit}`. The counts are per gateway
-//! process: behind N gateways a principal gets up to N times each.
+//! `Retry-After` for the rate, `quota_exceeded` for what frees up when tasks finish, records
+//! leave or a socket closes. Each is counted in `/metrics` as
+//! `claw_gateway_refusals_total{limit}`.
+//!
+//! The rate, sockets and watched sessions are counted per gateway process: behind N gateways a
+//! principal gets up to N times each. Queued tasks and stored bytes are the system's: the
+//! archiver counts them from the bucket (`claw.archive.usage`, its `live` table), every gateway
+//! asks it once a second ([`refresh`]) and adds what it admitted since it asked. Another
+//! gateway's admissions of the last second are not seen yet, so N gateways may overshoot by what
+//! the principal's rate admits in a second on the other N-1. Without an answer for
+//! [`STALE_AFTER`] (no archiver) these two limits are not enforced, rather than refusing every
+//! principal's work; `claw_gateway_usage_age_seconds` says how old the counts are.
 
 use std::collections::HashMap;
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
-use claw_proto::topology::SessionScope;
+use claw_proto::api::UsageReport;
+use claw_proto::topology::{self, SessionScope};
 use governor::clock::{Clock, DefaultClock};
 use governor::{DefaultDirectRateLimiter, RateLimiter};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
+use tokio_util::sync::CancellationToken;
+
+use crate::app::App;
 use crate::auth::Caller;
 use crate::error::Error;
 
 /// One principal's limits.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Quota {
+    pub queued_tasks: u64,
+    pub stored_bytes: u64,
     pub submits_per_s: u32,
     pub submit_burst: u32,
     pub websockets: u32,
@@ -44,7 +62,14 @@ pub struct Quota {
 
 impl Default for Quota {
     fn default() -> Quota {
-        Quota { submits_per_s: 100, submit_burst: 200, websockets: 100, watched_sessions: 50 }
+        Quota {
+            queued_tasks: 10_000,
+            stored_bytes: 1 << 30,
+            submits_per_s: 100,
+            submit_burst: 200,
+            websockets: 100,
+            watched_sessions: 50,
+        }
     }
 }
 
@@ -52,6 +77,8 @@ impl Default for Quota {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Overrides {
+    queued_tasks: Option<u64>,
+    stored_bytes: Option<u64>,
     submits_per_s: Option<u32>,
     submit_burst: Option<u32>,
     websockets: Option<u32>,
@@ -64,6 +91,8 @@ impl Quota {
     /// token).
     pub fn with(self, overrides: &Overrides) -> Result<Quota, String> {
         let quota = Quota {
+            queued_tasks: overrides.queued_tasks.unwrap_or(self.queued_tasks),
+            stored_bytes: overrides.stored_bytes.unwrap_or(self.stored_bytes),
             submits_per_s: overrides.submits_per_s.unwrap_or(self.submits_per_s),
             submit_burst: overrides.submit_burst.unwrap_or(self.submit_burst),
             websockets: overrides.websockets.unwrap_or(self.websockets),
@@ -76,6 +105,13 @@ impl Quota {
     }
 }
 
+/// How often a gateway asks the archiver what each principal holds.
+pub const REFRESH_EVERY: Duration = Duration::from_secs(1);
+
+/// Counts older than this are not enforced: the archiver is gone, and refusing everyone's work
+/// for it would turn its outage into the system's.
+pub const STALE_AFTER: Duration = Duration::from_secs(10);
+
 /// One principal's use of its quota in this process.
 #[derive(Debug)]
 struct Usage {
@@ -83,12 +119,31 @@ struct Usage {
     submits: DefaultDirectRateLimiter,
     websockets: AtomicU32,
     watched: Mutex<HashMap<SessionScope, usize>>,
+    /// Tasks and bytes this gateway admitted, ever: what the archiver's counts do not include
+    /// yet is what was admitted since they were asked for.
+    admitted: Mutex<Admitted>,
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+struct Admitted {
+    tasks: u64,
+    bytes: u64,
+}
+
+/// What the archiver last said a principal holds, and how much this gateway had admitted when
+/// it asked.
+#[derive(Clone, Copy, Debug)]
+struct Held {
+    at: Instant,
+    usage: claw_proto::api::Usage,
+    admitted: Admitted,
 }
 
 /// Every principal's usage, made once from the tokens file.
 #[derive(Debug, Default)]
 pub struct Quotas {
     usage: HashMap<String, Arc<Usage>>,
+    held: Mutex<HashMap<String, Held>>,
 }
 
 impl Quotas {
@@ -105,11 +160,89 @@ impl Quotas {
                     submits: limiter,
                     websockets: AtomicU32::new(0),
                     watched: Mutex::default(),
+                    admitted: Mutex::default(),
                 };
                 (name.to_owned(), Arc::new(usage))
             })
             .collect();
-        Quotas { usage }
+        Quotas { usage, held: Mutex::default() }
+    }
+
+    /// Whether any principal has limits (a tokens file is in use).
+    pub fn is_empty(&self) -> bool {
+        self.usage.is_empty()
+    }
+
+    /// What each principal had admitted here, taken just before the archiver is asked.
+    fn admitted(&self) -> HashMap<String, Admitted> {
+        self.usage.iter().map(|(name, u)| (name.clone(), *lock(&u.admitted))).collect()
+    }
+
+    /// The archiver's `report`, asked for when this gateway had admitted `before`.
+    fn seen(&self, report: &UsageReport, before: HashMap<String, Admitted>, at: Instant) {
+        let held = before
+            .into_iter()
+            .map(|(name, admitted)| {
+                let usage = report.principals.get(&name).copied().unwrap_or_default();
+                (name, Held { at, usage, admitted })
+            })
+            .collect();
+        *lock(&self.held) = held;
+    }
+
+    /// `GET /v1/usage`: the caller's limits and what it holds as this gateway counts it; `None`
+    /// for a caller without limits (no tokens).
+    pub fn view(&self, caller: &Caller) -> Option<View> {
+        let usage = self.of(caller)?;
+        let name = caller.owner().unwrap_or_default();
+        let held = lock(&self.held).get(name).copied();
+        let admitted = *lock(&usage.admitted);
+        let (holds, age) = match held {
+            Some(h) => {
+                let since = |now: u64, then: u64| now - then;
+                let holds = claw_proto::api::Usage {
+                    queued: h.usage.queued + since(admitted.tasks, h.admitted.tasks),
+                    running: h.usage.running,
+                    bytes: h.usage.bytes + since(admitted.bytes, h.admitted.bytes),
+                };
+                (Some(holds), Some(h.at.elapsed().as_secs_f64()))
+            }
+            None => (None, None),
+        };
+        Some(View { principal: name.to_owned(), limits: usage.quota, holds, counted_s_ago: age })
+    }
+
+    /// A new task of `bytes` for `caller`, held until it finishes: 429 `quota_exceeded` when the
+    /// principal already has `queued_tasks` waiting, or it would hold more than `stored_bytes`.
+    pub fn admit(&self, caller: &Caller, bytes: u64) -> Result<(), Error> {
+        let Some(usage) = self.of(caller) else { return Ok(()) };
+        let name = caller.owner().unwrap_or_default();
+        let held = lock(&self.held).get(name).copied();
+        let mut admitted = lock(&usage.admitted);
+        if let Some(held) = held.filter(|h| h.at.elapsed() < STALE_AFTER) {
+            let quota = usage.quota;
+            let queued = held.usage.queued + (admitted.tasks - held.admitted.tasks);
+            if queued >= quota.queued_tasks {
+                let message = format!(
+                    "at most {} tasks waiting to run for this principal; retry once some have \
+                     started",
+                    quota.queued_tasks
+                );
+                return Err(refused("queued_tasks", message, None));
+            }
+            let stored = held.usage.bytes + (admitted.bytes - held.admitted.bytes);
+            if stored.saturating_add(bytes) > quota.stored_bytes {
+                let message = format!(
+                    "this principal holds {stored} bytes of tasks and may hold at most {}; \
+                     finished tasks free theirs when their retention has passed",
+                    quota.stored_bytes
+                );
+                return Err(refused("stored_bytes", message, None));
+            }
+        }
+        admitted.tasks += 1;
+        admitted.bytes += bytes;
+        Ok(())
     }
 
     fn of(&self, caller: &Caller) -> Option<&Arc<Usage>> {
@@ -165,6 +298,69 @@ impl Quotas {
         *watched.entry(session.clone()).or_default() += 1;
         Ok(WatchPermit(Some((usage.clone(), session.clone()))))
     }
+}
+
+/// A principal's limits and use, as `GET /v1/usage` shows them.
+#[derive(Clone, Debug, Serialize)]
+pub struct View {
+    pub principal: String,
+    pub limits: Quota,
+    /// What it holds: the archiver's counts (running is only theirs) plus what this gateway
+    /// admitted since; absent until the archiver has answered once.
+    pub holds: Option<claw_proto::api::Usage>,
+    /// How old the archiver's counts are; past [`STALE_AFTER`] they are not enforced.
+    pub counted_s_ago: Option<f64>,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Asks the archiver what each principal holds every [`REFRESH_EVERY`] until `shutdown`; the
+/// counts [`Quotas::admit`] checks. Does nothing without principals.
+pub async fn refresh(app: App, shutdown: CancellationToken) {
+    if app.quotas.is_empty() {
+        return;
+    }
+    let mut last = None::<Instant>;
+    let mut tick = tokio::time::interval(REFRESH_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let before = app.quotas.admitted();
+        let asked = Instant::now();
+        match ask(&app).await {
+            Ok(report) => {
+                if last.is_some_and(|at| at.elapsed() >= STALE_AFTER) {
+                    tracing::info!("the archiver counts each principal's tasks again");
+                }
+                app.quotas.seen(&report, before, asked);
+                last = Some(asked);
+            }
+            Err(e) if last.is_some_and(|at| at.elapsed() < STALE_AFTER) => {
+                tracing::debug!(error = %e, "no usage counts from the archiver");
+            }
+            Err(e) if last.is_none_or(|at| at.elapsed() < STALE_AFTER + REFRESH_EVERY) => {
+                tracing::warn!(error = %e, "no usage counts from the archiver: the queued_tasks \
+                    and stored_bytes limits are not enforced until it answers");
+            }
+            Err(_) => {}
+        }
+        let age = last.map_or(f64::INFINITY, |at| at.elapsed().as_secs_f64());
+        metrics::gauge!("claw_gateway_usage_age_seconds").set(age);
+    }
+}
+
+async fn ask(app: &App) -> Result<UsageReport, String> {
+    let request = app.client.request(topology::ARCHIVE_USAGE, bytes::Bytes::new());
+    let reply = tokio::time::timeout(REFRESH_EVERY * 2, request)
+        .await
+        .map_err(|_| "timed out".to_owned())?
+        .map_err(|e| e.to_string())?;
+    serde_json::from_slice(&reply.payload).map_err(|e| format!("unexpected reply: {e}"))
 }
 
 fn refused(limit: &'static str, message: String, retry_after_s: Option<u64>) -> Error {
@@ -252,6 +448,41 @@ mod tests {
         assert!(q.watch(&alice, &scope("two")).is_err(), "one is still watched by another");
         drop(again);
         q.watch(&alice, &scope("two")).unwrap();
+    }
+
+    #[test]
+    fn queued_tasks_and_stored_bytes_count_the_archivers_view_and_what_was_admitted_since() {
+        let q = quotas(Quota { queued_tasks: 3, stored_bytes: 1_000, ..Quota::default() });
+        let (alice, bob) = (caller("alice"), caller("bob"));
+        // No counts yet (no archiver): not enforced.
+        for _ in 0..5 {
+            q.admit(&alice, 10).unwrap();
+        }
+        // The archiver saw two of alice's waiting; three more were admitted since asking.
+        let before = q.admitted();
+        q.admit(&alice, 10).unwrap();
+        let held = claw_proto::api::Usage { queued: 2, running: 7, bytes: 500 };
+        let report = UsageReport { principals: [("alice".to_owned(), held)].into() };
+        q.seen(&report, before, Instant::now());
+        match q.admit(&alice, 10) {
+            Err(Error::Limited { limit: "queued_tasks", retry_after_s: None, .. }) => {}
+            other => panic!("2 seen and 1 admitted since leave no room under 3: {other:?}"),
+        }
+        // Tasks ran: room again, until the bytes would pass the limit.
+        let held = claw_proto::api::Usage { queued: 0, running: 3, bytes: 900 };
+        let report = UsageReport { principals: [("alice".to_owned(), held)].into() };
+        q.seen(&report, q.admitted(), Instant::now());
+        q.admit(&alice, 100).unwrap();
+        assert!(matches!(q.admit(&alice, 1), Err(Error::Limited { limit: "stored_bytes", .. })));
+        // Bob holds nothing; the anonymous caller has no limits.
+        q.admit(&bob, 1_000).unwrap();
+        q.admit(&Caller::Anonymous, u64::MAX).unwrap();
+        // Counts from an archiver that stopped answering are not enforced.
+        let stale = Instant::now() - STALE_AFTER;
+        let held = claw_proto::api::Usage { queued: 100, running: 0, bytes: 0 };
+        let report = UsageReport { principals: [("alice".to_owned(), held)].into() };
+        q.seen(&report, q.admitted(), stale);
+        q.admit(&alice, 1).unwrap();
     }
 
     #[test]

@@ -121,6 +121,9 @@ async fn submit_inner(
     if keyed && let Some(found) = existing(app, caller, &record.id, trace).await? {
         return Ok(found);
     }
+    // What the task will hold: its body, or its input where that goes to the object store.
+    let held = if large { payloads::json_size(&record.input) } else { body.len() };
+    app.quotas.admit(caller, held as u64)?;
     if large {
         let bytes = payloads::json_size(&record.input);
         if bytes > app.payloads.max_bytes() {

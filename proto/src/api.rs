@@ -162,3 +162,21 @@ pub struct ListPage {
     #[serde(default)]
     pub next_cursor: Option<String>,
 }
+
+/// What one principal holds of the system, as the archiver last saw the bucket.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Usage {
+    /// Tasks waiting to run: `queued`, `retrying` (waiting out a backoff) and `paused`.
+    pub queued: u64,
+    pub running: u64,
+    /// Bytes its records take in the bucket (finished ones until their retention has passed
+    /// and the archiver removes them) and its inputs and results in the object store.
+    pub bytes: u64,
+}
+
+/// The reply of `claw.archive.usage` (an empty request): every principal that holds anything.
+/// Tasks without an owner (NATS-native publishers', anonymous callers') are not counted.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UsageReport {
+    pub principals: std::collections::BTreeMap<String, Usage>,
+}

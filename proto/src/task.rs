@@ -364,6 +364,15 @@ pub struct IllegalTransition {
 }
 
 impl TaskRecord {
+    /// The bytes this record holds in the system when its JSON is `json_len` bytes long: the
+    /// record itself and the objects its refs name (what a principal's `stored_bytes` quota
+    /// counts).
+    pub fn stored_bytes(&self, json_len: usize) -> u64 {
+        let refs = [&self.input_ref, &self.result_ref];
+        let objects: u64 = refs.into_iter().flatten().map(|r| r.size).sum();
+        (json_len as u64).saturating_add(objects)
+    }
+
     fn refuse(&self, verb: &'static str) -> IllegalTransition {
         IllegalTransition { verb, from: self.status }
     }

@@ -72,6 +72,9 @@ pub const ARCHIVE_SERVICE: &str = "claw-archive";
 pub const ARCHIVE_GROUP: &str = "claw.archive";
 pub const ARCHIVE_GET: &str = "claw.archive.get";
 pub const ARCHIVE_LIST: &str = "claw.archive.list";
+/// Each principal's share of the system (queued and running tasks, bytes stored), which the
+/// gateways' quotas read: [`crate::api::UsageReport`].
+pub const ARCHIVE_USAGE: &str = "claw.archive.usage";
 
 /// Headers the system reads or writes.
 pub mod headers {

@@ -429,8 +429,11 @@ async def archive(nc, schemas, ids, elsewhere):
     assert failed["tasks"] and all(r["status"] == "failed" for r in failed["tasks"]), failed
     bad, _ = await request(nc, schemas, "claw.archive.list", {"limit": 0}, expect=400)
     assert (bad["error"]["code"], bad["error"]["field"]) == ("invalid_request", "limit"), bad
+    usage, code = await request(nc, schemas, "claw.archive.usage", b"")
+    assert code is None, usage
+    schemas.validate("usage", usage)
     check(f"claw.archive.get / list return the {len(ids + elsewhere)} finished tasks; "
-          "a bad limit is a 400")
+          "a bad limit is a 400; claw.archive.usage answers")
 
 
 async def main(url):
