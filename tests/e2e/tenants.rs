@@ -93,3 +93,49 @@ async fn queued_tasks_and_stored_bytes_are_each_principals_across_gateways() {
     assert!(metrics.contains("claw_gateway_refusals_total{limit=\"queued_tasks\"}"), "{metrics}");
     assert!(metrics.contains("claw_gateway_usage_age_seconds"), "{metrics}");
 }
+
+/// Before this change a task streamed up to 2.5 MB/s of output into `PROGRESS` (1 GiB for
+/// everyone): a few chatty tasks evicted every other session's event history in minutes. With
+/// the worker's default shares (64 KiB/s a session, bursts of 1 MiB) a task that prints 50 MB in lines of 100 bytes
+/// puts little more than the burst into the stream, says what it dropped, and succeeds; a quiet
+/// session beside it loses nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_chatty_session_gets_its_share_of_the_event_history_and_no_more() {
+    use claw_proto::Status;
+    use claw_proto::event::EventBody;
+    use claw_tests::{events_of, start_worker, submit_direct, wait_status};
+
+    let nats = Nats::start();
+    let topo = nats.topology(&test_settings()).await;
+    // The shipped defaults: no [events] section.
+    let toml = "ack_deadline_s = 2.0\n\
+        [programs.flood]\npath = \"/bin/sh\"\n\
+        args = [\"-c\", \"yes $(head -c 99 /dev/zero | tr '\\\\0' y) | head -c 50000000\"]\n\
+        [programs.hello]\npath = \"/bin/sh\"\nargs = [\"-c\", \"echo hello; echo world\"]\n";
+    let _worker = start_worker(&topo, toml);
+    let spec = |session: &str, program: &str| json!({"kind": "exec", "session": session, "timeout_s": 120, "input": {"program": program}});
+    let chatty = submit_direct(&topo, spec("chatty", "flood")).await;
+    let quiet = submit_direct(&topo, spec("quiet", "hello")).await;
+    let flooded = wait_status(&topo, &chatty, Status::Succeeded).await;
+    wait_status(&topo, &quiet, Status::Succeeded).await;
+
+    let output = |events: &[claw_proto::event::Event]| -> String {
+        events
+            .iter()
+            .filter_map(|e| match &e.body {
+                EventBody::Output { text } => Some(text.as_str()),
+                _ => None,
+            })
+            .collect()
+    };
+    let chatty_out = output(&events_of(&topo.js, &chatty).await);
+    let ran_s = (flooded.finished_at.unwrap() - flooded.started_at.unwrap()).as_seconds_f64();
+    let share = 1024 * 1024 + 64 * 1024 * (ran_s.ceil() as usize + 1) + 64 * 1024;
+    assert!(
+        chatty_out.len() <= share,
+        "{} bytes of events in {ran_s:.1} s: over the session's share of {share}",
+        chatty_out.len()
+    );
+    assert!(chatty_out.contains("bytes of output dropped"), "the drop is told");
+    assert_eq!(output(&events_of(&topo.js, &quiet).await), "hello\nworld\n", "quiet loses nothing");
+}

@@ -560,8 +560,11 @@ echo '{{"result": {{"done": true}}}}'
             LINES / 8
         ),
     );
+    // The flood must reach the stream: shares far above the defaults (64 KiB/s a session).
     let toml = format!(
-        "ack_deadline_s = 2.0\nrunner = {:?}\n[programs.flood]\npath = {:?}\n",
+        "ack_deadline_s = 2.0\nrunner = {:?}\n[programs.flood]\npath = {:?}\n\
+         [events]\nsession_output_bytes_per_s = 100000000\n\
+         principal_output_bytes_per_s = 100000000\n",
         bin("claw-worker"),
         script
     );

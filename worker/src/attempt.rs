@@ -89,6 +89,8 @@ pub(crate) struct Worker {
     pub controls: Arc<Controls>,
     /// When the server last answered; the lease of every attempt is timed by it.
     pub contact: Arc<Contact>,
+    /// Each session's and principal's share of the output events this worker publishes.
+    pub shares: crate::shares::Shares,
 }
 
 /// Handles one delivery; `_slot` is its place in the pool and the worker's total until it

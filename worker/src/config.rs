@@ -22,6 +22,8 @@
 //!   bounds it. When both classes want more than the total, freed slots go to the two pools in
 //!   turn.
 //! - The worker's memory cap (500 MB): `memory_max_mb`, enforced by [`crate::memory`].
+//! - `[events]`: each session's (64 KiB/s) and principal's (256 KiB/s) share of the output
+//!   events this worker publishes into the shared `PROGRESS` history ([`crate::shares`]).
 
 use std::collections::BTreeMap;
 use std::ops::RangeInclusive;
@@ -123,6 +125,9 @@ pub struct Config {
     /// store, not in the record; a larger one fails the task (`result_too_large`).
     #[serde(default = "default_payload_max_bytes")]
     pub payload_max_bytes: usize,
+    /// Each session's and principal's share of the event history (`crate::shares`).
+    #[serde(default)]
+    pub events: crate::shares::EventsConfig,
 }
 
 fn default_payload_max_bytes() -> usize {
@@ -244,6 +249,7 @@ impl Config {
         seconds("kill_grace_s", self.kill_grace_s, true, 3600.0)?;
         seconds("drain_s", self.drain_s, true, 86_400.0)?;
         in_range("max_concurrent", self.max_concurrent, 1..=MAX_CONCURRENT_LIMIT)?;
+        self.events.check().map_err(Error::Config)?;
         for class in Class::ALL {
             self.check_pool(class)?;
         }

@@ -14,6 +14,7 @@ use claw_proto::event::{Event, EventBody};
 use claw_proto::topology::headers;
 
 use crate::handler::Pending;
+use crate::shares::Shares;
 
 /// How often an attempt publishes what its handler reported. Each flush sends at most one
 /// `progress` and one `output` event, so a task emits at most ~20 of them per second however
@@ -124,11 +125,44 @@ pub fn ending_of(record: &TaskRecord) -> Option<Vec<EventBody>> {
 }
 
 /// Publishes what was reported since the last flush: the latest progress, then the output.
-pub async fn flush(client: &Client, record: &TaskRecord, pending: Pending) {
+///
+/// Output goes out as far as the session's share allows ([`Shares`]); the rest is dropped, and
+/// the next output event ends with a note of how many bytes were (the `last` flush of an
+/// attempt always tells). Returns the dropped bytes not told yet, for the next flush.
+pub async fn flush(
+    client: &Client,
+    shares: &Shares,
+    record: &TaskRecord,
+    pending: Pending,
+    last: bool,
+) -> u64 {
     if let Some(progress) = pending.progress {
         publish(client, record, EventBody::Progress(progress)).await;
     }
-    if !pending.output.is_empty() {
-        publish(client, record, EventBody::Output { text: pending.output }).await;
+    let mut text = pending.output;
+    let mut dropped = pending.dropped;
+    if !text.is_empty() {
+        let mut room = shares.output(record, text.len());
+        while !text.is_char_boundary(room) {
+            room -= 1;
+        }
+        let cut = (text.len() - room) as u64;
+        if cut > 0 {
+            text.truncate(room);
+            dropped += cut;
+            metrics::counter!("claw_worker_output_dropped_bytes_total").increment(cut);
+        }
     }
+    if dropped > 0 && (last || !text.is_empty()) {
+        // A note is a few bytes: it goes out whatever the share says.
+        text.push_str(&format!(
+            "\n[claw: {dropped} bytes of output dropped (over the output buffer or this \
+             session's share of the event history)]\n"
+        ));
+        dropped = 0;
+    }
+    if !text.is_empty() {
+        publish(client, record, EventBody::Output { text }).await;
+    }
+    dropped
 }

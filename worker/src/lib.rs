@@ -40,6 +40,7 @@ pub mod pool;
 pub mod process;
 pub mod protocol;
 mod settle;
+pub mod shares;
 pub mod sizing;
 pub mod status;
 mod supervise;
@@ -101,6 +102,7 @@ pub async fn run_with(
         hand_back: CancellationToken::new(),
         controls: Arc::new(Controls::default()),
         contact: Arc::new(lease::Contact::new()),
+        shares: shares::Shares::new(&config.events),
         config,
     });
     // What a worker killed on this machine left running (its programs' own children).

@@ -152,7 +152,8 @@ pub(crate) async fn supervise(d: &Delivery, held: &mut Held, control: &Registrat
             _ = flush.tick() => {
                 let pending = ctx.take();
                 saver.reported(pending.progress.as_ref());
-                events::flush(&w.client, &held.record, pending).await;
+                let untold = events::flush(&w.client, &w.shares, &held.record, pending, false);
+                ctx.untold(untold.await);
                 // A paused record takes no progress; it is saved after the resume.
                 if stopping.why.is_none() && !ctx.is_paused() && !saver.save(d, held).await {
                     look_now = true;
@@ -198,7 +199,7 @@ pub(crate) async fn supervise(d: &Delivery, held: &mut Held, control: &Registrat
     if let Some(progress) = last.progress.clone().or(saver.unsaved) {
         held.record.progress = Some(progress);
     }
-    events::flush(&w.client, &held.record, last).await;
+    events::flush(&w.client, &w.shares, &held.record, last, true).await;
     if let Some(stop) = stopping.why {
         return Outcome::Stopped(stop);
     }
