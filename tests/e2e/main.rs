@@ -23,6 +23,7 @@ mod retention;
 mod secrets;
 mod shipped;
 mod soak;
+mod tenants;
 mod topology;
 mod up;
 mod worker;
