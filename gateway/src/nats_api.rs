@@ -76,7 +76,8 @@ pub async fn serve(app: App, shutdown: CancellationToken) -> Result<(), Error> {
         for (group, name, op) in endpoints {
             let mut builder = group.endpoint_builder();
             if let Face::Principal = face {
-                // Micro endpoint names are `A-Z a-z 0-9 - _`, and the subject would be the name.
+                // Unnamed, an endpoint is named by its subject, which here has a `*`; micro
+                // endpoint names are `A-Z a-z 0-9 - _`, so these get their own (`as-submit`).
                 let lane = if matches!(op, Op::LanePause(_)) { "lanes-" } else { "" };
                 builder = builder.name(format!("as-{lane}{name}"));
             }
