@@ -121,6 +121,23 @@ impl Auth {
         matches!(self, Auth::Tokens(_))
     }
 
+    /// The caller a NATS request on `claw.api.as.<name>.*` acts as: the principal `name` of the
+    /// tokens file. NATS permissions, not a token, prove the requester is that principal
+    /// (`nats/accounts/claw.conf`, the tenant template). 401 when there is no tokens file or it
+    /// names no such principal: the subject was reachable, but the gateway cannot honour it.
+    pub fn named(&self, name: &str) -> Result<Caller, Error> {
+        let Auth::Tokens(tokens) = self else {
+            return Err(Error::Unauthorized(format!(
+                "the gateway has no tokens file, so it knows no principal {name:?}: \
+                 use the un-prefixed claw.api.* subjects"
+            )));
+        };
+        tokens
+            .principal(name)
+            .map(Caller::Principal)
+            .ok_or_else(|| Error::Unauthorized(format!("the gateway knows no principal {name:?}")))
+    }
+
     /// The caller of a request, from `Authorization: Bearer`. 401 when auth is on and no known
     /// token is presented.
     pub fn caller(&self, headers: &HeaderMap) -> Result<Caller, Error> {
@@ -288,6 +305,20 @@ mod tests {
         assert_eq!(tokens.lookup(""), None);
         // A digest is not a token: knowing the file does not let one in.
         assert_eq!(tokens.lookup(&hex::encode(hash(ALICE))), None);
+    }
+
+    #[test]
+    fn a_principal_is_named_only_by_a_tokens_file() {
+        let auth = Auth::Tokens(Tokens::parse(&file()).unwrap());
+        let Caller::Principal(alice) = auth.named("alice").unwrap() else { panic!("anonymous") };
+        assert_eq!((alice.name.as_str(), alice.admin), ("alice", false));
+        assert!(auth.named("ops").unwrap().sees_all());
+        assert!(
+            matches!(auth.named("mallory"), Err(Error::Unauthorized(m)) if m.contains("mallory"))
+        );
+        assert!(
+            matches!(Auth::Off.named("alice"), Err(Error::Unauthorized(m)) if m.contains("no tokens file"))
+        );
     }
 
     #[test]

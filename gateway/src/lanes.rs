@@ -9,6 +9,7 @@ use claw_proto::{Class, Priority};
 use time::OffsetDateTime;
 
 use crate::app::App;
+use crate::auth::Caller;
 use crate::error::Error;
 
 /// How far in the future "paused until resumed" is: JetStream pauses until a time, and a
@@ -47,6 +48,16 @@ pub fn parse(class: &str, priority: &str) -> Result<Lane, Error> {
     match (Class::parse(class), Priority::parse(priority)) {
         (Some(class), Some(priority)) => Ok(Lane::new(class, priority)),
         _ => Err(Error::NotFound(format!("no lane {class}/{priority}"))),
+    }
+}
+
+/// Pausing a lane stops everyone's tasks in it, so with tokens only an admin may (over HTTP and
+/// over a principal's NATS subjects alike).
+pub fn may_control(caller: &Caller) -> Result<(), Error> {
+    if caller.sees_all() {
+        Ok(())
+    } else {
+        Err(Error::Forbidden("pausing or resuming a lane needs an admin principal".into()))
     }
 }
 

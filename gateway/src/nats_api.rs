@@ -1,10 +1,17 @@
 //! The NATS face of the API: a NATS micro service `claw-api` with endpoints `claw.api.submit`,
 //! `claw.api.get`, `claw.api.{cancel,pause,resume,retry}`, `claw.api.lanes` and
-//! `claw.api.lanes.{pause,resume}`, calling the same functions as HTTP.
+//! `claw.api.lanes.{pause,resume}`, calling the same functions as HTTP, and the same endpoints
+//! again under `claw.api.as.<principal>.` for the principals of the tokens file.
 //!
-//! There is no caller identity here: every request acts as the anonymous caller (it sees every
-//! task, and what it submits has no `owner`). NATS permissions (`nats/accounts/claw.conf`)
-//! decide who may send these requests at all.
+//! Who the caller is comes from the subject. On `claw.api.as.<principal>.<verb>` the request acts
+//! as that principal, exactly as its HTTP token would: what it submits is owned by it and counts
+//! against its quotas, it sees and controls only its own tasks (404 otherwise) unless it is an
+//! admin, and only an admin may pause a lane. NATS permissions are what make this an identity:
+//! each tenant's NATS user may publish only on its own `claw.api.as.<name>.>`
+//! (`nats/accounts/claw.conf`, the tenant template). A principal the gateway does not know, or a
+//! gateway without a tokens file, gets a 401 error reply. The un-prefixed subjects act as the
+//! anonymous caller (every task visible, submits unowned): they are for trusted roles only
+//! (operators, the OpenClaw plugin, NATS-native publishers), which NATS permissions name.
 //!
 //! Replies carry the record JSON, or our error body with the micro error headers
 //! (`Nats-Service-Error`, `Nats-Service-Error-Code` = the HTTP status) so `nats req` shows them.
@@ -22,6 +29,15 @@ use crate::app::App;
 use crate::auth::Caller;
 use crate::error::Error;
 use crate::{control, lanes, tasks};
+
+/// Whom an endpoint's requests act as.
+#[derive(Clone, Copy, Debug)]
+enum Face {
+    /// `claw.api.<verb>`: the anonymous caller.
+    Anonymous,
+    /// `claw.api.as.<principal>.<verb>`: the principal named by the subject.
+    Principal,
+}
 
 /// What an endpoint does.
 #[derive(Clone, Copy, Debug)]
@@ -43,31 +59,49 @@ pub async fn serve(app: App, shutdown: CancellationToken) -> Result<(), Error> {
         .await
         .map_err(|e| Error::Unavailable(format!("starting {}: {e}", topology::API_SERVICE)))?;
     let api = service.group(topology::API_GROUP);
-    let lanes = api.group("lanes");
-    let mut endpoints = vec![
-        (&api, "submit", Op::Submit),
-        (&api, "get", Op::Get),
-        (&api, "lanes", Op::Lanes),
-        (&lanes, "pause", Op::LanePause(true)),
-        (&lanes, "resume", Op::LanePause(false)),
-    ];
-    endpoints.extend(Verb::ALL.map(|verb| (&api, verb.as_str(), Op::Control(verb))));
+    // `*` is the principal: one token, since a principal's name has no `.` (auth::Tokens::parse).
+    // `claw.api.as.*.<verb>` has five tokens or more, so it meets no un-prefixed subject.
+    let principal = api.group(topology::API_AS).group("*");
     let mut requests = Vec::new();
-    for (group, name, op) in endpoints {
-        let endpoint = group
-            .endpoint(name)
-            .await
-            .map_err(|e| Error::Unavailable(format!("endpoint {name}: {e}")))?;
-        requests.push(endpoint.map(move |request| (op, request)).boxed());
+    for (face, group) in [(Face::Anonymous, &api), (Face::Principal, &principal)] {
+        let lanes = group.group("lanes");
+        let mut endpoints = vec![
+            (group, "submit", Op::Submit),
+            (group, "get", Op::Get),
+            (group, "lanes", Op::Lanes),
+            (&lanes, "pause", Op::LanePause(true)),
+            (&lanes, "resume", Op::LanePause(false)),
+        ];
+        endpoints.extend(Verb::ALL.map(|verb| (group, verb.as_str(), Op::Control(verb))));
+        for (group, name, op) in endpoints {
+            let mut builder = group.endpoint_builder();
+            if let Face::Principal = face {
+                // Unnamed, an endpoint is named by its subject, which here has a `*`; micro
+                // endpoint names are `A-Z a-z 0-9 - _`, so these get their own (`as-submit`).
+                let lane = if matches!(op, Op::LanePause(_)) { "lanes-" } else { "" };
+                builder = builder.name(format!("as-{lane}{name}"));
+            }
+            let endpoint = builder
+                .add(name)
+                .await
+                .map_err(|e| Error::Unavailable(format!("endpoint {name}: {e}")))?;
+            requests.push(endpoint.map(move |request| (face, op, request)).boxed());
+        }
     }
     let mut requests = futures::stream::select_all(requests);
     let tracker = TaskTracker::new();
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
-            Some((op, request)) = requests.next() => {
+            Some((face, op, request)) = requests.next() => {
                 let app = app.clone();
-                tracker.spawn(async move { answer(&request, handle(&app, op, &request).await).await });
+                tracker.spawn(async move {
+                    let result = match caller_of(&app, face, &request) {
+                        Ok(caller) => handle(&app, &caller, op, &request).await,
+                        Err(e) => Err(e),
+                    };
+                    answer(&request, result).await
+                });
             }
             else => break,
         }
@@ -78,15 +112,31 @@ pub async fn serve(app: App, shutdown: CancellationToken) -> Result<(), Error> {
     Ok(())
 }
 
-async fn handle(app: &App, op: Op, request: &Request) -> Result<Vec<u8>, Error> {
-    match op {
-        Op::Submit => on_submit(app, request).await,
-        Op::Get => json(&tasks::get(app, &Caller::Anonymous, &id_of(request)).await?),
-        Op::Control(verb) => {
-            json(&control::apply(app, &Caller::Anonymous, &id_of(request), verb).await?)
+/// The caller of a request: anonymous, or the principal its subject names.
+fn caller_of(app: &App, face: Face, request: &Request) -> Result<Caller, Error> {
+    match face {
+        Face::Anonymous => Ok(Caller::Anonymous),
+        Face::Principal => {
+            let prefix = format!("{}.{}.", topology::API_GROUP, topology::API_AS);
+            let name = request
+                .message
+                .subject
+                .strip_prefix(prefix.as_str())
+                .and_then(|rest| rest.split('.').next())
+                .unwrap_or_default();
+            app.auth.named(name)
         }
+    }
+}
+
+async fn handle(app: &App, caller: &Caller, op: Op, request: &Request) -> Result<Vec<u8>, Error> {
+    match op {
+        Op::Submit => on_submit(app, caller, request).await,
+        Op::Get => json(&tasks::get(app, caller, &id_of(request)).await?),
+        Op::Control(verb) => json(&control::apply(app, caller, &id_of(request), verb).await?),
         Op::Lanes => json(&Lanes { lanes: lanes::list(app).await? }),
         Op::LanePause(paused) => {
+            lanes::may_control(caller)?;
             let LaneRequest { class, priority } = serde_json::from_slice(&request.message.payload)
                 .map_err(|e| {
                     Error::Invalid(Invalid {
@@ -113,7 +163,7 @@ fn id_of(request: &Request) -> String {
     }
 }
 
-async fn on_submit(app: &App, request: &Request) -> Result<Vec<u8>, Error> {
+async fn on_submit(app: &App, caller: &Caller, request: &Request) -> Result<Vec<u8>, Error> {
     let key = request
         .message
         .headers
@@ -126,14 +176,9 @@ async fn on_submit(app: &App, request: &Request) -> Result<Vec<u8>, Error> {
         .as_ref()
         .and_then(|h| h.get(claw_proto::trace::TRACEPARENT))
         .map(|v| v.as_str().to_owned());
-    let submitted = tasks::submit(
-        app,
-        &Caller::Anonymous,
-        &request.message.payload,
-        key.as_deref(),
-        trace.as_deref(),
-    )
-    .await?;
+    let submitted =
+        tasks::submit(app, caller, &request.message.payload, key.as_deref(), trace.as_deref())
+            .await?;
     json(&submitted.record)
 }
 

@@ -68,6 +68,9 @@ pub fn worker_status_subject(name: &str) -> String {
 /// Request/reply services.
 pub const API_SERVICE: &str = "claw-api";
 pub const API_GROUP: &str = "claw.api";
+/// The token after [`API_GROUP`] that starts a principal's own endpoints:
+/// `claw.api.as.<principal>.<verb>` ([`principal_api_subject`]).
+pub const API_AS: &str = "as";
 pub const ARCHIVE_SERVICE: &str = "claw-archive";
 pub const ARCHIVE_GROUP: &str = "claw.archive";
 pub const ARCHIVE_GET: &str = "claw.archive.get";
@@ -225,6 +228,14 @@ impl std::fmt::Display for SessionScope {
 /// The gateway's request/reply subject for a verb: `claw.api.<verb>`.
 pub fn api_subject(verb: &str) -> String {
     format!("{API_GROUP}.{verb}")
+}
+
+/// The gateway's request/reply subject for a verb acting as a principal of its tokens file:
+/// `claw.api.as.<principal>.<verb>`. A principal name is one subject token (1-64 characters of
+/// `A-Z a-z 0-9 _ -`, as a session's), so NATS permissions can pin `claw.api.as.<name>.>` to the
+/// user who is that principal.
+pub fn principal_api_subject(principal: &str, verb: &str) -> String {
+    format!("{API_GROUP}.{API_AS}.{principal}.{verb}")
 }
 
 /// What a deployment tunes; everything else comes from the files under `nats/`.

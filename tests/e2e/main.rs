@@ -15,6 +15,7 @@ mod isolation;
 mod limits;
 mod llm;
 mod metrics;
+mod nats_tenants;
 mod payloads;
 mod permissions;
 mod pipeline;

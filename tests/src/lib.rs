@@ -505,18 +505,47 @@ pub fn role_password(role: &str) -> String {
 /// Writes `<dir>/claw.conf`: `nats/accounts/claw.conf` verbatim, after definitions of its
 /// `$CLAW_<ROLE>_PASSWORD` variables (so the server needs no environment).
 pub fn write_role_config(dir: &Path) -> PathBuf {
-    let roles =
+    write_tenant_config(dir, &[])
+}
+
+/// [`write_role_config`] with a user per name in `tenants`, made from the file's commented tenant
+/// template as its instructions say (uncommented, `$TENANT_PASSWORD` → `$CLAW_<NAME>_PASSWORD`,
+/// `TENANT` → the name); each password is [`role_password`] of the name.
+pub fn write_tenant_config(dir: &Path, tenants: &[&str]) -> PathBuf {
+    let shipped =
         std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../nats/accounts/claw.conf"))
             .expect("nats/accounts/claw.conf");
     let mut text = String::new();
-    for role in ROLES {
+    for role in ROLES.iter().chain(tenants) {
         text.push_str(&format!(
             "CLAW_{}_PASSWORD: {:?}\n",
-            role.to_uppercase(),
+            role.to_uppercase().replace('-', "_"),
             role_password(role)
         ));
     }
-    text.push_str(&roles);
+    if tenants.is_empty() {
+        text.push_str(&shipped);
+    } else {
+        let (begin, end) = ("# BEGIN tenant template\n", "# END tenant template\n");
+        let start = shipped.find(begin).expect("claw.conf: the tenant template") + begin.len();
+        let len = shipped[start..].find(end).expect("claw.conf: the template's end");
+        let template: String = shipped[start..start + len]
+            .lines()
+            .filter(|line| !line.trim().is_empty())
+            .map(|line| line.trim_start().strip_prefix('#').expect("a commented line"))
+            .map(|line| format!("{}\n", line.strip_prefix(' ').unwrap_or(line)))
+            .collect();
+        let users: String = tenants
+            .iter()
+            .map(|name| {
+                let variable = format!("$CLAW_{}_PASSWORD", name.to_uppercase().replace('-', "_"));
+                template.replace("$TENANT_PASSWORD", &variable).replace("TENANT", name)
+            })
+            .collect();
+        text.push_str(&shipped[..start]);
+        text.push_str(&users);
+        text.push_str(&shipped[start..]);
+    }
     std::fs::create_dir_all(dir).expect("config dir");
     let path = dir.join("claw.conf");
     std::fs::write(&path, text).expect("write claw.conf");
@@ -526,9 +555,14 @@ pub fn write_role_config(dir: &Path) -> PathBuf {
 impl Nats {
     /// A server with the per-role users of `nats/accounts/claw.conf` (no anonymous access).
     pub fn start_secure() -> Nats {
+        Nats::start_secure_with_tenants(&[])
+    }
+
+    /// [`Nats::start_secure`] with a tenant user per name ([`write_tenant_config`]).
+    pub fn start_secure_with_tenants(tenants: &[&str]) -> Nats {
         init_tracing();
         let dir = TestDir::new();
-        let config = write_role_config(&dir.path().join("conf"));
+        let config = write_tenant_config(&dir.path().join("conf"), tenants);
         let options = nats_server::Options {
             config: Some(config),
             ..nats_server::Options::in_dir(dir.path().join("nats"))

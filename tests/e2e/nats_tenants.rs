@@ -1,0 +1,216 @@
+//! Tenants on NATS: principals of the gateway's tokens file that talk NATS, each as a NATS user
+//! made from the shipped tenant template of `nats/accounts/claw.conf`. A tenant's requests on
+//! `claw.api.as.<name>.*` act as that principal (its tasks only, its quotas, lanes for admins);
+//! the server refuses it every other tenant's subjects, the anonymous API and the JetStream API.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_nats::{Client, ConnectOptions, Event, Message};
+use claw_proto::topology::{self, Settings};
+use claw_tests::{Gateway, Nats, WAIT, role_password, start_worker, wait_for};
+use futures::StreamExt;
+use serde_json::{Value, json};
+
+/// Tenants with a NATS user; `carol` is none of the gateway's principals.
+const TENANTS: [&str; 4] = ["alice", "bob", "ops", "carol"];
+
+/// The tokens file: alice may submit one task a second in bursts of four; ops is an admin.
+fn tokens_file() -> String {
+    "[principals.alice]\ntokens = [\"claw_alice-0123456789abcdef\"]\n\
+     [principals.alice.limits]\nsubmits_per_s = 1\nsubmit_burst = 4\n\n\
+     [principals.bob]\ntokens = [\"claw_bob-0123456789abcdef\"]\n\n\
+     [principals.ops]\ntokens = [\"claw_ops-0123456789abcdef\"]\nadmin = true\n"
+        .to_owned()
+}
+
+/// A tenant's connection (its own inbox prefix, as the template says) that records the server's
+/// errors.
+struct Tenant {
+    name: &'static str,
+    client: Client,
+    errors: Arc<Mutex<Vec<String>>>,
+}
+
+impl Tenant {
+    async fn connect(nats: &Nats, name: &'static str) -> Tenant {
+        let errors = Arc::new(Mutex::new(Vec::new()));
+        let sink = errors.clone();
+        let client = ConnectOptions::with_user_and_password(name.into(), role_password(name))
+            .custom_inbox_prefix(format!("_INBOX.{name}"))
+            .request_timeout(Some(Duration::from_secs(5)))
+            .event_callback(move |event| {
+                let sink = sink.clone();
+                async move {
+                    if let Event::ServerError(e) = event {
+                        sink.lock().unwrap().push(e.to_string());
+                    }
+                }
+            })
+            .connect(nats.url())
+            .await
+            .unwrap_or_else(|e| panic!("connect as {name}: {e}"));
+        Tenant { name, client, errors }
+    }
+
+    /// A request on this tenant's own `claw.api.as.<name>.<verb>`.
+    async fn request(&self, verb: &str, body: Value) -> Message {
+        let subject = topology::principal_api_subject(self.name, verb);
+        self.client
+            .request(subject.clone(), body.to_string().into())
+            .await
+            .unwrap_or_else(|e| panic!("{} requests {subject}: {e}", self.name))
+    }
+
+    /// A request that must succeed: the reply's JSON.
+    async fn ok(&self, verb: &str, body: Value) -> Value {
+        let reply = self.request(verb, body).await;
+        assert_eq!(code_of(&reply), None, "{} {verb}: {}", self.name, text(&reply));
+        serde_json::from_slice(&reply.payload).unwrap()
+    }
+
+    /// A request that must fail with `code`: the error body.
+    async fn refused(&self, verb: &str, body: Value, code: &str) -> Value {
+        let reply = self.request(verb, body).await;
+        assert_eq!(
+            code_of(&reply).as_deref(),
+            Some(code),
+            "{} {verb}: {}",
+            self.name,
+            text(&reply)
+        );
+        let body: Value = serde_json::from_slice(&reply.payload).unwrap();
+        assert!(body["error"]["message"].is_string(), "our error body: {body}");
+        body
+    }
+
+    fn violated(&self, subject: &str) -> bool {
+        self.errors.lock().unwrap().iter().any(|e| {
+            e.to_lowercase().contains("permissions violation")
+                && e.contains(&format!("\"{subject}\""))
+        })
+    }
+
+    async fn await_violation(&self, what: &str, subject: &str) {
+        wait_for(&format!("{} refused to {what} {subject}", self.name), WAIT, || async {
+            self.violated(subject).then_some(())
+        })
+        .await;
+    }
+
+    async fn refused_publish(&self, subject: &str) {
+        self.client.publish(subject.to_owned(), "{}".into()).await.unwrap();
+        self.client.flush().await.unwrap();
+        self.await_violation("publish to", subject).await;
+    }
+
+    async fn refused_subscribe(&self, subject: &str) {
+        let _sub = self.client.subscribe(subject.to_owned()).await.unwrap();
+        self.client.flush().await.unwrap();
+        self.await_violation("subscribe to", subject).await;
+    }
+}
+
+/// The micro error code of a reply (`Nats-Service-Error-Code`), none for a success.
+fn code_of(reply: &Message) -> Option<String> {
+    let headers = reply.headers.as_ref()?;
+    headers.get(async_nats::service::NATS_SERVICE_ERROR_CODE).map(|v| v.as_str().to_owned())
+}
+
+fn text(reply: &Message) -> String {
+    String::from_utf8_lossy(&reply.payload).into_owned()
+}
+
+#[tokio::test]
+async fn a_tenant_on_nats_is_its_principal_and_nobody_else() {
+    let nats = Nats::start_secure_with_tenants(&TENANTS);
+    let gw_topo = nats.role_topology("gateway", &Settings::standard()).await;
+    let tokens = nats.dir.path().join("tokens.toml");
+    std::fs::write(&tokens, tokens_file()).unwrap();
+    let _gw = Gateway::start(&gw_topo, &["--tokens", tokens.to_str().unwrap()]).await;
+    let worker_topo = nats.role_topology("worker", &Settings::standard()).await;
+    let _worker = start_worker(&worker_topo, "ack_deadline_s = 2.0\n");
+
+    let alice = Tenant::connect(&nats, "alice").await;
+    let bob = Tenant::connect(&nats, "bob").await;
+    let ops = Tenant::connect(&nats, "ops").await;
+    let carol = Tenant::connect(&nats, "carol").await;
+    wait_for("the gateway's claw-api to answer alice", WAIT, || async {
+        let subject = topology::principal_api_subject("alice", "lanes");
+        let reply = alice.client.request(subject, "{}".into()).await.ok()?;
+        (code_of(&reply).is_none()).then_some(())
+    })
+    .await;
+
+    // alice follows her session, and submits into it: the task is hers.
+    let mut events = alice.client.subscribe("progress.alice.s1.*").await.unwrap();
+    let spec = json!({"kind": "sleep", "session": "s1", "input": {"seconds": 60, "steps": 60}});
+    let record = alice.ok("submit", spec).await;
+    let id = record["id"].as_str().unwrap().to_owned();
+    assert_eq!(record["owner"], "alice", "{record}");
+    wait_for(&format!("alice's task {id} to run"), WAIT, || async {
+        let record = alice.ok("get", json!({"id": id})).await;
+        (record["status"] == "running").then_some(())
+    })
+    .await;
+
+    // bob, through his own subjects, cannot see or touch it: 404, as if it did not exist ...
+    bob.refused("get", json!({"id": id}), "404").await;
+    bob.refused("cancel", json!({"id": id}), "404").await;
+    // ... and the server refuses him alice's subjects and her events.
+    bob.refused_publish(&topology::principal_api_subject("alice", "cancel")).await;
+    bob.refused_subscribe("progress.alice.*.*").await;
+    alice.refused_subscribe("progress.bob.*.*").await;
+    // Nor may a tenant use the anonymous API (which sees every task) or read records directly.
+    alice.refused_publish(&topology::api_subject("get")).await;
+    alice.refused_publish(&format!("$JS.API.DIRECT.GET.KV_tasks.$KV.tasks.{id}")).await;
+
+    // The admin sees it; a NATS user the tokens file does not name gets a clear 401.
+    assert_eq!(ops.ok("get", json!({"id": id})).await["owner"], "alice");
+    let unknown = carol.refused("get", json!({"id": id}), "401").await;
+    assert!(unknown["error"]["message"].as_str().unwrap().contains("carol"), "{unknown}");
+
+    // Lanes are for admins, as over HTTP.
+    let lane = json!({"class": "long", "priority": "low"});
+    alice.refused("lanes.pause", lane.clone(), "403").await;
+    assert_eq!(ops.ok("lanes.pause", lane.clone()).await["paused"], true);
+    assert_eq!(ops.ok("lanes.resume", lane).await["paused"], false);
+
+    // alice cancels her running task; it ends cancelled, and she saw it on her session's subject.
+    alice.ok("cancel", json!({"id": id})).await;
+    wait_for(&format!("alice's task {id} cancelled"), WAIT, || async {
+        let record = alice.ok("get", json!({"id": id})).await;
+        (record["status"] == "cancelled").then_some(())
+    })
+    .await;
+    let subject = format!("progress.alice.s1.{id}");
+    let cancelled = tokio::time::timeout(WAIT, async {
+        while let Some(event) = events.next().await {
+            assert_eq!(event.subject.as_str(), subject, "an event of alice's session");
+            let event: Value = serde_json::from_slice(&event.payload).unwrap();
+            if event["type"] == "status" && event["data"]["status"] == "cancelled" {
+                return event;
+            }
+        }
+        panic!("alice's events ended");
+    })
+    .await
+    .expect("alice sees her task's cancelled event");
+    assert_eq!(cancelled["task_id"], id.as_str(), "{cancelled}");
+
+    // Her quota applies: past her burst, a submit is refused, naming the limit.
+    let refusal = tokio::time::timeout(WAIT, async {
+        loop {
+            let reply = alice.request("submit", json!({"kind": "sleep", "session": "s1"})).await;
+            if code_of(&reply).is_some() {
+                return reply;
+            }
+        }
+    })
+    .await
+    .expect("alice's submits refused within her burst");
+    assert_eq!(code_of(&refusal).as_deref(), Some("429"), "{}", text(&refusal));
+    let body: Value = serde_json::from_slice(&refusal.payload).unwrap();
+    assert_eq!(body["error"]["limit"], "submits_per_s", "{body}");
+    assert!(alice.errors.lock().unwrap().iter().all(|e| !e.contains("claw.api.as.alice")));
+}
