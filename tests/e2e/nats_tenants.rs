@@ -3,12 +3,9 @@
 //! `claw.api.as.<name>.*` act as that principal (its tasks only, its quotas, lanes for admins);
 //! the server refuses it every other tenant's subjects, the anonymous API and the JetStream API.
 
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
-
-use async_nats::{Client, ConnectOptions, Event, Message};
+use async_nats::{Client, Message};
 use claw_proto::topology::{self, Settings};
-use claw_tests::{Gateway, Nats, WAIT, role_password, start_worker, wait_for};
+use claw_tests::{Gateway, Nats, WAIT, start_worker, wait_for};
 use futures::StreamExt;
 use serde_json::{Value, json};
 
@@ -29,27 +26,12 @@ fn tokens_file() -> String {
 struct Tenant {
     name: &'static str,
     client: Client,
-    errors: Arc<Mutex<Vec<String>>>,
+    errors: claw_tests::ServerErrors,
 }
 
 impl Tenant {
     async fn connect(nats: &Nats, name: &'static str) -> Tenant {
-        let errors = Arc::new(Mutex::new(Vec::new()));
-        let sink = errors.clone();
-        let client = ConnectOptions::with_user_and_password(name.into(), role_password(name))
-            .custom_inbox_prefix(format!("_INBOX.{name}"))
-            .request_timeout(Some(Duration::from_secs(5)))
-            .event_callback(move |event| {
-                let sink = sink.clone();
-                async move {
-                    if let Event::ServerError(e) = event {
-                        sink.lock().unwrap().push(e.to_string());
-                    }
-                }
-            })
-            .connect(nats.url())
-            .await
-            .unwrap_or_else(|e| panic!("connect as {name}: {e}"));
+        let (client, errors) = claw_tests::connect_as(nats, name).await;
         Tenant { name, client, errors }
     }
 

@@ -3,10 +3,9 @@
 //! what it must not do is refused by the server (a `Permissions Violation` error, seen through
 //! the client's event callback).
 
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use async_nats::{Client, ConnectOptions, Event, HeaderMap};
+use async_nats::{Client, HeaderMap};
 use claw_proto::topology::Settings;
 use claw_proto::{Status, TaskRecord, connect};
 use claw_tests::{
@@ -20,27 +19,12 @@ use serde_json::{Value, json};
 struct Probe {
     role: &'static str,
     client: Client,
-    errors: Arc<Mutex<Vec<String>>>,
+    errors: claw_tests::ServerErrors,
 }
 
 impl Probe {
     async fn connect(nats: &Nats, role: &'static str) -> Probe {
-        let errors = Arc::new(Mutex::new(Vec::new()));
-        let sink = errors.clone();
-        let client = ConnectOptions::with_user_and_password(role.into(), role_password(role))
-            .custom_inbox_prefix(format!("_INBOX.{role}"))
-            .request_timeout(Some(Duration::from_secs(5)))
-            .event_callback(move |event| {
-                let sink = sink.clone();
-                async move {
-                    if let Event::ServerError(e) = event {
-                        sink.lock().unwrap().push(e.to_string());
-                    }
-                }
-            })
-            .connect(nats.url())
-            .await
-            .unwrap_or_else(|e| panic!("connect as {role}: {e}"));
+        let (client, errors) = claw_tests::connect_as(nats, role).await;
         Probe { role, client, errors }
     }
 

@@ -502,6 +502,33 @@ pub fn role_password(role: &str) -> String {
     format!("test-{role}-password")
 }
 
+/// The server's errors of one connection (permission violations), as strings.
+pub type ServerErrors = std::sync::Arc<std::sync::Mutex<Vec<String>>>;
+
+/// Connects as the NATS user `user` (password [`role_password`], its own inbox prefix
+/// `_INBOX.<user>`, as the shipped roles and the tenant template say), recording the server's
+/// errors of the connection.
+pub async fn connect_as(nats: &Nats, user: &str) -> (async_nats::Client, ServerErrors) {
+    let errors = ServerErrors::default();
+    let sink = errors.clone();
+    let client =
+        async_nats::ConnectOptions::with_user_and_password(user.into(), role_password(user))
+            .custom_inbox_prefix(format!("_INBOX.{user}"))
+            .request_timeout(Some(Duration::from_secs(5)))
+            .event_callback(move |event| {
+                let sink = sink.clone();
+                async move {
+                    if let async_nats::Event::ServerError(e) = event {
+                        sink.lock().unwrap().push(e.to_string());
+                    }
+                }
+            })
+            .connect(nats.url())
+            .await
+            .unwrap_or_else(|e| panic!("connect as {user}: {e}"));
+    (client, errors)
+}
+
 /// Writes `<dir>/claw.conf`: `nats/accounts/claw.conf` verbatim, after definitions of its
 /// `$CLAW_<ROLE>_PASSWORD` variables (so the server needs no environment).
 pub fn write_role_config(dir: &Path) -> PathBuf {
