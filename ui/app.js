@@ -343,7 +343,7 @@ function applyRecord(t, rec, fresh) {
   } else {
     for (const k of STATIC_FIELDS) t.rec[k] = rec[k];
     if (rec.status === t.rec.status) {
-      for (const k of ['result', 'result_ref', 'error', 'started_at', 'finished_at']) {
+      for (const k of ['result', 'result_ref', 'error', 'started_at', 'finished_at', 'waiting']) {
         if (t.rec[k] == null && rec[k] != null) t.rec[k] = rec[k];
       }
     }
@@ -398,6 +398,10 @@ function onEvent(ev) {
         r.started_at = ev.at;
         r.progress = null;
       }
+      if (d.status !== 'queued') r.waiting = null;
+      // A queued task announced queued again waits for something (a concurrency slot): the
+      // record says what.
+      if (d.status === 'queued' && was === 'queued') queueRefresh(t);
       if (d.status === 'queued' && TERMINAL.has(was)) {
         // `retry`: a new round of attempts; the old outcome no longer applies.
         r.result = null;
@@ -506,6 +510,8 @@ function renderOutcome(t) {
     box.append(`${r.error.code}: ${r.error.message}${retrying}`);
   } else if (r.status === 'cancelled' || r.status === 'failed') {
     box.append(`${r.status}${r.cause ? ` by ${r.cause}` : ''}`);
+  } else if (r.status === 'queued' && r.waiting) {
+    box.append(`waiting for a slot: ${r.waiting}`);
   }
   box.hidden = box.childNodes.length === 0;
 }

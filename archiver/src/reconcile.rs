@@ -339,7 +339,7 @@ pub async fn tasks_in_lanes(client: &Client) -> Result<HashSet<TaskId>, Error> {
     let mut from = 1;
     loop {
         let request = serde_json::json!({"seq": from, "batch": SCAN_BATCH,
-            "max_bytes": SCAN_BYTES, "next_by_subj": topology::TASKS_ALL});
+            "max_bytes": SCAN_BYTES, "next_by_subj": ">"});
         client
             .publish_with_reply(subject.clone(), inbox.clone(), request.to_string().into())
             .await

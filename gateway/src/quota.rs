@@ -5,7 +5,8 @@
 //!
 //! ```toml
 //! [limits]                      # every principal (these are the defaults)
-//! queued_tasks = 10000          # queued, retrying or paused at once, in the whole system
+//! queued_tasks = 2000           # queued, retrying or paused at once, in the whole system
+//! running_tasks = 32            # running at once, on all workers (the others wait, queued)
 //! stored_bytes = 1073741824     # records and payloads held in JetStream (1 GiB)
 //! submits_per_s = 100           # sustained; a burst of `submit_burst` is allowed
 //! submit_burst = 200
@@ -48,11 +49,21 @@ use crate::app::App;
 use crate::auth::Caller;
 use crate::error::Error;
 
+/// How many of one principal's tasks wait at once by default: a fifth of the shipped queue
+/// limit (10 000, `--queue-max`), so one principal's backlog cannot fill the queue for all.
+pub const DEFAULT_QUEUED_TASKS: u64 = 2_000;
+
+/// How many of one principal's tasks run at once by default, on all workers together: less
+/// than one default worker's 50 (`max_concurrent`), so even on one worker a principal with a
+/// deep backlog leaves slots to the others.
+pub const DEFAULT_RUNNING_TASKS: u32 = 32;
+
 /// One principal's limits.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Quota {
     pub queued_tasks: u64,
+    pub running_tasks: u32,
     pub stored_bytes: u64,
     pub submits_per_s: u32,
     pub submit_burst: u32,
@@ -63,7 +74,8 @@ pub struct Quota {
 impl Default for Quota {
     fn default() -> Quota {
         Quota {
-            queued_tasks: 10_000,
+            queued_tasks: DEFAULT_QUEUED_TASKS,
+            running_tasks: DEFAULT_RUNNING_TASKS,
             stored_bytes: 1 << 30,
             submits_per_s: 100,
             submit_burst: 200,
@@ -78,6 +90,7 @@ impl Default for Quota {
 #[serde(deny_unknown_fields)]
 pub struct Overrides {
     queued_tasks: Option<u64>,
+    running_tasks: Option<u32>,
     stored_bytes: Option<u64>,
     submits_per_s: Option<u32>,
     submit_burst: Option<u32>,
@@ -92,6 +105,7 @@ impl Quota {
     pub fn with(self, overrides: &Overrides) -> Result<Quota, String> {
         let quota = Quota {
             queued_tasks: overrides.queued_tasks.unwrap_or(self.queued_tasks),
+            running_tasks: overrides.running_tasks.unwrap_or(self.running_tasks),
             stored_bytes: overrides.stored_bytes.unwrap_or(self.stored_bytes),
             submits_per_s: overrides.submits_per_s.unwrap_or(self.submits_per_s),
             submit_burst: overrides.submit_burst.unwrap_or(self.submit_burst),
@@ -100,6 +114,11 @@ impl Quota {
         };
         if quota.submits_per_s == 0 || quota.submit_burst == 0 {
             return Err("submits_per_s and submit_burst must be at least 1".into());
+        }
+        if quota.running_tasks == 0 {
+            return Err(
+                "running_tasks must be at least 1 (a task that may never run is lost)".into()
+            );
         }
         Ok(quota)
     }
@@ -210,6 +229,14 @@ impl Quotas {
             None => (None, None),
         };
         Some(View { principal: name.to_owned(), limits: usage.quota, holds, counted_s_ago: age })
+    }
+
+    /// The concurrency key of `caller`'s tasks: at most its `running_tasks` run at once, on all
+    /// workers (`worker/src/slots.rs` enforces it). `None` for a caller without limits.
+    pub fn running_key(&self, caller: &Caller) -> Option<claw_proto::Concurrency> {
+        let usage = self.of(caller)?;
+        let name = caller.owner()?;
+        Some(claw_proto::Concurrency::principal(name, usage.quota.running_tasks))
     }
 
     /// A new task of `bytes` for `caller`, held until it finishes: 429 `quota_exceeded` when the

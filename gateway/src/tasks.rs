@@ -105,6 +105,7 @@ async fn submit_inner(
     tracing::Span::current().record("task_id", id.as_str());
     let mut record = spec.admit(id, OffsetDateTime::now_utc(), None, &app.catalog, &app.limits)?;
     record.owner = caller.owner().map(str::to_owned);
+    record.concurrency.extend(app.quotas.running_key(caller));
     let keyed = idempotency_key.is_some() || spec.id.is_some();
     // An input that may be over the inline limit (the body is larger than it) is measured; one
     // that is goes to the object store, after every check that could still refuse the task.

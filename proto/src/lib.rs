@@ -33,5 +33,6 @@ pub mod topology;
 pub mod trace;
 
 pub use task::{
-    Cause, Class, PayloadRef, Priority, Progress, Session, Status, TaskError, TaskId, TaskRecord,
+    Cause, Class, Concurrency, PayloadRef, Priority, Progress, Session, Status, TaskError, TaskId,
+    TaskRecord,
 };

@@ -238,6 +238,8 @@ impl TaskSpec {
             owner: None,
             input_ref: self.input_ref.clone(),
             result_ref: None,
+            concurrency: Vec::new(),
+            waiting: None,
         })
     }
 

@@ -353,6 +353,30 @@ pub struct TaskRecord {
     /// Where the result is when it is too large to be inline (`result` is then `null`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub result_ref: Option<PayloadRef>,
+    /// The concurrency keys the task runs under: at most `limit` tasks of a key run at once,
+    /// across all workers. The gateway adds one per principal (`principal:<owner>`, its
+    /// `running_tasks`); a task over a limit waits, `queued`, without holding a worker slot.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub concurrency: Vec<Concurrency>,
+    /// Why a `queued` task is not running although a worker looked at it (e.g. `concurrency
+    /// principal:alice (limit 4)`); cleared when an attempt starts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting: Option<String>,
+}
+
+/// One concurrency key of a task ([`TaskRecord::concurrency`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Concurrency {
+    pub key: String,
+    /// At least 1.
+    pub limit: u32,
+}
+
+impl Concurrency {
+    /// The key of a principal's `running_tasks` limit.
+    pub fn principal(name: &str, limit: u32) -> Concurrency {
+        Concurrency { key: format!("principal:{name}"), limit: limit.max(1) }
+    }
 }
 
 /// A move the state machine does not allow, with the state it was refused in.
@@ -397,6 +421,7 @@ impl TaskRecord {
         self.started_at = Some(now);
         self.worker = Some(worker.to_owned());
         self.progress = None;
+        self.waiting = None;
         Ok(())
     }
 
@@ -624,6 +649,8 @@ mod tests {
             owner: None,
             input_ref: None,
             result_ref: None,
+            concurrency: Vec::new(),
+            waiting: None,
         }
     }
 

@@ -26,6 +26,10 @@ pub const TASKS_KV_STREAM: &str = "KV_tasks";
 /// it. Only the gateway reads and writes it.
 pub const TICKETS_BUCKET: &str = "tickets";
 pub const TICKETS_KV_STREAM: &str = "KV_tickets";
+/// The KV bucket of concurrency slots: who holds a slot of each concurrency key (the worker's
+/// `slots` module), and the stream behind it.
+pub const SLOTS_BUCKET: &str = "slots";
+pub const SLOTS_KV_STREAM: &str = "KV_slots";
 /// The object store bucket of large task inputs and results (`claw_proto::payloads`), and the
 /// stream behind it.
 pub const PAYLOADS_BUCKET: &str = "payloads";
@@ -151,8 +155,23 @@ impl Lane {
     }
 }
 
-/// Every lane, `tasks.*.*`: the subjects of [`TASKS_STREAM`], which the reconciler lists.
+/// Every lane, `tasks.*.*`.
 pub const TASKS_ALL: &str = "tasks.*.*";
+/// Every task waiting for a concurrency slot, `parked.<key>`: the other subjects of
+/// [`TASKS_STREAM`].
+pub const PARKED_ALL: &str = "parked.*";
+
+/// Where tasks wait for a slot of a concurrency key: `parked.<token>`, in [`TASKS_STREAM`], so
+/// they count against the queue limit and the reconciler sees that they have a message.
+pub fn parked_subject(token: &str) -> String {
+    format!("parked.{token}")
+}
+
+/// A concurrency key as one subject token and KV key: its bytes in lower-case hex, so any key
+/// (a principal's name, a user's key with dots or spaces) fits both.
+pub fn slot_token(key: &str) -> String {
+    key.bytes().map(|b| format!("{b:02x}")).collect()
+}
 
 /// The JetStream API subject of a direct get on `stream` (`$JS.API.DIRECT.GET.<stream>`), for a
 /// request whose JSON body says what to get, and whose answer may be a batch of messages.
@@ -294,6 +313,8 @@ pub struct Topology {
     /// Large inputs and results, capped at [`payloads::DEFAULT_MAX_BYTES`]; a service with
     /// another cap takes `payloads.with_max_bytes(..)`.
     pub payloads: Payloads,
+    /// Who holds a slot of each concurrency key (the worker's `slots` module).
+    pub slots_kv: kv::Store,
 }
 
 impl Topology {
@@ -319,12 +340,13 @@ macro_rules! def {
     };
 }
 
-const STREAMS: [Definition; 6] = [
+const STREAMS: [Definition; 7] = [
     def!("streams/TASKS.json"),
     def!("streams/PROGRESS.json"),
     def!("streams/DLQ.json"),
     def!("streams/KV_tasks.json"),
     def!("streams/KV_tickets.json"),
+    def!("streams/KV_slots.json"),
     def!("streams/OBJ_payloads.json"),
 ];
 
@@ -402,7 +424,11 @@ pub async fn ensure(js: &jetstream::Context, settings: &Settings) -> Result<Topo
     let payloads = Payloads::open(js, payloads::DEFAULT_MAX_BYTES)
         .await
         .map_err(|e| Error::Nats { what: format!("bucket {PAYLOADS_BUCKET}"), source: e.into() })?;
-    Ok(Topology { js: js.clone(), tasks_kv, records, payloads })
+    let slots_kv = js
+        .get_key_value(SLOTS_BUCKET)
+        .await
+        .map_err(|e| Error::Nats { what: format!("bucket {SLOTS_BUCKET}"), source: e.into() })?;
+    Ok(Topology { js: js.clone(), tasks_kv, records, payloads, slots_kv })
 }
 
 /// How long a process starting up waits for JetStream to take the topology (see
@@ -608,10 +634,13 @@ mod tests {
     }
 
     #[test]
-    fn the_queue_is_every_lane() {
+    fn the_queue_is_every_lane_and_every_parked_key() {
         let tasks = STREAMS[0].parse().unwrap();
         assert_eq!(tasks["name"], TASKS_STREAM);
-        assert_eq!(tasks["subjects"], serde_json::json!([TASKS_ALL]));
+        assert_eq!(tasks["subjects"], serde_json::json!([TASKS_ALL, PARKED_ALL]));
+        assert!(parked_subject(&slot_token("principal:a.b c")).starts_with("parked."));
+        assert_eq!(slot_token("principal:a.b c").len(), 2 * "principal:a.b c".len());
+        assert!(slot_token("k.>*").bytes().all(|b| b.is_ascii_hexdigit()));
     }
 
     #[test]

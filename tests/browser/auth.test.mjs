@@ -81,6 +81,30 @@ async function main() {
     }, id);
     log(`task ${id} succeeded, seen live`);
 
+    // The principal may run one task at a time (running_tasks = 1 in the test's tokens file):
+    // a second one waits, and its row says for what until it runs.
+    const ids = [];
+    for (const seconds of [2, 0.2]) {
+      await page.fill('#f-input', JSON.stringify({ seconds }));
+      const before = await page.evaluate(() => document.querySelector('#submit-form').dataset.lastId);
+      await page.click('#submit-button');
+      ids.push(await until(page, 'the next submitted task id', (before) => {
+        const last = document.querySelector('#submit-form').dataset.lastId;
+        return last && last !== before ? last : false;
+      }, before));
+    }
+    const waitingText = await until(page, `task ${ids[1]} to say it waits for a slot`, (id) => {
+      const li = document.querySelector(`li.task[data-task-id="${id}"]`);
+      const text = li && li.textContent;
+      return li && li.dataset.status === 'queued' && text.includes('waiting for a slot') ? text : false;
+    }, ids[1]);
+    if (!waitingText.includes('principal:web (limit 1)')) throw new Error(`waiting row: ${waitingText}`);
+    await until(page, 'both to succeed, the second after the first', (ids) => ids.every((id) => {
+      const li = document.querySelector(`li.task[data-task-id="${id}"]`);
+      return li && li.dataset.status === 'succeeded' && !li.textContent.includes('waiting for a slot');
+    }), ids);
+    log('a task over the running_tasks limit says it waits, then runs');
+
     await page.reload();
     await until(page, 'the stored token to reconnect after a reload', () =>
       document.querySelector('#conn').dataset.state === 'connected'

@@ -122,7 +122,9 @@ async fn the_web_ui_asks_for_a_token_and_signs_in() {
     let _worker = start_worker(&topo, "ack_deadline_s = 2.0\n");
     let token = "claw_browser-0123456789abcdef";
     let tokens = nats.dir.path().join("tokens.toml");
-    std::fs::write(&tokens, format!("[principals.web]\ntokens = [\"{token}\"]\n")).unwrap();
+    // One task at a time: the script checks that a second one says it waits for a slot.
+    let principal = format!("[principals.web]\ntokens = [\"{token}\"]\n");
+    std::fs::write(&tokens, principal + "[principals.web.limits]\nrunning_tasks = 1\n").unwrap();
     let gw = claw_tests::Gateway::start(&topo, &["--tokens", tokens.to_str().unwrap()]).await;
 
     let child = tokio::process::Command::new("node")

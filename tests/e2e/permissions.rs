@@ -178,6 +178,43 @@ async fn each_role_can_do_its_job_and_nothing_else() {
     let resumed = http.post(gw.url("/v1/lanes/long/low/resume")).send().await.unwrap();
     assert_eq!(resumed.status(), StatusCode::OK);
 
+    // A principal that may run one task at a time: the second waits parked (the worker role
+    // publishes it to `parked.*`, holds slots in the `slots` bucket), is woken into its lane
+    // when the first ends (a direct get, a lane publish, a message delete), and runs.
+    let token = "claw_perm-0123456789abcdef";
+    let tokens = nats.dir.path().join("tokens.toml");
+    let file = format!(
+        "[principals.p]\ntokens = [\"{token}\"]\n[principals.p.limits]\nrunning_tasks = 1\n"
+    );
+    std::fs::write(&tokens, file).unwrap();
+    let keyed = Gateway::start(&gw_topo, &["--tokens", tokens.to_str().unwrap()]).await;
+    let mut keyed_ids = Vec::new();
+    for _ in 0..2 {
+        let response = http
+            .post(keyed.url("/v1/tasks"))
+            .bearer_auth(token)
+            .header("content-type", "application/json")
+            .body(json!({"kind": "sleep", "input": {"seconds": 1.0}}).to_string())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::ACCEPTED);
+        keyed_ids.push(id_of(&response.json::<Value>().await.unwrap()));
+    }
+    wait_for("the second task to wait parked", Duration::from_secs(10), || async {
+        let r = read_record(&op_js, &keyed_ids[1]).await?;
+        (r.status == Status::Queued && r.waiting.is_some()).then_some(())
+    })
+    .await;
+    let first = wait_succeeded(&op_js, &keyed_ids[0]).await;
+    let second = wait_succeeded(&op_js, &keyed_ids[1]).await;
+    assert!(second.started_at >= first.finished_at, "one at a time: {first:?} {second:?}");
+    wait_for("the parked copy to leave TASKS", Duration::from_secs(10), || async {
+        let stream = op_js.get_stream("TASKS").await.ok()?;
+        (stream.cached_info().state.messages == 0).then_some(())
+    })
+    .await;
+
     // --- publisher: a NATS-native task of its own session, its events, its record.
     let publisher = Probe::connect(&nats, "publisher").await;
     let pub_js = publisher.js();
@@ -262,7 +299,8 @@ async fn each_role_can_do_its_job_and_nothing_else() {
     worker.refused_publish("$JS.API.STREAM.DELETE.TASKS").await;
     worker.refused_publish("$JS.API.STREAM.PURGE.TASKS").await;
     worker.refused_publish("$JS.API.CONSUMER.DELETE.TASKS.short-high").await;
-    worker.refused_publish("tasks.short.normal").await;
+    worker.refused_publish("$KV.tickets.x").await;
+    worker.refused_publish("$JS.API.STREAM.PURGE.KV_slots").await;
     worker.refused_publish("claw.api.submit").await;
     worker.refused_subscribe("_INBOX.gateway.>").await;
     worker.refused_subscribe("claw.api.>").await;

@@ -17,7 +17,17 @@ fn tokens_file(limits: &str) -> String {
 }
 
 async fn submit(gw: &Gateway, token: &str, body: Value) -> (StatusCode, Value) {
-    let response = reqwest::Client::new()
+    submit_with(&reqwest::Client::new(), gw, token, &body).await
+}
+
+/// [`submit`] on `http`'s connection pool.
+async fn submit_with(
+    http: &reqwest::Client,
+    gw: &Gateway,
+    token: &str,
+    body: &Value,
+) -> (StatusCode, Value) {
+    let response = http
         .post(gw.url("/v1/tasks"))
         .bearer_auth(token)
         .header("content-type", "application/json")
@@ -94,6 +104,56 @@ async fn queued_tasks_and_stored_bytes_are_each_principals_across_gateways() {
     assert!(metrics.contains("claw_gateway_usage_age_seconds"), "{metrics}");
 }
 
+/// The twin of the test above at the shipped limits (no `[limits]` in the tokens file). They
+/// let one principal fill the queue for everyone: its `queued_tasks` (10 000) was the queue's
+/// own limit. Now a principal at its default rate fills its 2 000 and is refused, and another
+/// principal's task is still taken.
+#[tokio::test(flavor = "multi_thread")]
+async fn at_the_shipped_limits_one_principal_cannot_fill_the_queue() {
+    use claw_gateway::quota::DEFAULT_QUEUED_TASKS;
+
+    let nats = Nats::start();
+    let topo = nats.topology(&test_settings()).await;
+    let tokens = nats.dir.path().join("tokens.toml");
+    std::fs::write(&tokens, tokens_file("")).unwrap();
+    let _archiver = start_archiver(&topo, &nats.dir.path().join("archive.sqlite"));
+    let gw = Gateway::start(&topo, &["--tokens", tokens.to_str().unwrap()]).await;
+
+    // No worker: every task waits. Submitted as fast as alice's default rate lets her, eight at
+    // a time on one connection pool.
+    let task = json!({"kind": "sleep", "input": {"seconds": 1}});
+    let http = reqwest::Client::new();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    let one = async |_| loop {
+        assert!(std::time::Instant::now() < deadline, "alice's tasks not all taken in 120 s");
+        let (status, body) = submit_with(&http, &gw, ALICE, &task).await;
+        match status {
+            StatusCode::ACCEPTED => return,
+            // Past the burst: the rate admits one every 10 ms.
+            StatusCode::TOO_MANY_REQUESTS if body["error"]["limit"] == "submits_per_s" => {
+                tokio::time::sleep(std::time::Duration::from_millis(40)).await;
+            }
+            _ => panic!("{status} {body}"),
+        }
+    };
+    futures::StreamExt::for_each_concurrent(futures::stream::iter(0..DEFAULT_QUEUED_TASKS), 8, one)
+        .await;
+    wait_for("the archiver to count alice's tasks", WAIT, || async {
+        (usage(&gw, ALICE).await["holds"]["queued"] == DEFAULT_QUEUED_TASKS).then_some(())
+    })
+    .await;
+    let answer = loop {
+        let answer = submit(&gw, ALICE, task.clone()).await;
+        if answer.1["error"]["limit"] != "submits_per_s" {
+            break answer;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    refused(&answer, "queued_tasks");
+    let (status, body) = submit(&gw, BOB, task.clone()).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "bob's task is taken: {body}");
+}
+
 /// Before this change a task streamed up to 2.5 MB/s of output into `PROGRESS` (1 GiB for
 /// everyone): a few chatty tasks evicted every other session's event history in minutes. With
 /// the worker's default shares (64 KiB/s a session, bursts of 1 MiB) a task that prints 50 MB in lines of 100 bytes
@@ -138,4 +198,117 @@ async fn a_chatty_session_gets_its_share_of_the_event_history_and_no_more() {
     );
     assert!(chatty_out.contains("bytes of output dropped"), "the drop is told");
     assert_eq!(output(&events_of(&topo.js, &quiet).await), "hello\nworld\n", "quiet loses nothing");
+}
+
+/// Before this change nothing held a principal to a share of the workers: with a backlog it took
+/// every slot of every worker until the backlog drained. Now at most its `running_tasks` run at
+/// once, on all workers together, including while a worker holding one of them is SIGKILLed;
+/// the others wait `queued`, saying why, without a worker slot, and another principal's tasks
+/// start at once beside them.
+#[tokio::test(flavor = "multi_thread")]
+async fn running_tasks_hold_a_principal_to_its_share_of_all_workers_even_when_one_is_killed() {
+    use claw_proto::{Status, TaskRecord};
+    use claw_tests::{WorkerProcess, record, signal, worker_status};
+    use std::collections::HashMap;
+    use std::time::Duration;
+
+    let nats = Nats::start();
+    let topo = nats.topology(&test_settings()).await;
+    let tokens = nats.dir.path().join("tokens.toml");
+    // bob keeps the shipped default.
+    std::fs::write(&tokens, tokens_file("[principals.alice.limits]\nrunning_tasks = 2\n")).unwrap();
+    let gw = Gateway::start(&topo, &["--tokens", tokens.to_str().unwrap()]).await;
+    // Three worker processes of four slots: twelve slots, of which alice may hold two.
+    let mut workers: HashMap<String, WorkerProcess> = HashMap::new();
+    for i in 1..=3 {
+        let name = format!("w{i}");
+        let toml = format!("name = \"{name}\"\nack_deadline_s = 2.0\nmax_concurrent = 4\n");
+        workers.insert(name.clone(), WorkerProcess::start(&nats, &name, &toml));
+        let client = topo.js.client();
+        wait_for(&format!("worker {name}"), WAIT, || worker_status(&client, &name)).await;
+    }
+
+    let sleep = |s: f64| json!({"kind": "sleep", "input": {"seconds": s}});
+    let mut alice = Vec::new();
+    for _ in 0..8 {
+        let (status, body) = submit(&gw, ALICE, sleep(3.0)).await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+        assert_eq!(body["concurrency"], json!([{"key": "principal:alice", "limit": 2}]));
+        alice.push(body["id"].as_str().unwrap().to_owned());
+    }
+    let records = async |ids: &[String]| -> Vec<TaskRecord> {
+        let mut out = Vec::new();
+        for id in ids {
+            out.extend(record(&topo, id).await);
+        }
+        out
+    };
+    let running = |rs: &[TaskRecord]| -> Vec<TaskRecord> {
+        rs.iter().filter(|r| r.status == Status::Running).cloned().collect()
+    };
+
+    // Two run; the others wait, queued, and say for what.
+    let waiter = wait_for("two of alice's tasks running, the others parked", WAIT, || async {
+        let rs = records(&alice).await;
+        let waiter = rs.iter().find(|r| r.status == Status::Queued && r.waiting.is_some());
+        waiter.filter(|_| running(&rs).len() == 2).cloned()
+    })
+    .await;
+    assert_eq!(waiter.waiting.as_deref(), Some("concurrency principal:alice (limit 2)"));
+    assert_eq!(usage(&gw, ALICE).await["limits"]["running_tasks"], 2);
+
+    // bob's tasks start at once beside alice's six waiting ones, under the default limit.
+    let mut bob = Vec::new();
+    for _ in 0..3 {
+        let (status, body) = submit(&gw, BOB, sleep(0.1)).await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+        let default = claw_gateway::quota::DEFAULT_RUNNING_TASKS;
+        assert_eq!(body["concurrency"], json!([{"key": "principal:bob", "limit": default}]));
+        bob.push(body["id"].as_str().unwrap().to_owned());
+    }
+    let bobs = wait_for("bob's tasks succeeded", WAIT, || async {
+        let rs = records(&bob).await;
+        rs.iter().all(|r| r.status == Status::Succeeded).then_some(rs)
+    })
+    .await;
+    for r in &bobs {
+        let waited = (r.started_at.unwrap() - r.created_at).as_seconds_f64();
+        assert!(waited < 1.0, "bob's task waited {waited:.2} s behind alice's");
+    }
+
+    // SIGKILL the worker of a running task of alice's: its slot stays with the task, which the
+    // redelivery runs again elsewhere; nothing else of alice's takes the slot meanwhile.
+    let victim = running(&records(&alice).await).into_iter().next().expect("one of alice's runs");
+    let killed = workers.remove(victim.worker.as_deref().unwrap()).unwrap();
+    signal(killed.pid(), libc::SIGKILL);
+    drop(killed);
+
+    let mut most = 0;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
+    let finished = loop {
+        let rs = records(&alice).await;
+        most = most.max(running(&rs).len());
+        if rs.len() == alice.len() && rs.iter().all(|r| r.status == Status::Succeeded) {
+            break rs;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "alice's tasks did not all succeed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(most <= 2, "{most} of alice's tasks were seen running at once");
+
+    // From the records: never more than two of alice's attempts overlapped, and two did.
+    let mut edges: Vec<(time::OffsetDateTime, i32)> = finished
+        .iter()
+        .flat_map(|r| [(r.started_at.unwrap(), 1), (r.finished_at.unwrap(), -1)])
+        .collect();
+    edges.sort();
+    let (mut now, mut peak) = (0, 0);
+    for (_, step) in edges {
+        now += step;
+        peak = peak.max(now);
+    }
+    assert_eq!(peak, 2, "alice's attempts overlapped {peak} at most");
+    let rerun = finished.iter().find(|r| r.id == victim.id).unwrap();
+    assert_eq!(rerun.attempt, 2, "the killed worker's task ran again: {rerun:?}");
+    assert_ne!(rerun.worker, victim.worker);
 }

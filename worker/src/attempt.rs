@@ -91,6 +91,8 @@ pub(crate) struct Worker {
     pub contact: Arc<Contact>,
     /// Each session's and principal's share of the output events this worker publishes.
     pub shares: crate::shares::Shares,
+    /// The slots of concurrency keys, shared by all workers.
+    pub slots: crate::slots::Slots,
 }
 
 /// Handles one delivery; `_slot` is its place in the pool and the worker's total until it
@@ -171,11 +173,16 @@ impl Delivery {
         };
         events::status(&self.worker.client, &held.record).await;
         tracing::debug!("attempt started");
+        let keys = held.record.concurrency.clone();
         let class = self.lane.class.as_str();
         metrics::counter!("claw_worker_attempts_total", "class" => class).increment(1);
         let started = Instant::now();
         let outcome = supervise::supervise(self, &mut held, &control).await;
         let decision = settle::settle(self, held, outcome, &control).await;
+        // The slot goes with the attempt, except to a redelivery that will run it again.
+        if !keys.is_empty() && !matches!(decision, Decision::Release) {
+            self.worker.slots.release_all(&keys, &self.id).await;
+        }
         metrics::histogram!(claw_proto::metrics::ATTEMPT_SECONDS, "class" => class)
             .record(started.elapsed().as_secs_f64());
         decision

@@ -16,12 +16,13 @@ use claw_proto::event::EventBody;
 use claw_proto::records;
 use claw_proto::spec::{Invalid, TaskSpec};
 use claw_proto::topology;
-use claw_proto::{Cause, Status, TaskError, TaskRecord};
+use claw_proto::{Cause, Concurrency, Status, TaskError, TaskRecord};
 
 use crate::attempt::{Delivery, Held, describe, now};
 use crate::dlq::reason;
 use crate::events;
 use crate::outcome::Decision;
+use crate::slots::Acquired;
 
 /// Rounds of read → decide → compare-and-set before giving up on a record that keeps changing.
 /// A conflict means someone else wrote (the gateway's create or a control verb); a few rounds
@@ -131,6 +132,8 @@ async fn write_invalid_record(d: &Delivery, spec: Option<&TaskSpec>, problem: &s
         owner: None,
         input_ref: spec.and_then(|s| s.input_ref.clone()),
         result_ref: None,
+        concurrency: Vec::new(),
+        waiting: None,
     };
     if record.fail(error.clone(), Cause::DeadLetter, now()).is_err() {
         return;
@@ -239,6 +242,8 @@ async fn start(d: &Delivery, mut record: TaskRecord, mut revision: u64) -> Claim
             if let Some(bodies) = events::ending_of(&record) {
                 events::ending(&w.js, &record, bodies).await;
             }
+            // ... or a slot was given to it while it waited, parked, and it was cancelled.
+            w.slots.release_all(&record.concurrency, &d.id).await;
             return Claim::Settle(Decision::Duplicate);
         }
         if record.is_stale_copy(d.stream_seq) {
@@ -255,6 +260,7 @@ async fn start(d: &Delivery, mut record: TaskRecord, mut revision: u64) -> Claim
                     Ok(_) => {
                         tracing::info!("paused task's holder is gone; released, dropping it");
                         events::status(&w.client, &next).await;
+                        w.slots.release_all(&next.concurrency, &d.id).await;
                         return Claim::Settle(Decision::LeftQueue);
                     }
                     Err(records::Error::Conflict) => match w.records.read(&d.id).await {
@@ -275,11 +281,24 @@ async fn start(d: &Delivery, mut record: TaskRecord, mut revision: u64) -> Claim
             // Paused while queued or retrying: the task leaves the queue; the gateway
             // publishes it again on resume.
             tracing::info!("task is paused; dropping its message until it is resumed");
+            w.slots.release_all(&record.concurrency, &d.id).await;
             return Claim::Settle(Decision::LeftQueue);
         }
         let now = now();
         let attempt = record.attempt.saturating_add(1);
         let refusal = refusal(&record, attempt, now);
+        if refusal.is_none() && !record.concurrency.is_empty() {
+            match w.slots.acquire_all(&record.concurrency, &d.id).await {
+                Ok(Acquired::All) => {}
+                Ok(Acquired::Full(key)) => {
+                    return Claim::Settle(park(d, record, revision, key).await);
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot take a concurrency slot; retrying soon");
+                    return Claim::Settle(Decision::Unreachable(d.nats_retry()));
+                }
+            }
+        }
         let mut next = record.clone();
         let moved = match &refusal {
             Some((error, cause, _)) => next.fail(error.clone(), *cause, now),
@@ -323,6 +342,7 @@ async fn start(d: &Delivery, mut record: TaskRecord, mut revision: u64) -> Claim
                     return Claim::Run(Box::new(held));
                 };
                 events::ending(&w.js, &next, vec![EventBody::Error(error.clone())]).await;
+                w.slots.release_all(&next.concurrency, &d.id).await;
                 return Claim::Settle(Decision::GiveUp { error, cause, reason });
             }
             Err(records::Error::Conflict) => match w.records.read(&d.id).await {
@@ -336,6 +356,29 @@ async fn start(d: &Delivery, mut record: TaskRecord, mut revision: u64) -> Claim
         }
     }
     Claim::Settle(Decision::Unreachable(d.nats_retry()))
+}
+
+/// Every slot of `key` is held: the task waits in `key`'s parked queue, holding no worker slot,
+/// and its record says why. The lane message is acked (by the decision) only once the parked
+/// copy is stored; a slot freed meanwhile is found by the wake-up that follows.
+async fn park(d: &Delivery, record: TaskRecord, revision: u64, key: Concurrency) -> Decision {
+    let w = &d.worker;
+    if let Err(e) = w.slots.park(&key, &record, d.stream_seq).await {
+        tracing::warn!(error = %e, "cannot park the task; retrying soon");
+        return Decision::Unreachable(d.nats_retry());
+    }
+    let why = format!("concurrency {} (limit {})", key.key, key.limit);
+    tracing::info!(key = %key.key, limit = key.limit, "every slot of the key is held; parked");
+    if record.waiting.as_deref() != Some(why.as_str()) {
+        let mut next = record;
+        next.waiting = Some(why);
+        // Only what the record shows: a write that loses to another is of no consequence.
+        if w.records.update(&next, revision).await.is_ok() {
+            events::status(&w.client, &next).await;
+        }
+    }
+    w.slots.wake_logged(&key.key).await;
+    Decision::Parked
 }
 
 /// Whether the delivery's lease may have run out before its claim landed: two thirds of the

@@ -14,7 +14,7 @@
 //! [`sizing`] (pool sizes from backlog and memory), [`memory`] (the cap on the worker's own
 //! memory: the RSS watchdog) and `cgroup` (a cgroup v2 of its own, where allowed), [`status`]
 //! (`claw.worker.status`), `lease` (the worker's contact with the server, which times every
-//! attempt's lease), `error`.
+//! attempt's lease), `slots` (concurrency keys: slots across workers, parked tasks), `error`.
 //!
 //! [`run`] is what `claw-worker` and `claw up` call; a team's own worker binary calls
 //! [`run_with`] with its own [`Registry`].
@@ -42,6 +42,7 @@ pub mod protocol;
 mod settle;
 pub mod shares;
 pub mod sizing;
+mod slots;
 pub mod status;
 mod supervise;
 
@@ -103,6 +104,15 @@ pub async fn run_with(
         controls: Arc::new(Controls::default()),
         contact: Arc::new(lease::Contact::new()),
         shares: shares::Shares::new(&config.events),
+        slots: slots::Slots::new(
+            topology.js.clone(),
+            topology.slots_kv.clone(),
+            topology
+                .js
+                .get_stream_no_info(claw_proto::topology::TASKS_STREAM)
+                .await
+                .map_err(|e| Error::nats("stream TASKS", e))?,
+        ),
         config,
     });
     // What a worker killed on this machine left running (its programs' own children).
@@ -126,6 +136,7 @@ pub async fn run_with(
         pools.push(tokio::spawn(pool.run(tracker.clone(), shutdown.clone())));
     }
     let _gauges = pool_gauges(slots.clone(), total.clone(), memory.clone());
+    let _sweep = sweep_slots(worker.clone());
     let _status = status::listen(&client, &worker.config.name, slots, total, memory).await?;
     tracing::info!(
         worker = %worker.config.name, max_concurrent = worker.config.max_concurrent,
@@ -149,6 +160,23 @@ pub async fn run_with(
     }
     tracing::info!("worker stopped");
     Ok(())
+}
+
+/// Sweeps the concurrency keys that have parked tasks every [`slots::SWEEP_EVERY`] (with a
+/// random offset, so many workers do not sweep in step), until the handle is dropped.
+fn sweep_slots(worker: Arc<Worker>) -> tokio_util::task::AbortOnDropHandle<()> {
+    tokio_util::task::AbortOnDropHandle::new(tokio::spawn(async move {
+        let offset = Duration::from_millis(u64::from(uuid::Uuid::new_v4().as_u128() as u16) % 2000);
+        tokio::time::sleep(offset).await;
+        let mut tick = tokio::time::interval(slots::SWEEP_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            if let Err(e) = worker.slots.sweep(&worker.records).await {
+                tracing::warn!(error = %e, "cannot sweep the concurrency slots");
+            }
+        }
+    }))
 }
 
 /// Sets the pools' gauges (what `claw.worker.status` answers), the total's, the memory cap's

@@ -96,6 +96,9 @@ pub enum Decision {
     /// The task left the queue (paused while queued, or paused while held by a worker that is
     /// gone): its message is removed, and a resume publishes it again.
     LeftQueue,
+    /// Every slot of one of the task's concurrency keys is held: the task waits, parked, for
+    /// one (its copy is stored in `parked.<key>`), and its lane message is removed.
+    Parked,
     /// The record is in a state this worker does not know (one added later): look again then.
     RecheckLater(Duration),
     /// The record could not be read or written: no attempt was made, and the message comes
@@ -160,7 +163,7 @@ pub fn decide(outcome: Outcome, attempt: u32, max_attempts: u32, retry: &RetryCo
 /// mapping from what happened to what the server is told; `attempt::handle` sends it once.
 pub fn ack_of(decision: &Decision) -> Option<AckKind> {
     match decision {
-        Decision::Succeed(_) | Decision::Duplicate => Some(AckKind::Ack),
+        Decision::Succeed(_) | Decision::Duplicate | Decision::Parked => Some(AckKind::Ack),
         Decision::Retry { delay, .. } => Some(AckKind::Nak(Some(*delay))),
         Decision::RecheckLater(delay) | Decision::Unreachable(delay) => {
             Some(AckKind::Nak(Some(*delay)))
@@ -188,6 +191,7 @@ pub fn label(decision: &Decision) -> &'static str {
         Decision::Duplicate => "duplicate",
         Decision::StaleCopy => "stale_copy",
         Decision::LeftQueue => "left_queue",
+        Decision::Parked => "parked",
         Decision::RecheckLater(_) => "recheck",
         Decision::Unreachable(_) => "unreachable",
         Decision::Invalid => "invalid",
@@ -236,6 +240,8 @@ mod tests {
         assert!(matches!(ack(Outcome::Stopped(Stop::Deadline), 1), Some(AckKind::Term)));
         let secs = Duration::from_secs;
         assert!(matches!(ack_of(&Decision::Duplicate), Some(AckKind::Ack)));
+        assert!(matches!(ack_of(&Decision::Parked), Some(AckKind::Ack)));
+        assert!(!Decision::Parked.ends_attempt());
         for d in [Decision::StaleCopy, Decision::LeftQueue, Decision::Invalid] {
             assert!(matches!(ack_of(&d), Some(AckKind::Term)), "{d:?}");
             assert!(!d.ends_attempt());
