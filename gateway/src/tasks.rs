@@ -244,6 +244,8 @@ pub async fn adopt(app: &App, record: &TaskRecord) -> Result<(), Error> {
             return Ok(());
         }
         stored.owner.clone_from(&record.owner);
+        // Its limits too: the next attempt holds the principal's slot.
+        stored.concurrency.clone_from(&record.concurrency);
         match app.records.update(&stored, revision).await {
             Ok(_) => return Ok(()),
             // The worker wrote meanwhile: read its newer revision and try again.
@@ -315,6 +317,9 @@ async fn publish(
     // JetStream drops a second message with the same id inside its duplicate window.
     headers.insert(headers::MSG_ID, record.id.as_str());
     headers.insert(TRACEPARENT, trace.child().to_header().as_str());
+    // The record is on its way (sent right after): a worker waits for it rather than build one
+    // from the message without the owner.
+    headers.insert(headers::RECORD, headers::RECORD_BY_SUBMITTER);
     let lane = Lane::new(record.class, record.priority);
     app.js.publish_with_headers(lane.subject(), headers, message).await
 }

@@ -104,6 +104,11 @@ pub mod headers {
     pub const TASK_ID: &str = "Claw-Task-Id";
     /// How many times the message had been delivered.
     pub const DLQ_DELIVERIES: &str = "Claw-Dlq-Deliveries";
+    /// On a lane message whose publisher writes the record itself (the gateway, value
+    /// [`RECORD_BY_SUBMITTER`]): a worker that finds no record yet waits for it a moment instead
+    /// of building one from the message, which would not know the owner or its limits.
+    pub const RECORD: &str = "Claw-Record";
+    pub const RECORD_BY_SUBMITTER: &str = "submitter";
 }
 
 /// One class × priority lane: a subject of `TASKS` and the durable consumer that drains it.

@@ -628,6 +628,57 @@ async fn a_record_a_worker_built_first_gets_its_submitters_owner() {
     assert_eq!((stored.owner.as_deref(), stored.status), (Some("alice"), Status::Queued));
 }
 
+/// The same race closed at its source: the gateway's lane message says its submitter writes the
+/// record (`Claw-Record: submitter`), so a worker that gets it first waits for that record
+/// instead of building one without the owner (whose events would go to the unowned subject,
+/// and whose attempt would run without the principal's slot). Before, the worker built the
+/// record at once and the submitter's create failed. A message whose record never comes runs
+/// all the same once the wait is over.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_worker_waits_for_the_record_its_submitter_is_writing() {
+    use async_nats::HeaderMap;
+    use claw_proto::kinds::Catalog;
+    use claw_proto::spec::{Limits, TaskSpec};
+    use claw_proto::topology::headers;
+    use claw_proto::{Concurrency, Status, TaskId};
+    use futures::StreamExt;
+
+    let nats = Nats::start();
+    let topo = nats.topology(&test_settings()).await;
+    let _worker = claw_tests::start_worker(&topo, "ack_deadline_s = 2.0\n");
+    let mut unowned = topo.js.client().subscribe("progress.late.*").await.unwrap();
+    let publish = async |id: &TaskId| {
+        let mut h = HeaderMap::new();
+        h.insert(headers::MSG_ID, id.as_str());
+        h.insert(headers::RECORD, headers::RECORD_BY_SUBMITTER);
+        let spec = json!({"id": id.as_str(), "kind": "sleep", "session": "late"});
+        let ack = topo.js.publish_with_headers("tasks.short.normal", h, spec.to_string().into());
+        ack.await.unwrap().await.unwrap();
+    };
+
+    // The lane message first, the record 200 ms later: the worker waits, then runs the record.
+    let id = TaskId::generate();
+    publish(&id).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let spec = TaskSpec::parse(br#"{"kind": "sleep", "session": "late"}"#).unwrap();
+    let now = time::OffsetDateTime::now_utc();
+    let mut record =
+        spec.admit(id.clone(), now, None, &Catalog::builtin(), &Limits::STANDARD).unwrap();
+    record.owner = Some("alice".into());
+    record.concurrency = vec![Concurrency::principal("alice", 1)];
+    topo.records.create(&record).await.expect("the worker did not write the record first");
+    let done = claw_tests::wait_status(&topo, id.as_str(), Status::Succeeded).await;
+    assert_eq!((done.owner.as_deref(), done.concurrency.len()), (Some("alice"), 1));
+    let leaked = tokio::time::timeout(Duration::from_millis(300), unowned.next()).await;
+    assert!(leaked.is_err(), "an event of alice's task on the unowned subject: {leaked:?}");
+
+    // No record ever comes: built from the message once the wait is over, and run.
+    let orphan = TaskId::generate();
+    publish(&orphan).await;
+    let done = claw_tests::wait_status(&topo, orphan.as_str(), Status::Succeeded).await;
+    assert_eq!(done.owner, None);
+}
+
 /// Issue 12, quotas: each principal's limits from the tokens file. A principal over its submit
 /// rate gets 429 `rate_limited` naming the limit, with `Retry-After`; past its open sockets or
 /// watched sessions, 429 `quota_exceeded`; another principal is not touched; `/metrics` counts

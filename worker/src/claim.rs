@@ -45,6 +45,14 @@ enum Load {
     Nats(String),
 }
 
+/// How long after its publish a lane message whose submitter writes the record
+/// ([`topology::headers::RECORD`]) waits for that record (at most a third of the ack deadline),
+/// and the longest pause between two looks. Past it (the submitter's create failed, or the
+/// header was sent by someone else) the record is built from the message, as for any
+/// NATS-native task.
+const RECORD_WAIT: Duration = Duration::from_secs(2);
+const RECORD_RECHECK_MAX: Duration = Duration::from_millis(50);
+
 /// What [`load_or_admit`] found.
 enum Loaded {
     /// The record (the gateway's, or an earlier delivery's) and its revision.
@@ -74,6 +82,7 @@ pub(crate) async fn claim(d: &Delivery, spec: Result<TaskSpec, Invalid>, id_give
             Claim::Run(Box::new(held))
         }
         Err(Load::Invalid(problem)) => Claim::Settle(invalid(d, Some(&spec), true, &problem).await),
+
         Err(Load::Nats(e)) => {
             tracing::warn!(error = %e, "cannot read or create the record; retrying soon");
             Claim::Settle(Decision::Unreachable(d.nats_retry()))
@@ -176,6 +185,11 @@ async fn load_or_admit(d: &Delivery, spec: &TaskSpec) -> Result<Loaded, Load> {
     for _ in 0..CAS_ROUNDS {
         match w.records.read(&d.id).await {
             Ok(Some(stored)) => return Ok(Loaded::Found(stored.record, stored.revision)),
+            Ok(None) if by_submitter(d) => {
+                if let Some(stored) = wait_for_submitters_record(d).await? {
+                    return Ok(Loaded::Found(stored.record, stored.revision));
+                }
+            }
             Ok(None) => {}
             Err(records::Error::Corrupt(e)) => return Err(Load::Invalid(format!("record: {e}"))),
             Err(e) => return Err(Load::Nats(e.to_string())),
@@ -219,6 +233,37 @@ async fn load_or_admit(d: &Delivery, spec: &TaskSpec) -> Result<Loaded, Load> {
         }
     }
     Err(Load::Nats("the record kept changing".into()))
+}
+
+/// Whether the message says its submitter writes the record ([`topology::headers::RECORD`]).
+fn by_submitter(d: &Delivery) -> bool {
+    let header = d.msg.headers.as_ref().and_then(|h| h.get(topology::headers::RECORD));
+    header.map(|v| v.as_str()) == Some(topology::headers::RECORD_BY_SUBMITTER)
+}
+
+/// Waits, looking again with growing pauses, for the record the message's submitter is writing
+/// (the gateway sends it right after the lane message, so it is usually there within a
+/// millisecond); `None` once [`RECORD_WAIT`] after the publish has passed without it.
+async fn wait_for_submitters_record(d: &Delivery) -> Result<Option<records::Stored>, Load> {
+    let w = &d.worker;
+    let wait = RECORD_WAIT.min(w.ack_deadline / 3);
+    let mut pause = Duration::from_millis(1);
+    loop {
+        let age = now() - d.published;
+        let left = wait.saturating_sub(Duration::try_from(age).unwrap_or_default());
+        if left.is_zero() || d.received.elapsed() >= wait {
+            tracing::info!("the submitter's record did not come; building it from the message");
+            return Ok(None);
+        }
+        tokio::time::sleep(pause.min(left)).await;
+        pause = (pause * 2).min(RECORD_RECHECK_MAX);
+        match w.records.read(&d.id).await {
+            Ok(Some(stored)) => return Ok(Some(stored)),
+            Ok(None) => {}
+            Err(records::Error::Corrupt(e)) => return Err(Load::Invalid(format!("record: {e}"))),
+            Err(e) => return Err(Load::Nats(e.to_string())),
+        }
+    }
 }
 
 /// A record the spec admits but the bucket cannot hold is as invalid as a bad spec.
