@@ -126,31 +126,19 @@ async fn payload(
     Extension(caller): Extension<Caller>,
     Path((id, part)): Path<(String, String)>,
 ) -> Result<Response, Error> {
-    let part = match part.as_str() {
-        "input" => Part::Input,
-        "result" => Part::Result,
-        other => return Err(Error::NotFound(format!("no payload {other:?}"))),
-    };
+    let part = Part::parse(&part).ok_or_else(|| Error::NotFound(format!("no payload {part:?}")))?;
     let record = tasks::get(&app, &caller, &id).await?;
-    let (inline, stored) = match part {
-        Part::Input => (Some(&record.input), &record.input_ref),
-        Part::Result => (record.result.as_ref(), &record.result_ref),
-    };
-    if let Some(stored) = stored {
-        let object = app.payloads.reader(stored).await?;
-        let body = axum::body::Body::from_stream(tokio_util::io::ReaderStream::new(object));
-        let headers = [
-            (header::CONTENT_TYPE, "application/json".to_owned()),
-            (header::CONTENT_LENGTH, stored.size.to_string()),
-        ];
-        return Ok((headers, body).into_response());
-    }
-    match inline {
-        Some(value) => Ok(Json(value).into_response()),
-        None => Err(Error::NotFound(format!(
-            "task {} has no result: it is {}",
-            record.id, record.status
-        ))),
+    match tasks::payload(&record, part)? {
+        tasks::Payload::Stored(stored) => {
+            let object = app.payloads.reader(stored).await?;
+            let body = axum::body::Body::from_stream(tokio_util::io::ReaderStream::new(object));
+            let headers = [
+                (header::CONTENT_TYPE, "application/json".to_owned()),
+                (header::CONTENT_LENGTH, stored.size.to_string()),
+            ];
+            Ok((headers, body).into_response())
+        }
+        tasks::Payload::Inline(value) => Ok(Json(value).into_response()),
     }
 }
 

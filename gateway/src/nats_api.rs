@@ -1,7 +1,8 @@
 //! The NATS face of the API: a NATS micro service `claw-api` with endpoints `claw.api.submit`,
-//! `claw.api.get`, `claw.api.{cancel,pause,resume,retry}`, `claw.api.lanes` and
-//! `claw.api.lanes.{pause,resume}`, calling the same functions as HTTP, and the same endpoints
-//! again under `claw.api.as.<principal>.` for the principals of the tokens file.
+//! `claw.api.get`, `claw.api.payload` (a large input or result, a chunk per request),
+//! `claw.api.{cancel,pause,resume,retry}`, `claw.api.lanes` and `claw.api.lanes.{pause,resume}`,
+//! calling the same functions as HTTP, and the same endpoints again under
+//! `claw.api.as.<principal>.` for the principals of the tokens file.
 //!
 //! Who the caller is comes from the subject. On `claw.api.as.<principal>.<verb>` the request acts
 //! as that principal, exactly as its HTTP token would: what it submits is owned by it and counts
@@ -18,7 +19,8 @@
 
 use async_nats::HeaderMap;
 use async_nats::service::{self, Request, ServiceExt};
-use claw_proto::api::{GetRequest, LaneRequest, Lanes, Verb};
+use claw_proto::api::{GetRequest, LaneRequest, Lanes, PayloadRequest, Verb};
+use claw_proto::payloads::Part;
 use claw_proto::spec::Invalid;
 use claw_proto::topology::{self, Lane};
 use futures::StreamExt;
@@ -44,6 +46,7 @@ enum Face {
 enum Op {
     Submit,
     Get,
+    Payload,
     Control(Verb),
     Lanes,
     LanePause(bool),
@@ -68,6 +71,7 @@ pub async fn serve(app: App, shutdown: CancellationToken) -> Result<(), Error> {
         let mut endpoints = vec![
             (group, "submit", Op::Submit),
             (group, "get", Op::Get),
+            (group, "payload", Op::Payload),
             (group, "lanes", Op::Lanes),
             (&lanes, "pause", Op::LanePause(true)),
             (&lanes, "resume", Op::LanePause(false)),
@@ -129,10 +133,17 @@ fn caller_of(app: &App, face: Face, request: &Request) -> Result<Caller, Error> 
     }
 }
 
-async fn handle(app: &App, caller: &Caller, op: Op, request: &Request) -> Result<Vec<u8>, Error> {
+/// A successful reply: its body, and headers when it has any.
+struct Reply {
+    body: Vec<u8>,
+    headers: Option<HeaderMap>,
+}
+
+async fn handle(app: &App, caller: &Caller, op: Op, request: &Request) -> Result<Reply, Error> {
     match op {
         Op::Submit => on_submit(app, caller, request).await,
         Op::Get => json(&tasks::get(app, caller, &id_of(request)).await?),
+        Op::Payload => on_payload(app, caller, request).await,
         Op::Control(verb) => json(&control::apply(app, caller, &id_of(request), verb).await?),
         Op::Lanes => json(&Lanes { lanes: lanes::list(app).await? }),
         Op::LanePause(paused) => {
@@ -149,8 +160,42 @@ async fn handle(app: &App, caller: &Caller, op: Op, request: &Request) -> Result
     }
 }
 
-fn json<T: serde::Serialize>(value: &T) -> Result<Vec<u8>, Error> {
-    serde_json::to_vec(value).map_err(|e| Error::Internal(e.to_string()))
+fn json<T: serde::Serialize>(value: &T) -> Result<Reply, Error> {
+    let body = serde_json::to_vec(value).map_err(|e| Error::Internal(e.to_string()))?;
+    Ok(Reply { body, headers: None })
+}
+
+/// A task's input or result as JSON bytes, for the callers who may read the task: inline ones
+/// whole, stored ones a chunk per request, `Claw-Payload-Size` on every reply and
+/// `Claw-Payload-Next` (the next request's `from`) on a stored payload's. The caller asks until
+/// it has the size, and checks the record's `digest`.
+async fn on_payload(app: &App, caller: &Caller, request: &Request) -> Result<Reply, Error> {
+    let PayloadRequest { id, part, from } = serde_json::from_slice(&request.message.payload)
+        .map_err(|e| {
+            Error::Invalid(Invalid {
+                field: None,
+                message: format!(
+                    "expected {{\"id\", \"part\": \"input\"|\"result\", \"from\"}}: {e}"
+                ),
+            })
+        })?;
+    let part = Part::parse(&part).ok_or_else(|| Invalid::field("part", "is input or result"))?;
+    let record = tasks::get(app, caller, id.as_str()).await?;
+    let mut headers = HeaderMap::new();
+    let reply = match tasks::payload(&record, part)? {
+        tasks::Payload::Stored(stored) => {
+            let chunk = app.payloads.chunk(stored, from).await?;
+            headers.insert(topology::headers::PAYLOAD_SIZE, stored.size.to_string().as_str());
+            headers.insert(topology::headers::PAYLOAD_NEXT, chunk.next.to_string().as_str());
+            Reply { body: chunk.bytes.to_vec(), headers: None }
+        }
+        tasks::Payload::Inline(value) => {
+            let reply = json(value)?;
+            headers.insert(topology::headers::PAYLOAD_SIZE, reply.body.len().to_string().as_str());
+            reply
+        }
+    };
+    Ok(Reply { headers: Some(headers), ..reply })
 }
 
 /// The task id of a request: `{"id": "..."}` or the bare id, so `nats req claw.api.get <id>`
@@ -163,7 +208,7 @@ fn id_of(request: &Request) -> String {
     }
 }
 
-async fn on_submit(app: &App, caller: &Caller, request: &Request) -> Result<Vec<u8>, Error> {
+async fn on_submit(app: &App, caller: &Caller, request: &Request) -> Result<Reply, Error> {
     let key = request
         .message
         .headers
@@ -182,9 +227,12 @@ async fn on_submit(app: &App, caller: &Caller, request: &Request) -> Result<Vec<
     json(&submitted.record)
 }
 
-async fn answer(request: &Request, result: Result<Vec<u8>, Error>) {
+async fn answer(request: &Request, result: Result<Reply, Error>) {
     let sent = match result {
-        Ok(body) => request.respond(Ok(body.into())).await,
+        Ok(Reply { body, headers: None }) => request.respond(Ok(body.into())).await,
+        Ok(Reply { body, headers: Some(headers) }) => {
+            request.respond_with_headers(Ok(body.into()), headers).await
+        }
         Err(e) => {
             let mut headers = HeaderMap::new();
             // The message may quote the caller's text; the body keeps it whole.

@@ -428,3 +428,30 @@ async fn archive_request<Q: serde::Serialize, T: DeserializeOwned>(
         Err(e) => Err(Error::Internal(format!("unexpected reply from {subject}: {e}"))),
     }
 }
+
+/// Where a task's input or result is: in its record, or in the object store.
+pub enum Payload<'a> {
+    Inline(&'a serde_json::Value),
+    Stored(&'a claw_proto::PayloadRef),
+}
+
+/// The `part` of `record` (`GET /v1/tasks/{id}/input|result`, `claw.api.payload`); 404 when the
+/// task has no result (yet).
+pub fn payload(
+    record: &TaskRecord,
+    part: claw_proto::payloads::Part,
+) -> Result<Payload<'_>, Error> {
+    use claw_proto::payloads::Part;
+    let (inline, stored) = match part {
+        Part::Input => (Some(&record.input), &record.input_ref),
+        Part::Result => (record.result.as_ref(), &record.result_ref),
+    };
+    match (stored, inline) {
+        (Some(stored), _) => Ok(Payload::Stored(stored)),
+        (None, Some(value)) => Ok(Payload::Inline(value)),
+        (None, None) => Err(Error::NotFound(format!(
+            "task {} has no result: it is {}",
+            record.id, record.status
+        ))),
+    }
+}

@@ -129,6 +129,19 @@ pub struct GetRequest {
     pub id: TaskId,
 }
 
+/// `claw.api.[as.<principal>.]payload` request: a chunk of a task's input or result, for a
+/// reader that may not use the object store itself (a tenant). `from` is the reply's
+/// `Claw-Payload-Next` of the chunk before (0 or absent: the first).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PayloadRequest {
+    pub id: TaskId,
+    /// `input` or `result`.
+    pub part: String,
+    #[serde(default)]
+    pub from: u64,
+}
+
 /// `claw.archive.list` request, and the query string of `GET /v1/tasks`.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -15,7 +15,7 @@ use serde_json::Value;
 use tokio::io::AsyncReadExt;
 
 use crate::task::{PayloadRef, TaskId, TaskRecord};
-use crate::topology::PAYLOADS_BUCKET;
+use crate::topology::{PAYLOADS_BUCKET, PAYLOADS_STREAM};
 
 /// Inputs and results whose JSON is larger than this go to the object store. 64 KiB keeps a
 /// record, rewritten a few times per task, cheap to write and to replay over a WebSocket, while
@@ -33,6 +33,15 @@ pub enum Part {
 }
 
 impl Part {
+    /// `input` or `result`.
+    pub fn parse(name: &str) -> Option<Part> {
+        match name {
+            "input" => Some(Part::Input),
+            "result" => Some(Part::Result),
+            _ => None,
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Part::Input => "input",
@@ -66,7 +75,18 @@ pub enum Error {
 #[derive(Clone)]
 pub struct Payloads {
     store: object_store::ObjectStore,
+    /// The stream behind the bucket, for reading an object chunk by chunk ([`Payloads::chunk`]).
+    stream: jetstream::stream::Stream<()>,
     max_bytes: usize,
+}
+
+/// One chunk of a stored payload ([`Payloads::chunk`]).
+#[derive(Debug)]
+pub struct Chunk {
+    pub bytes: bytes::Bytes,
+    /// Where the next chunk is looked for: pass it as `from`. The payload is whole once the
+    /// chunks read add up to its size.
+    pub next: u64,
 }
 
 impl std::fmt::Debug for Payloads {
@@ -87,7 +107,11 @@ impl Payloads {
     pub async fn open(js: &jetstream::Context, max_bytes: usize) -> Result<Payloads, Error> {
         let store =
             js.get_object_store(PAYLOADS_BUCKET).await.map_err(|e| Error::Unavailable(e.into()))?;
-        Ok(Payloads { store, max_bytes })
+        let stream = js
+            .get_stream_no_info(PAYLOADS_STREAM)
+            .await
+            .map_err(|e| Error::Unavailable(e.into()))?;
+        Ok(Payloads { store, stream, max_bytes })
     }
 
     /// The largest payload stored, in bytes.
@@ -97,7 +121,7 @@ impl Payloads {
 
     /// The same bucket with another cap.
     pub fn with_max_bytes(&self, max_bytes: usize) -> Payloads {
-        Payloads { store: self.store.clone(), max_bytes }
+        Payloads { store: self.store.clone(), stream: self.stream.clone(), max_bytes }
     }
 
     /// Stores `json` as `part` of task `id` (replacing an earlier one) and returns its reference.
@@ -130,6 +154,32 @@ impl Payloads {
             GetErrorKind::NotFound => Error::NotFound(payload.name.clone()),
             _ => Error::Unavailable(e.into()),
         })
+    }
+
+    /// The chunk of the object `payload` refers to that is stored first at or after stream
+    /// sequence `from` (the first chunk for 0), for a reader that may not use the object store
+    /// itself (a tenant over NATS, `claw.api.as.<principal>.payload`). Each chunk is one
+    /// message of the object (128 KiB at most), so every read is one direct get: a 64 MiB result
+    /// is read in 512 requests, none of them re-reading what came before.
+    pub async fn chunk(&self, payload: &PayloadRef, from: u64) -> Result<Chunk, Error> {
+        use async_nats::jetstream::object_store::InfoErrorKind;
+        use async_nats::jetstream::stream::DirectGetErrorKind;
+        let info = self.store.info(&payload.name).await.map_err(|e| match e.kind() {
+            InfoErrorKind::NotFound => Error::NotFound(payload.name.clone()),
+            _ => Error::Unavailable(e.into()),
+        })?;
+        let subject = format!("$O.{PAYLOADS_BUCKET}.C.{}", info.nuid);
+        let message = self
+            .stream
+            .direct_get_next_for_subject(subject, Some(from.max(1)))
+            .await
+            .map_err(|e| match e.kind() {
+                DirectGetErrorKind::NotFound => {
+                    Error::NotFound(format!("{}: no chunk from sequence {from} on", payload.name))
+                }
+                _ => Error::Unavailable(e.into()),
+            })?;
+        Ok(Chunk { bytes: message.payload, next: message.sequence + 1 })
     }
 
     /// The whole object `payload` refers to, if it is within this bucket handle's cap,

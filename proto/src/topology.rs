@@ -109,6 +109,10 @@ pub mod headers {
     /// of building one from the message, which would not know the owner or its limits.
     pub const RECORD: &str = "Claw-Record";
     pub const RECORD_BY_SUBMITTER: &str = "submitter";
+    /// On a `claw.api.payload` reply: the payload's whole size in bytes.
+    pub const PAYLOAD_SIZE: &str = "Claw-Payload-Size";
+    /// On a `claw.api.payload` reply of a stored payload: the `from` of the next chunk.
+    pub const PAYLOAD_NEXT: &str = "Claw-Payload-Next";
 }
 
 /// One class × priority lane: a subject of `TASKS` and the durable consumer that drains it.

@@ -196,3 +196,75 @@ async fn a_tenant_on_nats_is_its_principal_and_nobody_else() {
     assert_eq!(body["error"]["limit"], "submits_per_s", "{body}");
     assert!(alice.errors.lock().unwrap().iter().all(|e| !e.contains("claw.api.as.alice")));
 }
+
+/// A tenant has no JetStream API, so before `claw.api.as.<name>.payload` it could not read an
+/// input or result over 64 KiB (kept in the object store) over NATS at all. Now it reads its own
+/// a chunk per request, the same bytes as `GET /v1/tasks/{id}/result`; another tenant gets 404.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_tenant_reads_its_large_result_over_nats_a_chunk_at_a_time() {
+    use claw_proto::topology::headers;
+
+    let nats = Nats::start_secure_with_tenants(&TENANTS);
+    let gw_topo = nats.role_topology("gateway", &Settings::standard()).await;
+    let tokens = nats.dir.path().join("tokens.toml");
+    std::fs::write(&tokens, tokens_file()).unwrap();
+    let gw = Gateway::start(&gw_topo, &["--tokens", tokens.to_str().unwrap()]).await;
+    let worker_topo = nats.role_topology("worker", &Settings::standard()).await;
+    let _worker = start_worker(&worker_topo, "ack_deadline_s = 2.0\n");
+    let (alice, bob) = (Tenant::connect(&nats, "alice").await, Tenant::connect(&nats, "bob").await);
+
+    // 300 KB of echo: the input and the result each go to the object store (three chunks).
+    let echo = "e".repeat(300_000);
+    let spec = json!({"kind": "sleep", "input": {"seconds": 0, "echo": echo}});
+    let id = alice.ok("submit", spec).await["id"].as_str().unwrap().to_owned();
+    let record = wait_for("alice's large task to succeed", WAIT, || async {
+        let record = alice.ok("get", json!({"id": id})).await;
+        (record["status"] == "succeeded").then_some(record)
+    })
+    .await;
+    assert!(record["result_ref"]["size"].as_u64().unwrap() > 300_000, "{record}");
+
+    let read = async |part: &str| -> Vec<u8> {
+        let (mut bytes, mut from) = (Vec::new(), 0u64);
+        loop {
+            let reply =
+                alice.request("payload", json!({"id": id, "part": part, "from": from})).await;
+            assert_eq!(code_of(&reply), None, "payload {part}: {}", text(&reply));
+            let h = reply.headers.as_ref().expect("payload headers");
+            let size: usize = h.get(headers::PAYLOAD_SIZE).unwrap().as_str().parse().unwrap();
+            bytes.extend_from_slice(&reply.payload);
+            assert!(bytes.len() <= size, "more than the payload's size");
+            if bytes.len() == size {
+                return bytes;
+            }
+            from = h
+                .get(headers::PAYLOAD_NEXT)
+                .expect("where the next chunk is")
+                .as_str()
+                .parse()
+                .unwrap();
+        }
+    };
+    let result = read("result").await;
+    let over_http = reqwest::Client::new()
+        .get(gw.url(&format!("/v1/tasks/{id}/result")))
+        .bearer_auth("claw_alice-0123456789abcdef")
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    assert_eq!(result, over_http.to_vec(), "the same bytes as over HTTP");
+    let result: Value = serde_json::from_slice(&result).unwrap();
+    assert_eq!(result["echo"].as_str().map(str::len), Some(300_000));
+    let input: Value = serde_json::from_slice(&read("input").await).unwrap();
+    assert_eq!(input["echo"].as_str().map(str::len), Some(300_000));
+
+    // Inline payloads come whole; another tenant's reads are 404, as if the task did not exist.
+    let small = alice.ok("submit", json!({"kind": "sleep", "input": {"seconds": 0}})).await;
+    let reply = alice.request("payload", json!({"id": small["id"], "part": "input"})).await;
+    assert_eq!(serde_json::from_slice::<Value>(&reply.payload).unwrap(), json!({"seconds": 0}));
+    bob.refused("payload", json!({"id": id, "part": "result"}), "404").await;
+    alice.refused("payload", json!({"id": id, "part": "output"}), "422").await;
+}
