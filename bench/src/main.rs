@@ -18,7 +18,10 @@
 //! 7. traffic: the server's client messages and bytes, each way, per no-op task (`/varz` of a
 //!    nats-server of its own with monitoring on), over HTTP and straight to NATS;
 //! 8. control: the latency of cancelling a queued task at the head or the tail of a
-//!    `--queue-depth` lane.
+//!    `--queue-depth` lane;
+//! 9. peers: the phases of the peer harness (`../shared/peers`) measured the same way, for the
+//!    side-by-side table with BullMQ: end-to-end latency at 200 tasks/s with an open-loop
+//!    submitter, and the drain of a 50 000 backlog (see `peers.rs`).
 //!
 //! Client and server share this machine's cores, so the figures are for the whole system on one
 //! box. Run: `cargo build --release --bins && target/release/claw-bench` (`--only tasks,cluster`
@@ -35,6 +38,7 @@ use anyhow::{Context, bail};
 use clap::Parser;
 
 mod cluster;
+mod peers;
 mod ws;
 
 #[derive(Debug, Parser)]
@@ -76,8 +80,11 @@ struct Args {
     /// How long each of those tasks sleeps.
     #[arg(long, default_value_t = 10.0)]
     sleep_s: f64,
+    /// No-op tasks queued before the lane is resumed, for the drain figure (the peers' phase d).
+    #[arg(long, default_value_t = 50000)]
+    backlog: usize,
     /// Run only these groups of figures (comma separated; default: all, in this order).
-    #[arg(long, value_delimiter = ',', value_parser = ["tasks", "concurrency", "ws", "cluster", "traffic", "control"])]
+    #[arg(long, value_delimiter = ',', value_parser = ["tasks", "peers", "concurrency", "ws", "cluster", "traffic", "control"])]
     only: Vec<String>,
 }
 
@@ -347,6 +354,10 @@ async fn main() -> anyhow::Result<()> {
     let run = |group: &str| args.only.is_empty() || args.only.iter().any(|only| only == group);
     if run("tasks") {
         tasks(&args).await?;
+    }
+    if run("peers") {
+        peers::latency_at_rate().await?;
+        peers::drain(args.backlog).await?;
     }
     if run("concurrency") {
         concurrency(&args).await?;
