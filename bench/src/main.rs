@@ -21,7 +21,9 @@
 //!    `--queue-depth` lane;
 //! 9. peers: the phases of the peer harness (`../shared/peers`) measured the same way, for the
 //!    side-by-side table with BullMQ: end-to-end latency at 200 tasks/s with an open-loop
-//!    submitter, and the drain of a 50 000 backlog (see `peers.rs`).
+//!    submitter, and the drain of a 50 000 backlog (see `peers.rs`);
+//! 10. scaling: that drain with 1, 2 and 4 worker processes, and with 10, 1 000 and 100 000
+//!    tasks queued (see `scaling.rs`).
 //!
 //! Client and server share this machine's cores, so the figures are for the whole system on one
 //! box. Run: `cargo build --release --bins && target/release/claw-bench` (`--only tasks,cluster`
@@ -39,6 +41,7 @@ use clap::Parser;
 
 mod cluster;
 mod peers;
+mod scaling;
 mod ws;
 
 #[derive(Debug, Parser)]
@@ -84,7 +87,7 @@ struct Args {
     #[arg(long, default_value_t = 50000)]
     backlog: usize,
     /// Run only these groups of figures (comma separated; default: all, in this order).
-    #[arg(long, value_delimiter = ',', value_parser = ["tasks", "peers", "concurrency", "ws", "cluster", "traffic", "control"])]
+    #[arg(long, value_delimiter = ',', value_parser = ["tasks", "peers", "scaling", "concurrency", "ws", "cluster", "traffic", "control"])]
     only: Vec<String>,
 }
 
@@ -96,6 +99,13 @@ struct System {
     _dir: tempfile::TempDir,
     /// The external cluster `claw up` is connected to, if any; dropped (killed) after `claw up`.
     servers: Option<cluster::Cluster>,
+}
+
+impl System {
+    /// `claw up`'s data directory.
+    fn data(&self) -> &Path {
+        self._dir.path()
+    }
 }
 
 impl Drop for System {
@@ -358,6 +368,10 @@ async fn main() -> anyhow::Result<()> {
     if run("peers") {
         peers::latency_at_rate().await?;
         peers::drain(args.backlog).await?;
+    }
+    if run("scaling") {
+        scaling::workers(args.backlog).await?;
+        scaling::depth().await?;
     }
     if run("concurrency") {
         concurrency(&args).await?;

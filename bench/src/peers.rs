@@ -150,6 +150,27 @@ async fn open_loop(system: &System, via: Via) -> anyhow::Result<Vec<Duration>> {
 /// (d): `n` no-op tasks queued in a paused lane, then the lane resumed.
 pub async fn drain(n: usize) -> anyhow::Result<()> {
     let system = start_system().await?;
+    let d = drain_on(&system, n).await?;
+    println!(
+        "| drain of a {n} backlog (queued in a paused lane, then resumed) | {n} | {:.0} completions/s first → last | {:.2} s from the resume to the last completion | all archived {:.2} s after the resume |",
+        d.rate, d.to_last_s, d.archived_s,
+    );
+    Ok(())
+}
+
+/// What a drain came to.
+pub struct Drained {
+    /// Completions per second from the first to the last.
+    pub rate: f64,
+    /// From the resume to the last completion.
+    pub to_last_s: f64,
+    /// From the resume until the last one is in SQLite.
+    pub archived_s: f64,
+}
+
+/// Queues `n` no-op tasks in `system`'s paused `short/normal` lane, resumes it, and times the
+/// completions (the `succeeded` events) and the archive.
+pub async fn drain_on(system: &System, n: usize) -> anyhow::Result<Drained> {
     let http = reqwest::Client::new();
     let lane = |verb: &str| format!("{}/v1/lanes/short/normal/{verb}", system.url);
     let r = http.post(lane("pause")).send().await?;
@@ -195,13 +216,10 @@ pub async fn drain(n: usize) -> anyhow::Result<()> {
         count += 1;
     }
     crate::wait_archived(&system.db, before + n as i64, n).await?;
-    let archived = resumed.elapsed();
-    let span = last - first.unwrap_or(resumed);
-    println!(
-        "| drain of a {n} backlog (queued in a paused lane, then resumed) | {n} | {:.0} completions/s first → last | {:.2} s from the resume to the last completion | all archived {:.2} s after the resume |",
-        n as f64 / span.as_secs_f64(),
-        (last - resumed).as_secs_f64(),
-        archived.as_secs_f64(),
-    );
-    Ok(())
+    let span = (last - first.unwrap_or(resumed)).as_secs_f64();
+    Ok(Drained {
+        rate: if span > 0.0 { n as f64 / span } else { f64::INFINITY },
+        to_last_s: (last - resumed).as_secs_f64(),
+        archived_s: resumed.elapsed().as_secs_f64(),
+    })
 }
