@@ -23,7 +23,7 @@
 //!    side-by-side table with BullMQ: end-to-end latency at 200 tasks/s with an open-loop
 //!    submitter, and the drain of a 50 000 backlog (see `peers.rs`);
 //! 10. scaling: that drain with 1, 2 and 4 worker processes, and with 10, 1 000 and 100 000
-//!    tasks queued (see `scaling.rs`).
+//!     tasks queued (see `scaling.rs`).
 //!
 //! Client and server share this machine's cores, so the figures are for the whole system on one
 //! box. Run: `cargo build --release --bins && target/release/claw-bench` (`--only tasks,cluster`

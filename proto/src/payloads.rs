@@ -168,7 +168,7 @@ impl Payloads {
             InfoErrorKind::NotFound => Error::NotFound(payload.name.clone()),
             _ => Error::Unavailable(e.into()),
         })?;
-        let subject = format!("$O.{PAYLOADS_BUCKET}.C.{}", info.nuid);
+        let subject = crate::topology::payload_chunks_subject(&info.nuid);
         let message = self
             .stream
             .direct_get_next_for_subject(subject, Some(from.max(1)))

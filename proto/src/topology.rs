@@ -34,6 +34,12 @@ pub const SLOTS_KV_STREAM: &str = "KV_slots";
 /// stream behind it.
 pub const PAYLOADS_BUCKET: &str = "payloads";
 pub const PAYLOADS_STREAM: &str = "OBJ_payloads";
+
+/// The subject of an object's chunks in [`PAYLOADS_BUCKET`] (`$O.payloads.C.<nuid>`, the
+/// object store's layout): read one chunk at a time by direct get.
+pub fn payload_chunks_subject(nuid: &str) -> String {
+    format!("$O.{PAYLOADS_BUCKET}.C.{nuid}")
+}
 /// The archiver's durable consumer on [`TASKS_KV_STREAM`].
 pub const ARCHIVER_CONSUMER: &str = "archiver";
 
@@ -174,6 +180,11 @@ pub const PARKED_ALL: &str = "parked.*";
 /// they count against the queue limit and the reconciler sees that they have a message.
 pub fn parked_subject(token: &str) -> String {
     format!("parked.{token}")
+}
+
+/// The key token of a [`parked_subject`].
+pub fn parked_token(subject: &str) -> Option<&str> {
+    subject.strip_prefix("parked.")
 }
 
 /// A concurrency key as one subject token and KV key: its bytes in lower-case hex, so any key
@@ -647,7 +658,8 @@ mod tests {
         let tasks = STREAMS[0].parse().unwrap();
         assert_eq!(tasks["name"], TASKS_STREAM);
         assert_eq!(tasks["subjects"], serde_json::json!([TASKS_ALL, PARKED_ALL]));
-        assert!(parked_subject(&slot_token("principal:a.b c")).starts_with("parked."));
+        let subject = parked_subject(&slot_token("principal:a.b c"));
+        assert_eq!(parked_token(&subject), Some(slot_token("principal:a.b c").as_str()));
         assert_eq!(slot_token("principal:a.b c").len(), 2 * "principal:a.b c".len());
         assert!(slot_token("k.>*").bytes().all(|b| b.is_ascii_hexdigit()));
     }
@@ -678,8 +690,9 @@ mod tests {
     /// it measures the system from outside, as a NATS-native client would, without our crates.
     #[test]
     fn no_other_source_spells_a_subject() {
-        const SUBJECT_STARTS: [&str; 11] = [
+        const SUBJECT_STARTS: [&str; 12] = [
             "\"tasks.",
+            "\"parked.",
             "\"progress.",
             "\"dlq.",
             "\"claw.api",

@@ -292,7 +292,7 @@ impl Slots {
         let mut subjects = self.tasks.info_with_subjects(topology::PARKED_ALL).await?;
         while let Some(subject) = subjects.next().await {
             let (subject, _count) = subject?;
-            if let Some(token) = subject.strip_prefix("parked.") {
+            if let Some(token) = topology::parked_token(&subject) {
                 tokens.push(token.to_owned());
             }
         }
