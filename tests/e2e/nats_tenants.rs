@@ -3,9 +3,9 @@
 //! `claw.api.as.<name>.*` act as that principal (its tasks only, its quotas, lanes for admins);
 //! the server refuses it every other tenant's subjects, the anonymous API and the JetStream API.
 
-use async_nats::{Client, Message};
+use async_nats::Message;
 use claw_proto::topology::{self, Settings};
-use claw_tests::{Gateway, Nats, WAIT, start_worker, wait_for};
+use claw_tests::{AsUser, Gateway, Nats, WAIT, start_worker, wait_for};
 use futures::StreamExt;
 use serde_json::{Value, json};
 
@@ -22,32 +22,34 @@ fn tokens_file() -> String {
 }
 
 /// A tenant's connection (its own inbox prefix, as the template says) that records the server's
-/// errors.
-struct Tenant {
-    name: &'static str,
-    client: Client,
-    errors: claw_tests::ServerErrors,
+/// errors, with its requests on its own `claw.api.as.<name>.*`.
+struct Tenant(AsUser);
+
+impl std::ops::Deref for Tenant {
+    type Target = AsUser;
+    fn deref(&self) -> &AsUser {
+        &self.0
+    }
 }
 
 impl Tenant {
     async fn connect(nats: &Nats, name: &'static str) -> Tenant {
-        let (client, errors) = claw_tests::connect_as(nats, name).await;
-        Tenant { name, client, errors }
+        Tenant(AsUser::connect(nats, name).await)
     }
 
     /// A request on this tenant's own `claw.api.as.<name>.<verb>`.
     async fn request(&self, verb: &str, body: Value) -> Message {
-        let subject = topology::principal_api_subject(self.name, verb);
+        let subject = topology::principal_api_subject(self.user, verb);
         self.client
             .request(subject.clone(), body.to_string().into())
             .await
-            .unwrap_or_else(|e| panic!("{} requests {subject}: {e}", self.name))
+            .unwrap_or_else(|e| panic!("{} requests {subject}: {e}", self.user))
     }
 
     /// A request that must succeed: the reply's JSON.
     async fn ok(&self, verb: &str, body: Value) -> Value {
         let reply = self.request(verb, body).await;
-        assert_eq!(code_of(&reply), None, "{} {verb}: {}", self.name, text(&reply));
+        assert_eq!(code_of(&reply), None, "{} {verb}: {}", self.user, text(&reply));
         serde_json::from_slice(&reply.payload).unwrap()
     }
 
@@ -58,39 +60,23 @@ impl Tenant {
             code_of(&reply).as_deref(),
             Some(code),
             "{} {verb}: {}",
-            self.name,
+            self.user,
             text(&reply)
         );
         let body: Value = serde_json::from_slice(&reply.payload).unwrap();
         assert!(body["error"]["message"].is_string(), "our error body: {body}");
         body
     }
+}
 
-    fn violated(&self, subject: &str) -> bool {
-        self.errors.lock().unwrap().iter().any(|e| {
-            e.to_lowercase().contains("permissions violation")
-                && e.contains(&format!("\"{subject}\""))
-        })
-    }
-
-    async fn await_violation(&self, what: &str, subject: &str) {
-        wait_for(&format!("{} refused to {what} {subject}", self.name), WAIT, || async {
-            self.violated(subject).then_some(())
-        })
-        .await;
-    }
-
-    async fn refused_publish(&self, subject: &str) {
-        self.client.publish(subject.to_owned(), "{}".into()).await.unwrap();
-        self.client.flush().await.unwrap();
-        self.await_violation("publish to", subject).await;
-    }
-
-    async fn refused_subscribe(&self, subject: &str) {
-        let _sub = self.client.subscribe(subject.to_owned()).await.unwrap();
-        self.client.flush().await.unwrap();
-        self.await_violation("subscribe to", subject).await;
-    }
+/// The gateway with the tokens file and a worker, each connected as its shipped role.
+async fn serve(nats: &Nats) -> (Gateway, claw_tests::Running) {
+    let gw_topo = nats.role_topology("gateway", &Settings::standard()).await;
+    let tokens = nats.dir.path().join("tokens.toml");
+    std::fs::write(&tokens, tokens_file()).unwrap();
+    let gateway = Gateway::start(&gw_topo, &["--tokens", tokens.to_str().unwrap()]).await;
+    let worker_topo = nats.role_topology("worker", &Settings::standard()).await;
+    (gateway, start_worker(&worker_topo, "ack_deadline_s = 2.0\n"))
 }
 
 /// The micro error code of a reply (`Nats-Service-Error-Code`), none for a success.
@@ -106,12 +92,7 @@ fn text(reply: &Message) -> String {
 #[tokio::test]
 async fn a_tenant_on_nats_is_its_principal_and_nobody_else() {
     let nats = Nats::start_secure_with_tenants(&TENANTS);
-    let gw_topo = nats.role_topology("gateway", &Settings::standard()).await;
-    let tokens = nats.dir.path().join("tokens.toml");
-    std::fs::write(&tokens, tokens_file()).unwrap();
-    let _gw = Gateway::start(&gw_topo, &["--tokens", tokens.to_str().unwrap()]).await;
-    let worker_topo = nats.role_topology("worker", &Settings::standard()).await;
-    let _worker = start_worker(&worker_topo, "ack_deadline_s = 2.0\n");
+    let (_gw, _worker) = serve(&nats).await;
 
     let alice = Tenant::connect(&nats, "alice").await;
     let bob = Tenant::connect(&nats, "bob").await;
@@ -205,12 +186,7 @@ async fn a_tenant_reads_its_large_result_over_nats_a_chunk_at_a_time() {
     use claw_proto::topology::headers;
 
     let nats = Nats::start_secure_with_tenants(&TENANTS);
-    let gw_topo = nats.role_topology("gateway", &Settings::standard()).await;
-    let tokens = nats.dir.path().join("tokens.toml");
-    std::fs::write(&tokens, tokens_file()).unwrap();
-    let gw = Gateway::start(&gw_topo, &["--tokens", tokens.to_str().unwrap()]).await;
-    let worker_topo = nats.role_topology("worker", &Settings::standard()).await;
-    let _worker = start_worker(&worker_topo, "ack_deadline_s = 2.0\n");
+    let (gw, _worker) = serve(&nats).await;
     let (alice, bob) = (Tenant::connect(&nats, "alice").await, Tenant::connect(&nats, "bob").await);
 
     // 300 KB of echo: the input and the result each go to the object store (three chunks).

@@ -5,70 +5,16 @@
 
 use std::time::Duration;
 
-use async_nats::{Client, HeaderMap};
+use async_nats::HeaderMap;
 use claw_proto::topology::Settings;
 use claw_proto::{Status, TaskRecord, connect};
 use claw_tests::{
-    Gateway, Nats, archived_rows, bin, id_of, post_json, role_password, start_archiver, wait_for,
+    AsUser, Gateway, Nats, archived_rows, bin, id_of, post_json, role_password, start_archiver,
+    wait_for,
 };
 use futures::StreamExt;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
-
-/// A client connected as one role that records the server's errors.
-struct Probe {
-    role: &'static str,
-    client: Client,
-    errors: claw_tests::ServerErrors,
-}
-
-impl Probe {
-    async fn connect(nats: &Nats, role: &'static str) -> Probe {
-        let (client, errors) = claw_tests::connect_as(nats, role).await;
-        Probe { role, client, errors }
-    }
-
-    fn js(&self) -> async_nats::jetstream::Context {
-        connect::jetstream(self.client.clone())
-    }
-
-    /// Whether the server reported a permission violation naming `subject`.
-    fn violated(&self, subject: &str) -> bool {
-        self.errors.lock().unwrap().iter().any(|e| {
-            e.to_lowercase().contains("permissions violation")
-                && e.contains(&format!("\"{subject}\""))
-        })
-    }
-
-    async fn await_violation(&self, what: &str, subject: &str) {
-        wait_for(
-            &format!("{} refused to {what} {subject}", self.role),
-            Duration::from_secs(5),
-            || async { self.violated(subject).then_some(()) },
-        )
-        .await;
-    }
-
-    /// Publishes to `subject` and waits for the server to refuse it.
-    async fn refused_publish(&self, subject: &str) {
-        self.client.publish(subject.to_owned(), "{}".into()).await.unwrap();
-        self.client.flush().await.unwrap();
-        self.await_violation("publish to", subject).await;
-    }
-
-    /// Subscribes to `subject` and waits for the server to refuse it.
-    async fn refused_subscribe(&self, subject: &str) {
-        let _sub = self.client.subscribe(subject.to_owned()).await.unwrap();
-        self.client.flush().await.unwrap();
-        self.await_violation("subscribe to", subject).await;
-    }
-
-    /// No violation reported at all so far (the allowed operations before it were allowed).
-    fn clean(&self) {
-        let errors = self.errors.lock().unwrap();
-        assert!(errors.is_empty(), "{} saw server errors: {errors:?}", self.role);
-    }
-}
 
 async fn read_record(js: &async_nats::jetstream::Context, id: &str) -> Option<TaskRecord> {
     let kv = js.get_key_value("tasks").await.ok()?;
@@ -121,7 +67,7 @@ async fn each_role_can_do_its_job_and_nothing_else() {
 
     // The gateway role provisions the topology (with the files' 30 s ack deadline) ...
     let gw_topo = nats.role_topology("gateway", &Settings::standard()).await;
-    let operator = Probe::connect(&nats, "operator").await;
+    let operator = AsUser::connect(&nats, "operator").await;
     let op_js = operator.js();
     let mut all_events = operator.client.subscribe("progress.>").await.unwrap();
 
@@ -216,7 +162,7 @@ async fn each_role_can_do_its_job_and_nothing_else() {
     .await;
 
     // --- publisher: a NATS-native task of its own session, its events, its record.
-    let publisher = Probe::connect(&nats, "publisher").await;
+    let publisher = AsUser::connect(&nats, "publisher").await;
     let pub_js = publisher.js();
     let mut own_events = publisher.client.subscribe("progress.publisher.*").await.unwrap();
     let mut headers = HeaderMap::new();
@@ -295,7 +241,7 @@ async fn each_role_can_do_its_job_and_nothing_else() {
     operator.refused_subscribe("claw.api.>").await;
 
     // --- the services' roles cannot do each other's jobs or destroy anything.
-    let worker = Probe::connect(&nats, "worker").await;
+    let worker = AsUser::connect(&nats, "worker").await;
     worker.refused_publish("$JS.API.STREAM.DELETE.TASKS").await;
     worker.refused_publish("$JS.API.STREAM.PURGE.TASKS").await;
     worker.refused_publish("$JS.API.CONSUMER.DELETE.TASKS.short-high").await;
@@ -307,7 +253,7 @@ async fn each_role_can_do_its_job_and_nothing_else() {
 
     // The archiver writes records, lanes and events only for the reconciler's repairs (tested
     // as its role in `the_archiver_role_repairs_and_removes_records`), and nothing else.
-    let archiver = Probe::connect(&nats, "archiver").await;
+    let archiver = AsUser::connect(&nats, "archiver").await;
     archiver.refused_publish("$JS.API.STREAM.DELETE.KV_tasks").await;
     archiver.refused_publish("$JS.API.STREAM.PURGE.KV_tasks").await;
     archiver.refused_publish("$JS.API.STREAM.MSG.DELETE.TASKS").await;
@@ -318,7 +264,7 @@ async fn each_role_can_do_its_job_and_nothing_else() {
     archiver.refused_subscribe("progress.>").await;
     archiver.refused_subscribe("tasks.*.*").await;
 
-    let gateway = Probe::connect(&nats, "gateway").await;
+    let gateway = AsUser::connect(&nats, "gateway").await;
     // A principal's events are stored under its namespace, `progress.<owner>.<session>.<id>`.
     let ack = gateway.js().publish("progress.alice.perm-session.t1", "{}".into()).await;
     ack.expect("publish a principal's event").await.expect("PROGRESS stores it");
@@ -351,7 +297,7 @@ async fn the_archiver_role_repairs_and_removes_records() {
     use claw_proto::spec::{Limits, TaskSpec};
     let nats = Nats::start_secure();
     let gw_topo = nats.role_topology("gateway", &Settings::standard()).await;
-    let operator = Probe::connect(&nats, "operator").await;
+    let operator = AsUser::connect(&nats, "operator").await;
     let op_js = operator.js();
     let mut events = operator.client.subscribe("progress.>").await.unwrap();
 

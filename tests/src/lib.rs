@@ -505,28 +505,76 @@ pub fn role_password(role: &str) -> String {
 /// The server's errors of one connection (permission violations), as strings.
 pub type ServerErrors = std::sync::Arc<std::sync::Mutex<Vec<String>>>;
 
-/// Connects as the NATS user `user` (password [`role_password`], its own inbox prefix
-/// `_INBOX.<user>`, as the shipped roles and the tenant template say), recording the server's
-/// errors of the connection.
-pub async fn connect_as(nats: &Nats, user: &str) -> (async_nats::Client, ServerErrors) {
-    let errors = ServerErrors::default();
-    let sink = errors.clone();
-    let client =
-        async_nats::ConnectOptions::with_user_and_password(user.into(), role_password(user))
-            .custom_inbox_prefix(format!("_INBOX.{user}"))
-            .request_timeout(Some(Duration::from_secs(5)))
-            .event_callback(move |event| {
-                let sink = sink.clone();
-                async move {
-                    if let async_nats::Event::ServerError(e) = event {
-                        sink.lock().unwrap().push(e.to_string());
+/// A client connected as one NATS user of the shipped config (password [`role_password`], its
+/// own inbox prefix `_INBOX.<user>`, as the roles and the tenant template say) that records the
+/// server's errors, so a test can wait for the server to refuse what the user may not do.
+pub struct AsUser {
+    pub user: &'static str,
+    pub client: async_nats::Client,
+    pub errors: ServerErrors,
+}
+
+impl AsUser {
+    pub async fn connect(nats: &Nats, user: &'static str) -> AsUser {
+        let errors = ServerErrors::default();
+        let sink = errors.clone();
+        let client =
+            async_nats::ConnectOptions::with_user_and_password(user.into(), role_password(user))
+                .custom_inbox_prefix(format!("_INBOX.{user}"))
+                .request_timeout(Some(Duration::from_secs(5)))
+                .event_callback(move |event| {
+                    let sink = sink.clone();
+                    async move {
+                        if let async_nats::Event::ServerError(e) = event {
+                            sink.lock().unwrap().push(e.to_string());
+                        }
                     }
-                }
-            })
-            .connect(nats.url())
-            .await
-            .unwrap_or_else(|e| panic!("connect as {user}: {e}"));
-    (client, errors)
+                })
+                .connect(nats.url())
+                .await
+                .unwrap_or_else(|e| panic!("connect as {user}: {e}"));
+        AsUser { user, client, errors }
+    }
+
+    pub fn js(&self) -> async_nats::jetstream::Context {
+        claw_proto::connect::jetstream(self.client.clone())
+    }
+
+    /// Whether the server reported a permission violation naming `subject`.
+    pub fn violated(&self, subject: &str) -> bool {
+        self.errors.lock().unwrap().iter().any(|e| {
+            e.to_lowercase().contains("permissions violation")
+                && e.contains(&format!("\"{subject}\""))
+        })
+    }
+
+    async fn await_violation(&self, what: &str, subject: &str) {
+        let user = self.user;
+        wait_for(&format!("{user} refused to {what} {subject}"), WAIT, || async {
+            self.violated(subject).then_some(())
+        })
+        .await;
+    }
+
+    /// Publishes to `subject` and waits for the server to refuse it.
+    pub async fn refused_publish(&self, subject: &str) {
+        self.client.publish(subject.to_owned(), "{}".into()).await.unwrap();
+        self.client.flush().await.unwrap();
+        self.await_violation("publish to", subject).await;
+    }
+
+    /// Subscribes to `subject` and waits for the server to refuse it.
+    pub async fn refused_subscribe(&self, subject: &str) {
+        let _sub = self.client.subscribe(subject.to_owned()).await.unwrap();
+        self.client.flush().await.unwrap();
+        self.await_violation("subscribe to", subject).await;
+    }
+
+    /// No server error at all so far (what the user did before was allowed).
+    pub fn clean(&self) {
+        let errors = self.errors.lock().unwrap();
+        assert!(errors.is_empty(), "{} saw server errors: {errors:?}", self.user);
+    }
 }
 
 /// Writes `<dir>/claw.conf`: `nats/accounts/claw.conf` verbatim, after definitions of its
