@@ -1,24 +1,31 @@
-//! The consumer loop: pulls record revisions from the durable `archiver` consumer on `KV_tasks`,
-//! writes what they change to the [`Store`] one transaction per batch (terminal revisions to the
-//! archive, live ones and delete markers to the `live` table the reconciler picks from), then
-//! acks the batch.
+//! The consumer loop: reads the `KV_tasks` stream (every revision of the `tasks` bucket) in
+//! order from the archive's own position, writes what each batch changes to the [`Store`] in
+//! one transaction (terminal revisions to the archive, live ones and delete markers to the
+//! `live` table the reconciler picks from), and moves the position to the batch's last revision
+//! in that same transaction.
 //!
-//! Acks follow the commit, never precede it: a crash between the two means redelivery, which the
-//! store's revision guard makes harmless. Because the consumer is durable, a restarted archiver
-//! resumes after the last acked message, and one that was down catches up on what it missed:
-//! nothing in the bucket expires, and a finished record leaves it only once archived
-//! ([`crate::retention`]).
+//! The position lives in SQLite, not in a consumer on the server: the reading is an ordered
+//! consumer (ephemeral, no acks) started just past it. A crash before a commit re-reads the
+//! batch, which the store's revision guards make harmless; nothing is acked, so the server does
+//! no ack bookkeeping and the archiver sends nothing back per revision; and a consumer lost
+//! with a stream leader, or recreated after a gap, cannot skip a revision, because where
+//! reading resumes is decided by what was committed. Nothing in the bucket expires, and a
+//! finished record leaves it only once archived ([`crate::retention`]), so an archiver that
+//! was down catches up on everything it missed.
 //!
-//! A batch is at most `batch_max` messages, and never more than that is un-acked at once: the
-//! loop asks the server for one message (waiting as long as it takes), then for up to
-//! `batch_max - 1` more that arrive within `batch_wait`. Both requests end on the server side
-//! (count reached or expired), so none is left behind to deliver into a dropped inbox.
+//! A batch is at most `batch_max` revisions: the first that arrives (waiting as long as it
+//! takes), then what else arrives within `batch_wait`.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use async_nats::jetstream::Message;
-use async_nats::jetstream::consumer::PullConsumer;
-use claw_proto::topology::KV_SUBJECT_PREFIX;
+use async_nats::jetstream::consumer::DeliverPolicy;
+use async_nats::jetstream::consumer::pull::{Ordered, OrderedConfig};
+use async_nats::jetstream::{self, Message};
+use claw_proto::topology::{
+    ARCHIVER_READER_PREFIX, KV_SUBJECT_PREFIX, RETIRED_ARCHIVER_CONSUMER, TASKS_KV_STREAM,
+};
 use claw_proto::{TaskId, TaskRecord};
 use futures::StreamExt;
 use time::OffsetDateTime;
@@ -26,17 +33,12 @@ use tokio_util::sync::CancellationToken;
 
 use crate::store::{Change, Entry, Live, Store};
 
-/// How long one idle pull waits on the server. The client gives up five seconds after this if
-/// the server never answers, so a dead or partitioned server costs one idle cycle, not a hang;
-/// the connection's own pings (2 s) trigger the reconnect.
-const IDLE_PULL: Duration = Duration::from_secs(5);
-
-/// First pause after a failed pull or write; doubled up to [`MAX_RETRY_PAUSE`]. Un-acked
-/// messages stay with the server meanwhile, so pausing loses nothing.
+/// First pause after a failed read or write; doubled up to [`MAX_RETRY_PAUSE`]. What was not
+/// committed is read again from the position, so pausing loses nothing.
 const RETRY_PAUSE: Duration = Duration::from_millis(250);
 const MAX_RETRY_PAUSE: Duration = Duration::from_secs(10);
 
-/// How often the backlog (`num_pending`) is logged.
+/// How often the backlog (revisions of the bucket past the position) is logged.
 const LAG_REPORT: Duration = Duration::from_secs(10);
 
 /// The KV header that marks deletes and purges; puts carry `PUT` or no header at all.
@@ -47,6 +49,26 @@ const KV_OPERATION: &str = "KV-Operation";
 pub struct Batching {
     pub max: usize,
     pub wait: Duration,
+}
+
+/// The committed read position, shared with the `/metrics` lag gauge.
+#[derive(Clone, Debug, Default)]
+pub struct Position(Arc<AtomicU64>);
+
+impl Position {
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+
+    fn set(&self, upto: u64) {
+        self.0.store(upto, Ordering::Relaxed);
+    }
+}
+
+/// How many revisions of the bucket are past `position`: written but not yet archived.
+pub async fn lag(js: &jetstream::Context, position: &Position) -> Result<u64, async_nats::Error> {
+    let stream = js.get_stream(TASKS_KV_STREAM).await?;
+    Ok(stream.cached_info().state.last_sequence.saturating_sub(position.get()))
 }
 
 /// What one KV message at stream sequence `revision`, stored by the server at `written_at`,
@@ -85,94 +107,152 @@ pub fn decode(
 }
 
 /// Runs until `shutdown`, finishing the batch in hand first. Failures of NATS or SQLite are
-/// logged and retried with pauses rather than returned: un-acked messages wait on the server,
-/// so an outage delays the archive and loses nothing.
+/// logged and retried with pauses rather than returned: what is not committed is read again
+/// from the position, so an outage delays the archive and loses nothing.
 pub async fn consume(
-    consumer: PullConsumer,
+    js: jetstream::Context,
     store: Store,
     batching: Batching,
+    position: Position,
     shutdown: CancellationToken,
 ) {
-    let batch_max = batching.max.max(1);
+    retire_the_old_durable(&js).await;
     let mut pause = Pause::default();
     let mut lag = LagReport::new();
-    loop {
-        lag.maybe_report(&consumer).await;
-        let first = tokio::select! {
-            biased;
-            () = shutdown.cancelled() => return,
-            first = pull(&consumer, 1, IDLE_PULL) => first,
-        };
-        let mut batch = match first {
-            Ok(batch) if batch.is_empty() => {
-                pause.reset();
-                continue;
-            }
-            Ok(batch) => batch,
+    while !shutdown.is_cancelled() {
+        let mut revisions = match follow(&js, &store, &position).await {
+            Ok(revisions) => revisions,
             Err(e) => {
-                tracing::warn!(error = %e, "pulling from the archiver consumer failed; retrying");
+                tracing::warn!(error = %e, "cannot read the bucket's revisions; retrying");
                 pause.wait(&shutdown).await;
                 continue;
             }
         };
-        if batch_max > 1 {
-            // Not cancelled by shutdown: this wait is at most `batch_wait`, and finishing the
-            // batch in hand is what a clean stop means.
-            match pull(&consumer, batch_max - 1, batching.wait).await {
-                Ok(more) => batch.extend(more),
-                // What was pulled stays un-acked and comes back after the ack deadline.
-                Err(e) => tracing::warn!(error = %e, "pulling the rest of a batch failed"),
+        loop {
+            lag.maybe_report(&js, &position).await;
+            match next_batch(&mut revisions, batching, &shutdown).await {
+                Ok(batch) if batch.is_empty() => return,
+                Ok(batch) => {
+                    if !write(&store, &batch, &position, &shutdown, &mut pause).await {
+                        return;
+                    }
+                    pause.reset();
+                }
+                Err(e) => {
+                    // Reading resumes from what was committed: the batch in hand comes again.
+                    tracing::warn!(error = %e, "reading the bucket's revisions failed; resuming");
+                    pause.wait(&shutdown).await;
+                    break;
+                }
             }
         }
-        write_then_ack(&store, &batch, &shutdown, &mut pause).await;
-        pause.reset();
     }
 }
 
-/// Asks for up to `n` messages, waiting at most `expires` for them; an empty vector when none
-/// came. A stream error after some messages keeps those (they are valid deliveries).
-async fn pull(
-    consumer: &PullConsumer,
-    n: usize,
-    expires: Duration,
+/// Removes the durable consumer an earlier version read with, if it is there: left alone it
+/// would keep an ever-growing count of revisions it delivered to nobody.
+async fn retire_the_old_durable(js: &jetstream::Context) {
+    let Ok(stream) = js.get_stream_no_info(TASKS_KV_STREAM).await else { return };
+    match stream.delete_consumer(RETIRED_ARCHIVER_CONSUMER).await {
+        Ok(_) => tracing::info!("removed the durable consumer earlier versions archived with"),
+        Err(e) => tracing::debug!(error = %e, "no old archiver consumer to remove"),
+    }
+}
+
+/// An ordered consumer on the bucket's stream from just past the committed position. A position
+/// past the stream's last sequence means the stream was made anew: the archive reads it from
+/// its start (the revision guards keep what is there already).
+async fn follow(
+    js: &jetstream::Context,
+    store: &Store,
+    position: &Position,
+) -> Result<Ordered, async_nats::Error> {
+    let mut upto = store.position().await?;
+    let stream = js.get_stream(TASKS_KV_STREAM).await?;
+    let last = stream.cached_info().state.last_sequence;
+    if upto > last {
+        tracing::warn!(
+            position = upto,
+            last,
+            "the bucket's stream ends before the archive's position: it was made anew; reading it from its start"
+        );
+        store.rewind(0).await?;
+        upto = 0;
+    }
+    position.set(upto);
+    let deliver_policy = match upto {
+        0 => DeliverPolicy::All,
+        n => DeliverPolicy::ByStartSequence { start_sequence: n + 1 },
+    };
+    let config = OrderedConfig {
+        name: Some(format!("{ARCHIVER_READER_PREFIX}{}", uuid::Uuid::new_v4().simple())),
+        description: Some("The archiver, reading on from the position in its SQLite file".into()),
+        filter_subject: format!("{KV_SUBJECT_PREFIX}>"),
+        deliver_policy,
+        ..Default::default()
+    };
+    let consumer = stream.create_consumer(config).await?;
+    tracing::info!(from = upto + 1, "reading the bucket's revisions");
+    Ok(consumer.messages().await?)
+}
+
+/// The next batch: the first revision that arrives (however long that takes), then what else
+/// arrives within `batching.wait`, up to `batching.max`. Empty on shutdown before the first.
+async fn next_batch(
+    revisions: &mut Ordered,
+    batching: Batching,
+    shutdown: &CancellationToken,
 ) -> Result<Vec<Message>, async_nats::Error> {
-    let mut messages = Vec::with_capacity(n);
-    // A zero expiry would mean "wait forever" to the server; a millisecond is "what is there".
-    let expires = expires.max(Duration::from_millis(1));
-    let mut batch = consumer.batch().max_messages(n).expires(expires).messages().await?;
-    while let Some(message) = batch.next().await {
-        match message {
-            Ok(message) => messages.push(message),
-            Err(e) if messages.is_empty() => return Err(e),
-            Err(e) => {
-                tracing::warn!(error = %e, "a pull ended early");
-                break;
-            }
+    let first = tokio::select! {
+        biased;
+        () = shutdown.cancelled() => return Ok(Vec::new()),
+        first = revisions.next() => first,
+    };
+    let mut batch = vec![one(first)?];
+    let until = tokio::time::Instant::now() + batching.wait;
+    while batch.len() < batching.max.max(1) {
+        // Not cut short by shutdown: this wait is at most `batch_wait`, and finishing the batch
+        // in hand is what a clean stop means. A read that times out leaves the stream intact.
+        match tokio::time::timeout_at(until, revisions.next()).await {
+            Ok(next) => batch.push(one(next)?),
+            Err(_) => break,
         }
     }
-    Ok(messages)
+    Ok(batch)
 }
 
-/// Commits what `batch` changes, then acks every message of it. A failed commit is
-/// retried (with pauses) until it succeeds or shutdown; then nothing is acked and the server
-/// redelivers the batch to the next run.
-async fn write_then_ack(
+fn one(
+    next: Option<Result<Message, jetstream::consumer::pull::OrderedError>>,
+) -> Result<Message, async_nats::Error> {
+    match next {
+        Some(Ok(message)) => Ok(message),
+        Some(Err(e)) => Err(e.into()),
+        None => Err("the ordered consumer ended".into()),
+    }
+}
+
+/// Commits what `batch` changes and the position after it, retrying (with pauses) until that
+/// succeeds; `false` when shutdown came first (then nothing of the batch is committed, and the
+/// next run reads it again).
+async fn write(
     store: &Store,
     batch: &[Message],
+    position: &Position,
     shutdown: &CancellationToken,
     pause: &mut Pause,
-) {
+) -> bool {
     let mut changes = Vec::with_capacity(batch.len());
+    let mut upto = position.get();
     for message in batch {
         let (revision, written_at) = match message.info() {
             Ok(info) => (info.stream_sequence, info.published),
             Err(e) => {
-                // Without JetStream metadata it is not a consumer delivery; it cannot be acked
-                // meaningfully either.
+                // Without JetStream metadata it is not a delivery of the stream at all.
                 tracing::warn!(subject = %message.subject, error = %e, "message without metadata");
                 continue;
             }
         };
+        upto = upto.max(revision);
         let operation = message.headers.as_ref().and_then(|h| h.get(KV_OPERATION));
         let operation = operation.map(|v| v.as_str());
         match decode(&message.subject, operation, &message.payload, revision, written_at) {
@@ -184,36 +264,25 @@ async fn write_then_ack(
         }
     }
 
-    if !changes.is_empty() {
-        loop {
-            let started = Instant::now();
-            match store.write(&changes).await {
-                Ok(changed) => {
-                    metrics::histogram!("claw_archiver_commit_seconds")
-                        .record(started.elapsed().as_secs_f64());
-                    metrics::counter!("claw_archiver_rows_written_total").increment(changed);
-                    tracing::debug!(messages = batch.len(), changed, "archived a batch");
-                    break;
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, messages = batch.len(),
-                        "writing a batch to the archive failed; retrying");
-                    if shutdown.is_cancelled() {
-                        return;
-                    }
-                    pause.wait(shutdown).await;
-                }
+    loop {
+        let started = Instant::now();
+        match store.write(&changes, upto).await {
+            Ok(changed) => {
+                metrics::histogram!("claw_archiver_commit_seconds")
+                    .record(started.elapsed().as_secs_f64());
+                metrics::counter!("claw_archiver_rows_written_total").increment(changed);
+                tracing::debug!(messages = batch.len(), changed, upto, "archived a batch");
+                position.set(upto);
+                return true;
             }
-        }
-    }
-
-    // One ack per message, not one cumulative ack per batch: after a consumer leader change
-    // the new leader may count as delivered messages that never reached this archiver, and a
-    // cumulative ack would take those along unread; an explicit ack leaves them to redelivery.
-    for message in batch {
-        // An ack that does not arrive means one redelivery, absorbed by the revision guard.
-        if let Err(e) = message.ack().await {
-            tracing::warn!(subject = %message.subject, error = %e, "ack failed");
+            Err(e) => {
+                tracing::error!(error = %e, messages = batch.len(),
+                    "writing a batch to the archive failed; retrying");
+                if shutdown.is_cancelled() {
+                    return false;
+                }
+                pause.wait(shutdown).await;
+            }
         }
     }
 }
@@ -239,7 +308,7 @@ impl Pause {
     }
 }
 
-/// Logs the consumer's backlog every [`LAG_REPORT`]: how far the archive is behind the bucket.
+/// Logs the backlog every [`LAG_REPORT`]: how far the archive is behind the bucket.
 #[derive(Debug)]
 struct LagReport {
     last: Instant,
@@ -250,19 +319,15 @@ impl LagReport {
         LagReport { last: Instant::now() }
     }
 
-    async fn maybe_report(&mut self, consumer: &PullConsumer) {
+    async fn maybe_report(&mut self, js: &jetstream::Context, position: &Position) {
         if self.last.elapsed() < LAG_REPORT {
             return;
         }
         self.last = Instant::now();
-        match consumer.get_info().await {
-            Ok(info) if info.num_pending > 0 || info.num_ack_pending > 0 => tracing::info!(
-                pending = info.num_pending,
-                ack_pending = info.num_ack_pending,
-                "archiver lag"
-            ),
-            Ok(_) => tracing::debug!("archiver caught up"),
-            Err(e) => tracing::debug!(error = %e, "consumer info for the lag report failed"),
+        match lag(js, position).await {
+            Ok(0) => tracing::debug!("archiver caught up"),
+            Ok(behind) => tracing::info!(behind, position = position.get(), "archiver lag"),
+            Err(e) => tracing::debug!(error = %e, "stream info for the lag report failed"),
         }
     }
 }

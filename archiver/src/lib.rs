@@ -3,17 +3,18 @@
 //! Once archived, a finished record leaves the `tasks` bucket after its retention: the archiver
 //! is the only process that removes one. And it repairs records stranded without a lane message.
 //!
-//! It reads the `tasks` bucket through its own durable consumer (`archiver` on `KV_tasks`), so it
-//! can be down for a while and catch up, and it is the only process that touches SQLite.
+//! It reads the `tasks` bucket's stream in order from a position kept in its own SQLite file,
+//! committed with the rows, so it can be down for a while and catch up, and it is the only
+//! process that touches SQLite.
 //!
-//! Reading order: [`run`] (wires the parts together), [`consume`] (pull a batch, commit it,
-//! then ack it), [`store`] (the table, the revision-guarded upsert, keyset paging),
+//! Reading order: [`run`] (wires the parts together), [`consume`] (read a batch from the
+//! position, commit it with the position after it), [`store`] (the table, the revision-guarded upsert, keyset paging),
 //! [`service`] (request parsing and the error shape of the replies), [`retention`] (removing
 //! archived records from the bucket once their retention has passed) and [`reconcile`] (finding
 //! records that wait or run without a lane message, and repairing them).
 //!
-//! The archiver is a singleton by deployment: one process, one durable consumer, one SQLite
-//! file (compose runs one; `claw up` has one).
+//! The archiver is a singleton by deployment: one process, one SQLite file (compose runs one;
+//! `claw up` has one).
 
 pub mod consume;
 pub mod reconcile;
@@ -24,11 +25,11 @@ pub mod store;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use async_nats::jetstream::consumer::PullConsumer;
-use claw_proto::topology::{ARCHIVER_CONSUMER, TASKS_KV_STREAM, Topology};
+use async_nats::jetstream;
+use claw_proto::topology::Topology;
 use tokio_util::sync::CancellationToken;
 
-use crate::consume::Batching;
+use crate::consume::{Batching, Position};
 use crate::store::Store;
 
 /// The archiver's configuration: `claw-archiver --help`, or the same flags flattened into
@@ -38,11 +39,10 @@ pub struct Config {
     /// The SQLite file of the archive; created, with its schema, when missing.
     #[arg(long = "db", env = "CLAW_DB")]
     pub db: PathBuf,
-    /// Most record revisions written in one SQLite transaction (and so most un-acked at once).
+    /// Most record revisions written in one SQLite transaction.
     ///
     /// One transaction per batch pays one fsync for many rows, which is what keeps up with a
-    /// burst of finishing tasks; 256 rows commit in a few milliseconds. At most the consumer's
-    /// `max_ack_pending` (10 000), beyond which the server would not deliver a full batch.
+    /// burst of finishing tasks; 256 rows commit in a few milliseconds.
     #[arg(
         long = "batch-max",
         env = "CLAW_ARCHIVER_BATCH_MAX",
@@ -95,39 +95,32 @@ pub enum Error {
     },
 }
 
-/// Sets `claw_archiver_lag` (the archiver consumer's `num_pending`: revisions of the bucket not
-/// yet delivered to the archiver) and `claw_archiver_unacked` on every scrape of `/metrics`.
-fn lag_gauge(consumer: PullConsumer) -> claw_proto::metrics::ScrapeHook {
+/// Sets `claw_archiver_lag` (revisions of the bucket past the archive's committed position:
+/// written but not yet archived) on every scrape of `/metrics`.
+fn lag_gauge(js: jetstream::Context, position: Position) -> claw_proto::metrics::ScrapeHook {
     claw_proto::metrics::on_scrape(move || {
-        let mut consumer = consumer.clone();
+        let (js, position) = (js.clone(), position.clone());
         async move {
-            match consumer.info().await {
-                Ok(info) => {
-                    metrics::gauge!("claw_archiver_lag").set(info.num_pending as f64);
-                    metrics::gauge!("claw_archiver_unacked").set(info.num_ack_pending as f64);
-                }
-                Err(e) => tracing::debug!(error = %e, "consumer info for the lag gauge failed"),
+            match consume::lag(&js, &position).await {
+                Ok(lag) => metrics::gauge!("claw_archiver_lag").set(lag as f64),
+                Err(e) => tracing::debug!(error = %e, "stream info for the lag gauge failed"),
             }
         }
     })
 }
 
 /// Archives until `shutdown`, then finishes the batch in hand and returns. `topology` must be
-/// ensured (the durable consumer exists). Returns early with an error only when the database or
+/// ensured (the bucket exists). Returns early with an error only when the database or
 /// the service cannot be set up, or the service stops; NATS and SQLite hiccups while running are
-/// logged and retried, since un-acked revisions simply wait on the server.
+/// logged and retried, since what is not committed is read again from the position.
 pub async fn run(
     topology: Topology,
     config: Config,
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
     let store = Store::open(&config.db).await?;
-    let consumer: PullConsumer = topology
-        .js
-        .get_consumer_from_stream(ARCHIVER_CONSUMER, TASKS_KV_STREAM)
-        .await
-        .map_err(|e| Error::Nats { what: "getting the archiver consumer", source: e.into() })?;
-    let _lag = lag_gauge(consumer.clone());
+    let position = Position::default();
+    let _lag = lag_gauge(topology.js.clone(), position.clone());
     let client = topology.js.client();
     let batching = Batching {
         max: usize::from(config.batch_max),
@@ -147,7 +140,8 @@ pub async fn run(
             served
         },
         async {
-            consume::consume(consumer, store.clone(), batching, stop.clone()).await;
+            let js = topology.js.clone();
+            consume::consume(js, store.clone(), batching, position, stop.clone()).await;
             stop.cancel();
         },
         retention::run(
@@ -159,10 +153,9 @@ pub async fn run(
         ),
         reconcile::run(topology.clone(), store.clone(), config.reconcile, stop.clone()),
     );
-    // The last acks are publishes still in the client's buffer; send them before returning so a
-    // restart does not wait out the ack deadline for redeliveries.
+    // The reconciler's and the retention sweep's last writes may be in the client's buffer.
     if let Err(e) = client.flush().await {
-        tracing::warn!(error = %e, "flushing the last acks failed; they will be redelivered");
+        tracing::warn!(error = %e, "flushing the last writes failed");
     }
     store.close().await;
     tracing::info!("archiver stopped");

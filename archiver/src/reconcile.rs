@@ -29,7 +29,7 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use async_nats::{Client, StatusCode};
-use claw_proto::event::{Event, EventBody};
+use claw_proto::event::Event;
 use claw_proto::records::{self, Records, Stored};
 use claw_proto::topology::{self, Topology, headers};
 use claw_proto::{Cause, Status, TaskError, TaskId, TaskRecord, queue};
@@ -301,18 +301,12 @@ impl Reconciler {
         Ok(true)
     }
 
-    /// The events of a repaired record's change, as a worker would send them: the error of a
-    /// task that failed, then its status.
+    /// The event of a repaired record's change, as a worker would send it: its status, with the
+    /// error of a task that failed.
     async fn announce(&self, record: &TaskRecord) {
-        let mut events = Vec::with_capacity(2);
-        if let (Status::Failed, Some(error)) = (record.status, &record.error) {
-            events.push(Event::new(record, EventBody::Error(error.clone())));
-        }
-        events.push(Event::status(record));
-        for event in events {
-            if let Err(e) = self.client.publish(record.progress_subject(), event.to_json()).await {
-                tracing::warn!(task_id = %record.id, error = %e, "could not publish a task event");
-            }
+        let event = Event::status(record);
+        if let Err(e) = self.client.publish(record.progress_subject(), event.to_json()).await {
+            tracing::warn!(task_id = %record.id, error = %e, "could not publish a task event");
         }
     }
 }

@@ -194,11 +194,17 @@ impl Store {
         Ok(Store { pool })
     }
 
-    /// Writes every change in one transaction, in order; returns how many archive rows were
-    /// inserted or moved to a newer revision. A change at or below a row's revision changes
-    /// nothing.
-    pub async fn write(&self, changes: &[Change]) -> Result<u64, Error> {
+    /// Writes every change in one transaction, in order, and moves the read position forward
+    /// to `upto` (the bucket stream's sequence every change up to which is in `changes`) in the
+    /// same transaction; returns how many archive rows were inserted or moved to a newer
+    /// revision. A change at or below a row's revision changes nothing, and a position never
+    /// moves back here ([`Store::rewind`] does that).
+    pub async fn write(&self, changes: &[Change], upto: u64) -> Result<u64, Error> {
         let mut tx = self.pool.begin().await?;
+        sqlx::query("UPDATE position SET upto = max(upto, ?)")
+            .bind(sql_revision(upto))
+            .execute(&mut *tx)
+            .await?;
         let mut archived = 0;
         for change in changes {
             match change {
@@ -212,6 +218,25 @@ impl Store {
         }
         tx.commit().await?;
         Ok(archived)
+    }
+
+    /// The bucket stream's sequence up to which every revision is written: where the consumer
+    /// loop reads on from (0 for a new archive).
+    pub async fn position(&self) -> Result<u64, Error> {
+        let upto: i64 =
+            sqlx::query_scalar("SELECT upto FROM position").fetch_one(&self.pool).await?;
+        Ok(u64::try_from(upto).unwrap_or(0))
+    }
+
+    /// Sets the read position back to `to`: the bucket's stream was made anew (its sequences
+    /// start again below the position), and what it holds now is read from there. The revision
+    /// guards make re-reading harmless.
+    pub async fn rewind(&self, to: u64) -> Result<(), Error> {
+        sqlx::query("UPDATE position SET upto = ?")
+            .bind(sql_revision(to))
+            .execute(&self.pool)
+            .await?;
+        Ok(())
     }
 
     /// Live records last written at or before `cutoff` that must have a lane message: queued,
@@ -557,7 +582,7 @@ mod tests {
     async fn upsert(store: &Store, entries: &[Entry]) -> Result<u64, Error> {
         let changes: Vec<_> =
             entries.iter().map(|e| Change::Terminal(Box::new(e.clone()))).collect();
-        store.write(&changes).await
+        store.write(&changes, 0).await
     }
 
     async fn count(store: &Store) -> i64 {
@@ -828,28 +853,28 @@ mod tests {
         let mut r = queued();
         let first = r.clone();
         let id = r.id.to_string();
-        store.write(&[live(&first, 1, at)]).await.unwrap();
+        store.write(&[live(&first, 1, at)], 0).await.unwrap();
         assert_eq!(live_rows(&store).await, [(id.clone(), 1, "queued".into())]);
 
         // Forward in one batch; an older revision redelivered afterwards changes nothing.
         r.start(1, "w", at).unwrap();
-        store.write(&[live(&first, 1, at), live(&r, 3, at)]).await.unwrap();
-        store.write(&[live(&first, 1, at)]).await.unwrap();
+        store.write(&[live(&first, 1, at), live(&r, 3, at)], 0).await.unwrap();
+        store.write(&[live(&first, 1, at)], 0).await.unwrap();
         assert_eq!(live_rows(&store).await, [(id.clone(), 3, "running".into())]);
 
         // A terminal revision ends it, archived in the same transaction.
         r.succeed(json!(1), at).unwrap();
-        assert_eq!(store.write(&[terminal_change(4, &r)]).await.unwrap(), 1);
+        assert_eq!(store.write(&[terminal_change(4, &r)], 0).await.unwrap(), 1);
         assert!(live_rows(&store).await.is_empty());
 
         // A delete marker ends a live row older than itself, and only that.
         let other = queued();
         store
-            .write(&[live(&other, 10, at), Change::Gone { id: other.id.clone(), revision: 9 }])
+            .write(&[live(&other, 10, at), Change::Gone { id: other.id.clone(), revision: 9 }], 0)
             .await
             .unwrap();
         assert_eq!(live_rows(&store).await.len(), 1);
-        store.write(&[Change::Gone { id: other.id.clone(), revision: 11 }]).await.unwrap();
+        store.write(&[Change::Gone { id: other.id.clone(), revision: 11 }], 0).await.unwrap();
         assert!(live_rows(&store).await.is_empty());
     }
 
@@ -861,15 +886,30 @@ mod tests {
         let before = r.clone();
         r.start(1, "w", at).unwrap();
         r.fail(claw_proto::TaskError::new("x", "y", false), claw_proto::Cause::Error, at).unwrap();
-        store.write(&[terminal_change(5, &r)]).await.unwrap();
+        store.write(&[terminal_change(5, &r)], 0).await.unwrap();
         // The consumer recreated, or a redelivery after the end: the old live revision.
-        store.write(&[live(&before, 2, at)]).await.unwrap();
+        store.write(&[live(&before, 2, at)], 0).await.unwrap();
         assert!(live_rows(&store).await.is_empty());
 
         // An explicit retry is newer than the archived end: live again.
         r.requeue(at).unwrap();
-        store.write(&[live(&r, 6, at)]).await.unwrap();
+        store.write(&[live(&r, 6, at)], 0).await.unwrap();
         assert_eq!(live_rows(&store).await, [(r.id.to_string(), 6, "queued".into())]);
+    }
+
+    #[sqlx::test]
+    async fn the_position_moves_with_its_rows_and_only_forward(pool: SqlitePool) {
+        let store = Store::migrated(pool).await.unwrap();
+        assert_eq!(store.position().await.unwrap(), 0);
+        let done = terminal("s", "sleep", Status::Succeeded, 0);
+        store.write(&[terminal_change(7, &done)], 9).await.unwrap();
+        assert_eq!((store.position().await.unwrap(), count(&store).await), (9, 1));
+        // A batch of only skipped messages still moves it; an older one never moves it back.
+        store.write(&[], 12).await.unwrap();
+        store.write(&[], 10).await.unwrap();
+        assert_eq!(store.position().await.unwrap(), 12);
+        store.rewind(0).await.unwrap();
+        assert_eq!(store.position().await.unwrap(), 0);
     }
 
     #[sqlx::test]
@@ -892,12 +932,10 @@ mod tests {
             digest: None,
         });
         store
-            .write(&[
-                live(&a1, 1, at),
-                live(&running, 2, at),
-                live(&big, 3, at),
-                live(&nobody, 4, at),
-            ])
+            .write(
+                &[live(&a1, 1, at), live(&running, 2, at), live(&big, 3, at), live(&nobody, 4, at)],
+                0,
+            )
             .await
             .unwrap();
         let usage = store.usage().await.unwrap().principals;
@@ -910,20 +948,20 @@ mod tests {
         let mut done = running.clone();
         let error = claw_proto::TaskError::new("x", "y", false);
         done.fail(error, claw_proto::Cause::Error, at).unwrap();
-        store.write(&[terminal_change(5, &done)]).await.unwrap();
+        store.write(&[terminal_change(5, &done)], 0).await.unwrap();
         let usage = store.usage().await.unwrap().principals;
         assert_eq!(usage["a"], Usage { queued: 1, running: 0, bytes: size(&a1) + size(&done) });
         // A retry of it runs again: counted once, as its live row.
         let mut again = done.clone();
         again.requeue(at).unwrap();
-        store.write(&[live(&again, 6, at)]).await.unwrap();
+        store.write(&[live(&again, 6, at)], 0).await.unwrap();
         let usage = store.usage().await.unwrap().principals;
         assert_eq!(usage["a"], Usage { queued: 2, running: 0, bytes: size(&a1) + size(&again) });
         // Removed from the bucket by the retention sweep: it holds nothing any more.
         let mut over = again.clone();
         over.start(2, "w", at).unwrap();
         over.succeed(json!("r"), at).unwrap();
-        store.write(&[terminal_change(7, &over)]).await.unwrap();
+        store.write(&[terminal_change(7, &over)], 0).await.unwrap();
         let archived = Archived { id: over.id.to_string(), revision: 7, payloads: false };
         store.mark_removed(&archived, at).await.unwrap();
         let usage = store.usage().await.unwrap().principals;
@@ -951,7 +989,7 @@ mod tests {
             (at(Status::Queued, None, now), false),
         ];
         let changes: Vec<_> = cases.iter().map(|((_, change), _)| change.clone()).collect();
-        store.write(&changes).await.unwrap();
+        store.write(&changes, 0).await.unwrap();
 
         let found: Vec<_> = store.stranded(now - time::Duration::minutes(1)).await.unwrap();
         let expected: Vec<_> = cases

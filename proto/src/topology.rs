@@ -40,8 +40,12 @@ pub const PAYLOADS_STREAM: &str = "OBJ_payloads";
 pub fn payload_chunks_subject(nuid: &str) -> String {
     format!("$O.{PAYLOADS_BUCKET}.C.{nuid}")
 }
-/// The archiver's durable consumer on [`TASKS_KV_STREAM`].
-pub const ARCHIVER_CONSUMER: &str = "archiver";
+/// The durable consumer on [`TASKS_KV_STREAM`] that archivers before protocol 5 read the bucket
+/// with, acking each revision; the archiver removes it at start.
+pub const RETIRED_ARCHIVER_CONSUMER: &str = "archiver";
+/// The name prefix of the archiver's ordered consumers on [`TASKS_KV_STREAM`] (ephemeral: it
+/// keeps its position in its SQLite file).
+pub const ARCHIVER_READER_PREFIX: &str = "archiver_";
 
 /// Every progress event: what `nats sub 'progress.>'` watches.
 pub const PROGRESS_ALL: &str = "progress.>";
@@ -110,9 +114,11 @@ pub mod headers {
     pub const TASK_ID: &str = "Claw-Task-Id";
     /// How many times the message had been delivered.
     pub const DLQ_DELIVERIES: &str = "Claw-Dlq-Deliveries";
-    /// On a lane message whose publisher writes the record itself (the gateway, value
-    /// [`RECORD_BY_SUBMITTER`]): a worker that finds no record yet waits for it a moment instead
-    /// of building one from the message, which would not know the owner or its limits.
+    /// On a lane message whose record its publisher writes itself or found written (value
+    /// [`RECORD_BY_SUBMITTER`]: the gateway's submit, a task published again from its record, a
+    /// parked task woken): a worker reads the record first, and one that finds none yet waits
+    /// for it a moment instead of building one from the message, which would not know the owner
+    /// or its limits. Without it a first delivery creates the record straight away.
     pub const RECORD: &str = "Claw-Record";
     pub const RECORD_BY_SUBMITTER: &str = "submitter";
     /// On a `claw.api.payload` reply: the payload's whole size in bytes.
@@ -379,8 +385,6 @@ const LANE_CONSUMERS: [Definition; 6] = [
     def!("consumers/TASKS/long-low.json"),
 ];
 
-const ARCHIVER: Definition = def!("consumers/KV_tasks/archiver.json");
-
 fn nanos(d: Duration) -> Value {
     Value::from(d.as_nanos() as u64)
 }
@@ -425,12 +429,8 @@ pub async fn ensure(js: &jetstream::Context, settings: &Settings) -> Result<Topo
             }
             None => true,
         };
-        ensure_consumer(js, TASKS_STREAM, desired, keep_existing_ack_wait, OnConflict::Fail)
-            .await?;
+        ensure_consumer(js, TASKS_STREAM, desired, keep_existing_ack_wait).await?;
     }
-    // The archiver's position is recoverable: a recreated consumer replays the bucket's
-    // retained revisions, and the archive takes each revision once.
-    ensure_consumer(js, TASKS_KV_STREAM, ARCHIVER.parse()?, false, OnConflict::Recreate).await?;
     let tasks_kv = js
         .get_key_value(TASKS_BUCKET)
         .await
@@ -564,22 +564,11 @@ async fn ensure_stream(js: &jetstream::Context, desired: Map<String, Value>) -> 
     }
 }
 
-/// What to do with an existing consumer whose definition changed in a way the server cannot
-/// update in place (its ack policy, say).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum OnConflict {
-    /// Refuse, saying why: deleting it would lose acks in flight or its position.
-    Fail,
-    /// Delete it and create it anew: its position can be rebuilt from the stream.
-    Recreate,
-}
-
 async fn ensure_consumer(
     js: &jetstream::Context,
     stream_name: &str,
     mut desired: Map<String, Value>,
     keep_existing_ack_wait: bool,
-    on_conflict: OnConflict,
 ) -> Result<(), Error> {
     let name = desired.get("durable_name").and_then(Value::as_str).unwrap_or_default().to_owned();
     let what = format!("consumer {stream_name}/{name}");
@@ -603,14 +592,7 @@ async fn ensure_consumer(
                     tracing::info!(consumer = %name, changes = %diffs.join(", "), "updated consumer");
                     Ok(())
                 }
-                Err(e) if on_conflict == OnConflict::Recreate => {
-                    tracing::warn!(consumer = %name, changes = %diffs.join(", "), reason = %e,
-                        "consumer cannot be updated in place; recreating it");
-                    stream.delete_consumer(&name).await.map_err(|e| nats(e.into()))?;
-                    let config: consumer::Config = from_map(&what, desired)?;
-                    stream.create_consumer(config).await.map_err(|e| nats(e.into()))?;
-                    Ok(())
-                }
+                // Refused, saying why: deleting a lane consumer would lose the acks in flight.
                 Err(e) => Err(Error::Conflict {
                     what: what.clone(),
                     diffs: diffs.join(", "),
@@ -638,7 +620,7 @@ mod tests {
             let map = def.parse().unwrap();
             let _: stream::Config = serde_json::from_value(Value::Object(map)).unwrap();
         }
-        for def in LANE_CONSUMERS.iter().chain([&ARCHIVER]) {
+        for def in &LANE_CONSUMERS {
             let map = def.parse().unwrap();
             let _: consumer::Config = serde_json::from_value(Value::Object(map)).unwrap();
         }

@@ -1,5 +1,6 @@
 //! The archiver against a real nats-server and a real SQLite file: every terminal record lands
-//! once per revision even when the archiver was down, a restart replays nothing, and the
+//! once per revision even when the archiver was down, a restart reads on from the position it
+//! committed and replays nothing, and the
 //! `claw.archive.*` services answer history with the shared error shape.
 //!
 //! The worker is not needed: the tests write record revisions into the `tasks` bucket the way a
@@ -10,13 +11,12 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use async_nats::jetstream::consumer::PullConsumer;
 use async_nats::jetstream::kv;
 use claw_proto::api::{ErrorBody, GetRequest, ListPage, ListQuery};
 use claw_proto::kinds::Catalog;
 use claw_proto::spec::{Limits, TaskSpec};
 use claw_proto::topology::{
-    ARCHIVE_GET, ARCHIVE_LIST, ARCHIVER_CONSUMER, TASKS_KV_STREAM, Topology,
+    ARCHIVE_GET, ARCHIVE_LIST, ARCHIVER_READER_PREFIX, TASKS_KV_STREAM, Topology,
 };
 use claw_proto::{Cause, Session, Status, TaskError, TaskId, TaskRecord};
 use claw_tests::{Nats, test_settings, wait_for};
@@ -125,18 +125,36 @@ async fn wait_for_rows(db: &Path, n: usize) -> Vec<(String, i64, String)> {
     .await
 }
 
-async fn consumer(topology: &Topology) -> PullConsumer {
-    topology.js.get_consumer_from_stream(ARCHIVER_CONSUMER, TASKS_KV_STREAM).await.unwrap()
+/// The position committed in the archive's file: every revision up to it is decided on.
+async fn position(db: &Path) -> Option<u64> {
+    let mut conn = SqliteConnectOptions::new().filename(db).connect().await.ok()?;
+    let upto: Option<i64> =
+        sqlx::query_scalar("SELECT upto FROM position").fetch_optional(&mut conn).await.ok()?;
+    let _ = conn.close().await;
+    upto.map(|u| u as u64)
 }
 
-/// Waits until the archiver consumer has nothing pending or un-acked: everything written so far
-/// has been decided on (archived or skipped) and acked.
-async fn wait_for_acked(consumer: &PullConsumer) -> async_nats::jetstream::consumer::Info {
-    wait_for("the archiver consumer to ack everything", WAIT, || async {
-        let info = consumer.get_info().await.ok()?;
-        (info.num_pending == 0 && info.num_ack_pending == 0).then_some(info)
+/// Waits until the archive's committed position is the bucket stream's last sequence:
+/// everything written so far has been decided on (archived or skipped); returns it.
+async fn wait_for_caught_up(topology: &Topology, db: &Path) -> u64 {
+    wait_for("the archive's position to reach the bucket's last revision", WAIT, || async {
+        let stream = topology.js.get_stream(TASKS_KV_STREAM).await.ok()?;
+        let last = stream.cached_info().state.last_sequence;
+        (position(db).await? == last).then_some(last)
     })
     .await
+}
+
+/// The archiver's ordered consumers on the bucket's stream: name → revisions delivered.
+async fn readers(topology: &Topology) -> HashMap<String, u64> {
+    let stream = topology.js.get_stream(TASKS_KV_STREAM).await.unwrap();
+    let infos: Vec<_> = stream.consumers().collect().await;
+    infos
+        .into_iter()
+        .map(Result::unwrap)
+        .filter(|info| info.name.starts_with(ARCHIVER_READER_PREFIX))
+        .map(|info| (info.name, info.delivered.consumer_sequence))
+        .collect()
 }
 
 fn db_path(nats: &Nats) -> PathBuf {
@@ -168,9 +186,9 @@ async fn a_stopped_archiver_catches_up_once_and_a_restart_replays_nothing() {
 
     let archiver = Archiver::start(&topology, &db);
     let rows = wait_for_rows(&db, 500).await;
-    let consumer = consumer(&topology).await;
-    let info = wait_for_acked(&consumer).await;
+    let upto = wait_for_caught_up(&topology, &db).await;
     archiver.stop().await;
+    let before = readers(&topology).await;
     // Each row holds the final revision of its task, and nothing but succeeded records.
     for (id, revision, status) in &rows {
         assert_eq!(Some(&(*revision as u64)), finals.get(id), "revision of {id}");
@@ -178,19 +196,20 @@ async fn a_stopped_archiver_catches_up_once_and_a_restart_replays_nothing() {
     }
     assert_eq!(archived(&db).await.unwrap().len(), 500, "no duplicates after the stop");
 
-    // Restarted, it resumes after its last ack: the next delivery is a new task, not a replay.
+    // Restarted, it reads on from its position: the next delivery is a new task, not a replay.
     let archiver = Archiver::start(&topology, &db);
     let sentinel = admitted("s0", "sleep", OffsetDateTime::now_utc());
     let (sentinel, revision) = run_task(&kv, sentinel, Status::Failed).await;
     let rows = wait_for_rows(&db, 501).await;
-    let after = wait_for_acked(&consumer).await;
+    assert!(wait_for_caught_up(&topology, &db).await > upto);
+    let after = readers(&topology).await;
     archiver.stop().await;
     assert!(rows.contains(&(sentinel.id.to_string(), revision as i64, "failed".into())));
     // Deliveries only for the sentinel (1 to 3: the bucket keeps one revision per key, so an
     // archiver slower than the writes sees only the latest), none for the 500 before it.
-    let delivered = after.delivered.consumer_sequence - info.delivered.consumer_sequence;
+    let delivered: u64 =
+        after.iter().filter(|(name, _)| !before.contains_key(*name)).map(|(_, n)| n).sum();
     assert!((1..=3).contains(&delivered), "{delivered} deliveries after the restart");
-    assert_eq!(after.num_redelivered, 0);
 }
 
 #[tokio::test]
@@ -200,7 +219,6 @@ async fn a_record_finishing_while_the_archiver_runs_lands_once_with_its_final_re
     let kv = topology.tasks_kv.clone();
     let db = db_path(&nats);
     let archiver = Archiver::start(&topology, &db);
-    let consumer = consumer(&topology).await;
 
     let mut record = admitted("live", "sleep", OffsetDateTime::now_utc());
     let revision = create(&kv, &record).await;
@@ -208,7 +226,7 @@ async fn a_record_finishing_while_the_archiver_runs_lands_once_with_its_final_re
     let revision = update(&kv, &record, revision).await;
     // Something that is not a record must not block what follows it.
     kv.put("junk", "not a task record".into()).await.unwrap();
-    wait_for_acked(&consumer).await;
+    wait_for_caught_up(&topology, &db).await;
     assert_eq!(count(&db).await, Some(0), "live revisions leave no row");
 
     finish(&mut record, Status::Failed);
@@ -228,9 +246,84 @@ async fn a_record_finishing_while_the_archiver_runs_lands_once_with_its_final_re
         archived(&db).await.filter(|r| *r == expected)
     })
     .await;
-    wait_for_acked(&consumer).await;
+    wait_for_caught_up(&topology, &db).await;
     archiver.stop().await;
     assert_eq!(archived(&db).await.unwrap(), expected);
+}
+
+/// The server loses the archiver's reader under it (a stream leader change takes an ordered
+/// consumer along; here it is deleted outright), and later the bucket's stream is made anew
+/// with its sequences starting over below the archive's position: in both cases reading
+/// resumes from what was committed, and no record finishing meanwhile is missed.
+#[tokio::test]
+async fn a_lost_reader_or_a_stream_made_anew_costs_no_record() {
+    let nats = Nats::start();
+    let topology = nats.topology(&test_settings()).await;
+    let kv = topology.tasks_kv.clone();
+    let db = db_path(&nats);
+    let archiver = Archiver::start(&topology, &db);
+    for _ in 0..20 {
+        run_task(&kv, admitted("a", "sleep", OffsetDateTime::now_utc()), Status::Succeeded).await;
+    }
+    wait_for_rows(&db, 20).await;
+
+    let stream = topology.js.get_stream(TASKS_KV_STREAM).await.unwrap();
+    for name in readers(&topology).await.into_keys() {
+        stream.delete_consumer(&name).await.unwrap();
+    }
+    for _ in 0..20 {
+        run_task(&kv, admitted("b", "sleep", OffsetDateTime::now_utc()), Status::Succeeded).await;
+    }
+    wait_for_rows(&db, 40).await;
+    let upto = wait_for_caught_up(&topology, &db).await;
+    archiver.stop().await;
+
+    // Made anew: 3 revisions, far below the position the archive holds.
+    topology.js.delete_stream(TASKS_KV_STREAM).await.unwrap();
+    let topology = nats.topology(&test_settings()).await;
+    let (late, _) = run_task(
+        &topology.tasks_kv,
+        admitted("c", "sleep", OffsetDateTime::now_utc()),
+        Status::Failed,
+    )
+    .await;
+    assert!(stream_ends_below(&topology, upto).await);
+    let archiver = Archiver::start(&topology, &db);
+    let rows = wait_for_rows(&db, 41).await;
+    assert!(rows.iter().any(|(id, _, status)| *id == late.id.as_str() && status == "failed"));
+    wait_for_caught_up(&topology, &db).await;
+    archiver.stop().await;
+}
+
+/// Whether the bucket's stream now ends below `upto` (it was made anew).
+async fn stream_ends_below(topology: &Topology, upto: u64) -> bool {
+    let stream = topology.js.get_stream(TASKS_KV_STREAM).await.unwrap();
+    stream.cached_info().state.last_sequence < upto
+}
+
+/// The durable consumer archivers before protocol 5 read the bucket with is removed when an
+/// archiver starts: left alone it would count revisions delivered to nobody, forever.
+#[tokio::test]
+async fn the_durable_consumer_of_earlier_versions_is_removed() {
+    use async_nats::jetstream::consumer;
+    let nats = Nats::start();
+    let topology = nats.topology(&test_settings()).await;
+    let stream = topology.js.get_stream(TASKS_KV_STREAM).await.unwrap();
+    let old = consumer::pull::Config {
+        durable_name: Some(claw_proto::topology::RETIRED_ARCHIVER_CONSUMER.into()),
+        ack_policy: consumer::AckPolicy::Explicit,
+        ..Default::default()
+    };
+    stream.create_consumer(old).await.unwrap();
+    let db = db_path(&nats);
+    let archiver = Archiver::start(&topology, &db);
+    wait_for("the old durable consumer to be removed", WAIT, || async {
+        let names: Vec<_> = stream.consumer_names().collect().await;
+        let names: Vec<String> = names.into_iter().map(Result::unwrap).collect();
+        (!names.iter().any(|n| n == claw_proto::topology::RETIRED_ARCHIVER_CONSUMER)).then_some(())
+    })
+    .await;
+    archiver.stop().await;
 }
 
 /// A request to an archive endpoint; retried while the service is not yet subscribed.

@@ -214,7 +214,8 @@ async fn each_role_can_do_its_job_and_nothing_else() {
     op_js.get_stream("DLQ").await.expect("stream info");
     op_js
         .get_consumer_from_stream::<async_nats::jetstream::consumer::pull::Config, _, _>(
-            "archiver", "KV_tasks",
+            "short-normal",
+            "TASKS",
         )
         .await
         .expect("consumer info");
@@ -258,6 +259,9 @@ async fn each_role_can_do_its_job_and_nothing_else() {
     archiver.refused_publish("$JS.API.STREAM.PURGE.KV_tasks").await;
     archiver.refused_publish("$JS.API.STREAM.MSG.DELETE.TASKS").await;
     archiver.refused_publish("$JS.API.CONSUMER.MSG.NEXT.TASKS.short-high").await;
+    // Its reading consumers are on the bucket's stream only.
+    archiver.refused_publish("$JS.API.CONSUMER.CREATE.TASKS.x.tasks.short.high").await;
+    archiver.refused_publish("$JS.API.CONSUMER.DELETE.TASKS.short-high").await;
     archiver.refused_publish("dlq.short.normal").await;
     archiver.refused_publish("claw.control.x").await;
     archiver.refused_publish("claw.api.cancel").await;

@@ -31,33 +31,6 @@ async fn ensure_creates_then_is_idempotent_then_updates() {
     assert_eq!(info.config.max_messages, 7);
 }
 
-/// A consumer the server cannot update in place (an archiver consumer with another ack policy,
-/// as a build that tried cumulative acks left) is recreated, and the archiver catches up from
-/// the bucket: no record that finished meanwhile is missed.
-#[tokio::test]
-async fn an_archiver_consumer_with_an_old_ack_policy_is_recreated() {
-    use async_nats::jetstream::consumer::{self, AckPolicy};
-    let nats = Nats::start();
-    let js = nats.jetstream().await;
-    let topo = topology::ensure(&js, &test_settings()).await.unwrap();
-    topo.tasks_kv.put("t1", "{}".into()).await.unwrap();
-    let kv_stream = js.get_stream(topology::TASKS_KV_STREAM).await.unwrap();
-    kv_stream.delete_consumer(topology::ARCHIVER_CONSUMER).await.unwrap();
-    let old = consumer::pull::Config {
-        durable_name: Some(topology::ARCHIVER_CONSUMER.into()),
-        filter_subject: format!("{}>", topology::KV_SUBJECT_PREFIX),
-        ack_policy: AckPolicy::All,
-        ..Default::default()
-    };
-    kv_stream.create_consumer(old).await.unwrap();
-
-    topology::ensure(&js, &test_settings()).await.unwrap();
-    let info = kv_stream.consumer_info(topology::ARCHIVER_CONSUMER).await.unwrap();
-    assert_eq!(info.config.ack_policy, AckPolicy::Explicit);
-    // Everything the bucket holds is pending again, for the archiver to (re)take.
-    assert_eq!(info.num_pending, 1);
-}
-
 /// Streams made by an older version are brought up to date when any service starts: the
 /// bucket loses the 24 h TTL that removed live records (a live record never expires), and the
 /// queue allows the direct gets the reconciler lists it with.
