@@ -418,6 +418,10 @@ function onEvent(ev) {
       r.status = d.status;
       r.cause = d.cause;
       if (typeof d.attempt === 'number') r.attempt = d.attempt;
+      // Protocol 5: the end carries its outcome (earlier workers sent it just before).
+      if ('result' in d) r.result = d.result;
+      if (d.result_ref) r.result_ref = d.result_ref;
+      if (d.error) r.error = d.error;
       break;
     }
     case 'progress':
@@ -426,6 +430,7 @@ function onEvent(ev) {
     case 'output':
       t.output = (t.output + (d.text || '')).slice(-OUTPUT_KEEP);
       break;
+    // Protocol 4 and earlier (a stream may still hold them): the outcome before the status.
     case 'result':
       r.result = d;
       break;

@@ -4,7 +4,7 @@
 //! - (c) end-to-end latency at a fixed rate: an open-loop submitter sends a task every 5 ms
 //!   (200/s) for 15 s, each at its scheduled time whether or not earlier ones have answered;
 //!   latency runs from that time to the moment the submitter can read the result, which for us is
-//!   the task's `result` event arriving on a core subscription to its session (what a WebSocket
+//!   the task's `succeeded` status event (which carries the result) arriving on a core subscription to its session (what a WebSocket
 //!   client or `nats sub` sees). Over HTTP, and published straight to NATS;
 //! - (d) the drain of a backlog: 50 000 no-op tasks queued while the lane is paused (the peers
 //!   queue with no worker running), then the lane resumed; completions per second from the first
@@ -51,7 +51,7 @@ pub async fn latency_at_rate() -> anyhow::Result<()> {
             Via::Nats => "published straight to NATS",
         };
         println!(
-            "| end-to-end latency at {RATE} tasks/s, open loop, {name} → result event | {} | p50 {:.3} ms | p99 {:.3} ms | max {:.3} ms |",
+            "| end-to-end latency at {RATE} tasks/s, open loop, {name} → result | {} | p50 {:.3} ms | p99 {:.3} ms | max {:.3} ms |",
             times.len(),
             ms(percentile(&times, 0.5)),
             ms(percentile(&times, 0.99)),
@@ -62,13 +62,13 @@ pub async fn latency_at_rate() -> anyhow::Result<()> {
 }
 
 /// Sends a task every `1/RATE` s for [`FOR`] and returns each one's time from its scheduled
-/// send to its result event, sorted.
+/// send to its result (the `succeeded` status), sorted.
 async fn open_loop(system: &System, via: Via) -> anyhow::Result<Vec<Duration>> {
     let client = cluster::connect(&system.nats_url).await?;
     let js = async_nats::jetstream::new(client.clone());
     let http = reqwest::Client::new();
     let mut results = client.subscribe(format!("progress.{SESSION}.*")).await?;
-    // id → when it was due to be sent; the result events are matched to it as they come.
+    // id → when it was due to be sent; the succeeded statuses are matched to it as they come.
     let due: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
     let done: Arc<Mutex<Vec<Duration>>> = Arc::default();
     let listener = {
@@ -80,7 +80,9 @@ async fn open_loop(system: &System, via: Via) -> anyhow::Result<Vec<Duration>> {
                 else {
                     continue;
                 };
-                if event["type"] != "result" {
+                // The result is read from the terminal status (protocol 5), the first moment a
+                // watcher can have it.
+                if event["type"] != "status" || event["data"]["status"] != "succeeded" {
                     continue;
                 }
                 let id = event["task_id"].as_str().unwrap_or_default();
@@ -137,7 +139,7 @@ async fn open_loop(system: &System, via: Via) -> anyhow::Result<Vec<Duration>> {
     let deadline = Instant::now() + Duration::from_secs(60);
     while done.lock().unwrap().len() < n {
         if Instant::now() > deadline {
-            bail!("{} of {n} result events after 60 s", done.lock().unwrap().len());
+            bail!("{} of {n} results after 60 s", done.lock().unwrap().len());
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }

@@ -248,20 +248,36 @@ fn next_message(
 fn session_lines(event: &Event) -> String {
     let id = &event.task_id;
     match &event.body {
-        EventBody::Status { status, cause, attempt } => {
-            format!("{id}  {}\n", status_line(*status, cause.map(render::cause_name), *attempt))
+        EventBody::Status { status, cause, attempt, result, result_ref, error } => {
+            let mut lines = format!(
+                "{id}  {}\n",
+                status_line(*status, cause.map(render::cause_name), *attempt)
+            );
+            // Protocol 5 carries the outcome in the status; earlier workers sent it before.
+            if let Some(e) = error {
+                lines.insert_str(0, &error_line(id, e));
+            }
+            match (result, result_ref) {
+                (_, Some(r)) => lines.insert_str(0, &stored_result_line(id, r)),
+                (Some(v), None) => lines.insert_str(0, &format!("{id}  result: {v}\n")),
+                (None, None) => {}
+            }
+            lines
         }
         EventBody::Progress(p) => format!("{id}  {}\n", render::progress(p)),
         EventBody::Output { text } => text.lines().map(|l| format!("{id}  | {l}\n")).collect(),
         EventBody::Result(v) => format!("{id}  result: {v}\n"),
-        EventBody::ResultRef(r) => {
-            format!(
-                "{id}  result: {} bytes stored as {} (claw get {id} --result FILE)\n",
-                r.size, r.name
-            )
-        }
-        EventBody::Error(e) => format!("{id}  error: {e}\n"),
+        EventBody::ResultRef(r) => stored_result_line(id, r),
+        EventBody::Error(e) => error_line(id, e),
     }
+}
+
+fn stored_result_line(id: &claw_proto::TaskId, r: &claw_proto::PayloadRef) -> String {
+    format!("{id}  result: {} bytes stored as {} (claw get {id} --result FILE)\n", r.size, r.name)
+}
+
+fn error_line(id: &claw_proto::TaskId, e: &claw_proto::TaskError) -> String {
+    format!("{id}  error: {e}\n")
 }
 
 fn status_line(status: Status, cause: Option<String>, attempt: u32) -> String {
@@ -335,7 +351,7 @@ impl Screen {
             return;
         }
         match &event.body {
-            EventBody::Status { status, cause, attempt } => {
+            EventBody::Status { status, cause, attempt, .. } => {
                 self.status(*status, cause.map(render::cause_name), *attempt)
             }
             EventBody::Progress(p) => self.progress(p),

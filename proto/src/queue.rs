@@ -30,6 +30,8 @@ pub async fn republish(
     let message = serde_json::to_vec(&TaskSpec::of_record(record)).expect("a spec serializes");
     let mut headers = HeaderMap::new();
     headers.insert(headers::MSG_ID, message_id(&record.id, revision).as_str());
+    // The record exists: the worker reads it rather than trying to create it.
+    headers.insert(headers::RECORD, headers::RECORD_BY_SUBMITTER);
     let lane = Lane::new(record.class, record.priority);
     js.publish_with_headers(lane.subject(), headers, message.into()).await?.await
 }

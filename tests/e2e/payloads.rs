@@ -79,12 +79,13 @@ async fn a_5_mib_input_and_result_go_through_the_object_store_and_read_back_whol
     let direct = Payloads::open(&topo.js, payloads::DEFAULT_MAX_BYTES).await.unwrap();
     let bytes = direct.read(&stored).await.unwrap();
     assert_eq!(serde_json::from_slice::<Value>(&bytes).unwrap(), result);
-    // The result event says where it is instead of carrying it.
+    // The succeeded event says where it is instead of carrying it.
     let events = claw_tests::events_of(&topo.js, &id).await;
     assert!(
         events.iter().any(|e| matches!(&e.body,
-            claw_proto::event::EventBody::ResultRef(r) if *r == stored)),
-        "no result_ref event"
+            claw_proto::event::EventBody::Status { result_ref: Some(r), result: None, .. }
+                if *r == stored)),
+        "no succeeded event with the result_ref: {events:?}"
     );
 }
 

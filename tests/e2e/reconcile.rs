@@ -60,24 +60,28 @@ async fn expire_messages_after(js: &Context, age: Duration) {
 }
 
 /// Waits until the task has failed with `cause: timeout` and `deadline_exceeded`, with its
-/// error and status events sent.
+/// `failed` status event (carrying the error) sent.
 async fn wait_timed_out(topo: &Topology, id: &str) -> TaskRecord {
     let failed = wait_status(topo, id, Status::Failed).await;
     assert_eq!(failed.cause, Some(Cause::Timeout), "{failed:?}");
     let error = failed.error.clone().expect("an error");
     assert_eq!(error.code, "deadline_exceeded", "{error:?}");
-    wait_for("the error and failed events", WAIT, || async {
+    wait_for("the failed event with its error", WAIT, || async {
         let events = events_of(&topo.js, id).await;
-        let error = events
+        events
             .iter()
-            .any(|e| matches!(&e.body, EventBody::Error(e) if e.code == "deadline_exceeded"));
-        let failed = events.iter().any(|e| {
-            matches!(
-                e.body,
-                EventBody::Status { status: Status::Failed, cause: Some(Cause::Timeout), .. }
-            )
-        });
-        (error && failed).then_some(())
+            .any(|e| {
+                matches!(
+                    &e.body,
+                    EventBody::Status {
+                        status: Status::Failed,
+                        cause: Some(Cause::Timeout),
+                        error: Some(error),
+                        ..
+                    } if error.code == "deadline_exceeded"
+                )
+            })
+            .then_some(())
     })
     .await;
     failed
@@ -233,7 +237,8 @@ async fn a_running_task_whose_holder_and_message_are_gone_is_taken_over() {
             EventBody::Status {
                 status: Status::Running,
                 cause: Some(Cause::WorkerLost),
-                attempt: 2
+                attempt: 2,
+                ..
             }
         )
     });

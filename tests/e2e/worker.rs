@@ -142,11 +142,13 @@ echo "{\"result\": {\"stdin\": \"$line\", \"arg\": \"$1\", \"env\": \"$GREETING\
     let fractions = claw_tests::fractions(&events);
     assert_eq!(fractions, [0.25, 0.75], "{events:?}");
     assert!(events.iter().any(|e| e.body == EventBody::Output { text: "plain text\n".into() }));
-    // Progress and output precede the result, which precedes the terminal status.
+    // Progress and output precede the terminal status, which carries the result.
     let pos = |f: &dyn Fn(&EventBody) -> bool| events.iter().position(|e| f(&e.body)).unwrap();
-    let result_at = pos(&|b| matches!(b, EventBody::Result(_)));
+    let result_at = pos(&|b| {
+        matches!(b, EventBody::Status { status: Status::Succeeded, result: Some(r), .. }
+            if r["stdin"] == "hello")
+    });
     assert!(pos(&|b| matches!(b, EventBody::Output { .. })) < result_at);
-    assert!(result_at < pos(&|b| matches!(b, EventBody::Status { status: Status::Succeeded, .. })));
     assert_eq!(statuses(&events), [(Status::Running, 1), (Status::Succeeded, 1)]);
 
     let events = events_of(js, sleep.as_str()).await;
@@ -214,26 +216,25 @@ async fn retries_back_off_then_succeed_or_dead_letter() {
         statuses(&e).contains(&(Status::Succeeded, 3)).then_some(e)
     })
     .await;
-    let running_at: Vec<OffsetDateTime> = events
+    // Each attempt fails at once, so each ends within its first flush and announces only its
+    // end, with the error it failed with (protocol 5).
+    let ends: Vec<OffsetDateTime> = events
         .iter()
-        .filter(|e| matches!(e.body, EventBody::Status { status: Status::Running, .. }))
+        .filter(|e| {
+            matches!(&e.body, EventBody::Status { status: Status::Retrying, error: Some(e), .. }
+                if e.code == "planned_failure")
+                || matches!(e.body, EventBody::Status { status: Status::Succeeded, .. })
+        })
         .map(|e| e.at)
         .collect();
-    assert_eq!(running_at.len(), 3, "{events:?}");
+    assert_eq!(ends.len(), 3, "{events:?}");
     // Backoff: 200 ms after attempt 1, 400 ms after attempt 2 (multiplier 2, no jitter).
-    let gap = |i: usize| running_at[i + 1] - running_at[i];
+    let gap = |i: usize| ends[i + 1] - ends[i];
     assert!(gap(0) >= time::Duration::milliseconds(200), "gap {}", gap(0));
     assert!(gap(1) >= time::Duration::milliseconds(400), "gap {}", gap(1));
     assert_eq!(
         statuses(&events),
-        [
-            (Status::Running, 1),
-            (Status::Retrying, 1),
-            (Status::Running, 2),
-            (Status::Retrying, 2),
-            (Status::Running, 3),
-            (Status::Succeeded, 3)
-        ]
+        [(Status::Retrying, 1), (Status::Retrying, 2), (Status::Succeeded, 3)]
     );
 
     let r = wait_status(&topology, doomed.as_str(), Status::Failed).await;
@@ -288,7 +289,7 @@ async fn a_killed_worker_process_task_is_taken_over_once() {
     let succeeded = statuses(&events).iter().filter(|(s, _)| *s == Status::Succeeded).count();
     assert_eq!(succeeded, 1, "{events:?}");
     let takeover = events.iter().find_map(|e| match e.body {
-        EventBody::Status { status: Status::Running, attempt: 2, cause } => Some(cause),
+        EventBody::Status { status: Status::Running, attempt: 2, cause, .. } => Some(cause),
         _ => None,
     });
     assert_eq!(takeover, Some(Some(Cause::WorkerLost)));
@@ -320,8 +321,10 @@ async fn nats_native_tasks_run_and_garbage_is_dead_lettered_once() {
         loop {
             let msg = announced.next().await.expect("progress subscription");
             let Ok(event) = serde_json::from_slice::<Event>(&msg.payload) else { continue };
-            let queued = matches!(event.body, EventBody::Status { status: Status::Queued, .. });
-            if queued && event.task_id.as_str() != "native-1" {
+            // Its first event: a task that ends within its first flush announces only its end.
+            if matches!(event.body, EventBody::Status { .. })
+                && event.task_id.as_str() != "native-1"
+            {
                 break event.task_id;
             }
         }
@@ -553,9 +556,8 @@ async fn a_finished_tasks_missing_ending_events_are_sent_by_the_next_delivery() 
     })
     .await;
     let events = events_of(&topology.js, &id).await;
-    let results = events.iter().filter(|e| matches!(e.body, EventBody::Result(_))).count();
     let ended = statuses(&events).into_iter().filter(|(s, _)| *s == Status::Succeeded).count();
-    assert_eq!((results, ended), (1, 1), "{events:?}");
+    assert_eq!(ended, 1, "{events:?}");
     worker.stop().await;
 }
 

@@ -148,12 +148,14 @@ async fn live_events_arrive_once_in_stream_order_over_one_shared_feed() {
         let queued = position(&status("queued")).expect("queued");
         let running = position(&status("running")).expect("running");
         let succeeded = position(&status("succeeded")).expect("succeeded");
-        let result = position(&|e: &Value| e["type"] == "result").expect("result");
         let progress: Vec<usize> =
             (0..of_task.len()).filter(|&i| of_task[i]["type"] == "progress").collect();
         assert!(!progress.is_empty(), "{of_task:?}");
         assert!(queued < succeeded && running < progress[0], "{of_task:?}");
-        assert!(progress[progress.len() - 1] < result && result < succeeded, "{of_task:?}");
+        // The end is the last event, and it carries the result (protocol 5).
+        assert!(progress[progress.len() - 1] < succeeded, "{of_task:?}");
+        assert_eq!(succeeded, of_task.len() - 1, "{of_task:?}");
+        assert!(of_task[succeeded]["data"]["result"].is_object(), "{of_task:?}");
     }
 
     // Exactly what the stream holds for the session since the hello, in the same order.

@@ -14,7 +14,7 @@ per check and exits 0 when all hold; any failure raises, prints the reason and e
 What it does:
  1. publishes sleep tasks to `tasks.short.normal` with `Nats-Msg-Id` (one with the id only in
     the header), sees a re-publish de-duplicated by JetStream;
- 2. watches `progress.<session>.*` live: queued → running → progress → result → succeeded;
+ 2. watches `progress.<session>.*` live: running → progress → succeeded (with the result);
  3. reads the records from the KV bucket `tasks` until `succeeded`, with the result;
  4. replays the same events from stream `PROGRESS` by sequence (what `since` resumes from);
  5. cancels a running long sleep with `claw.api.cancel` request/reply and sees `cancelled`
@@ -258,12 +258,17 @@ async def publish_and_watch(js, kv, schemas, events):
         await events.until_status(task_id, "succeeded")
         seen = events.of(task_id)
         statuses = events.statuses(task_id)
-        assert subsequence(["queued", "running", "succeeded"], statuses), statuses
+        # Protocol 5: a NATS-published task's first status is `running` (its record was
+        # created running), and its end is one `succeeded` status carrying the result.
+        assert subsequence(["running", "succeeded"], statuses), statuses
+        assert "queued" not in statuses, statuses
         fractions = [e["data"]["fraction"] for e in seen if e["type"] == "progress"]
         assert fractions and all(0 <= f <= 1 for f in fractions), seen
-        results = [e["data"] for e in seen if e["type"] == "result"]
-        assert len(results) == 1 and results[0]["echo"] == {"n": n}, seen
-    check("watched progress.<session>.<id>: queued, running, progress, result, succeeded")
+        ends = [e["data"] for e in seen
+                if e["type"] == "status" and e["data"]["status"] == "succeeded"]
+        assert len(ends) == 1 and ends[0]["result"]["echo"] == {"n": n}, seen
+        assert not [e for e in seen if e["type"] in ("result", "result_ref", "error")], seen
+    check("watched progress.<session>.<id>: running, progress, succeeded with the result")
     return ids
 
 

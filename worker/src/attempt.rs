@@ -171,7 +171,6 @@ impl Delivery {
             Claim::Run(held) => *held,
             Claim::Settle(decision) => return decision,
         };
-        events::status(&self.worker.client, &held.record).await;
         tracing::debug!("attempt started");
         let keys = held.record.concurrency.clone();
         let class = self.lane.class.as_str();

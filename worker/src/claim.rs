@@ -12,7 +12,6 @@
 use std::time::Duration;
 
 use claw_proto::api::{Control, Wake};
-use claw_proto::event::EventBody;
 use claw_proto::records;
 use claw_proto::spec::{Invalid, TaskSpec};
 use claw_proto::topology;
@@ -171,7 +170,6 @@ async fn write_invalid_record(d: &Delivery, spec: Option<&TaskSpec>, problem: &s
         }
     };
     if let Some(record) = written {
-        events::publish(&w.client, &record, EventBody::Error(error)).await;
         events::status(&w.client, &record).await;
     }
 }
@@ -180,10 +178,17 @@ async fn write_invalid_record(d: &Delivery, spec: Option<&TaskSpec>, problem: &s
 /// NATS, or the gateway's create is still in flight) it is admitted from the spec and
 /// created in one write already `running` as this delivery's attempt 1: one write instead
 /// of a `queued` create and a `running` update. Both states are announced, as if written.
+///
+/// The first delivery of a message whose record nobody else writes (a NATS-native publisher's)
+/// tries the create straight away and reads only when that conflicts: one round trip fewer
+/// for the common case. A message whose sender wrote the record, or a redelivery, reads first.
 async fn load_or_admit(d: &Delivery, spec: &TaskSpec) -> Result<Loaded, Load> {
     let w = &d.worker;
+    let mut read_first = by_submitter(d) || d.delivered > 1;
     for _ in 0..CAS_ROUNDS {
-        match w.records.read(&d.id).await {
+        let read = if read_first { w.records.read(&d.id).await } else { Ok(None) };
+        read_first = true;
+        match read {
             Ok(Some(stored)) => return Ok(Loaded::Found(stored.record, stored.revision)),
             Ok(None) if by_submitter(d) => {
                 if let Some(stored) = wait_for_submitters_record(d).await? {
@@ -223,8 +228,8 @@ async fn load_or_admit(d: &Delivery, spec: &TaskSpec) -> Result<Loaded, Load> {
         running.message_seq = Some(d.stream_seq);
         match w.records.create(&running).await {
             Ok(revision) => {
-                // `queued` here; `running` once the caller has the attempt in hand.
-                events::status(&w.client, &queued).await;
+                // Never stored `queued`, so not announced so: `running` goes out with the
+                // attempt's first flush (`supervise`).
                 tracing::Span::current().record("attempt", 1);
                 return Ok(Loaded::Started(Held { record: running, revision }));
             }
@@ -284,8 +289,8 @@ async fn start(d: &Delivery, mut record: TaskRecord, mut revision: u64) -> Claim
         if record.status.is_terminal() {
             tracing::info!(status = %record.status, "task already finished; dropping duplicate");
             // Its worker may have died between the record's write and its ending events.
-            if let Some(bodies) = events::ending_of(&record) {
-                events::ending(&w.js, &record, bodies).await;
+            if events::resend_ending(&record) {
+                events::ending(&w.js, &record).await;
             }
             // ... or a slot was given to it while it waited, parked, and it was cancelled.
             w.slots.release_all(&record.concurrency, &d.id).await;
@@ -386,7 +391,7 @@ async fn start(d: &Delivery, mut record: TaskRecord, mut revision: u64) -> Claim
                     }
                     return Claim::Run(Box::new(held));
                 };
-                events::ending(&w.js, &next, vec![EventBody::Error(error.clone())]).await;
+                events::ending(&w.js, &next).await;
                 w.slots.release_all(&next.concurrency, &d.id).await;
                 return Claim::Settle(Decision::GiveUp { error, cause, reason });
             }

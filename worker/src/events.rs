@@ -43,85 +43,52 @@ pub async fn status(client: &Client, record: &TaskRecord) {
 /// server is gone for good moves on (the record says how the task ended either way).
 pub const ENDING_PATIENCE: Duration = Duration::from_secs(15);
 
-/// Publishes the events of a task's end (its result or error, then its terminal status) and
-/// waits until the `PROGRESS` stream has stored them, retrying while it does not answer, for up
-/// to [`ENDING_PATIENCE`]. A core publish sent while the server is down or frozen is gone, and
-/// then a watcher never sees the task end (the soak counted up to a hundred such tasks in ten
-/// minutes of faults); these are the two events a watcher must not miss. Both are sent before
-/// either ack is awaited, one round trip; `Nats-Msg-Id` makes a retry after a lost ack store
-/// each once.
-pub async fn ending(js: &jetstream::Context, record: &TaskRecord, bodies: Vec<EventBody>) {
+/// Publishes the event of a task's end (its terminal status, which carries the result or the
+/// error) and waits until the `PROGRESS` stream has stored it, retrying while it does not
+/// answer, for up to [`ENDING_PATIENCE`]. A core publish sent while the server is down or
+/// frozen is gone, and then a watcher never sees the task end (the soak counted up to a hundred
+/// such tasks in ten minutes of faults); this is the event a watcher must not miss.
+/// `Nats-Msg-Id` makes a retry after a lost ack, or a second worker's resend, store it once.
+pub async fn ending(js: &jetstream::Context, record: &TaskRecord) {
     let deadline = tokio::time::Instant::now() + ENDING_PATIENCE;
-    let events: Vec<(String, Event)> = bodies
-        .into_iter()
-        .chain(std::iter::once(Event::status(record).body))
-        .enumerate()
-        .map(|(n, body)| {
-            // One id per event of this end: the record's finish time tells ends apart (a retry
-            // after `retry` ends again later).
-            let at = record.finished_at.map_or(0, |t| t.unix_timestamp_nanos());
-            (format!("{}:end:{at}:{n}", record.id), Event::new(record, body))
-        })
-        .collect();
-    let mut pending: Vec<usize> = (0..events.len()).collect();
+    let event = Event::status(record).to_json();
+    // The record's finish time tells ends apart (a retry after `retry` ends again later).
+    let at = record.finished_at.map_or(0, |t| t.unix_timestamp_nanos());
+    let msg_id = format!("{}:end:{at}", record.id);
     let mut wait = Duration::from_millis(100);
     loop {
-        let mut acks = Vec::new();
-        for &i in &pending {
-            let (msg_id, event) = &events[i];
-            let mut headers = async_nats::HeaderMap::new();
-            headers.insert(headers::MSG_ID, msg_id.as_str());
-            let sent =
-                js.publish_with_headers(record.progress_subject(), headers, event.to_json()).await;
-            acks.push((i, sent));
-        }
-        let mut failed = Vec::new();
-        for (i, sent) in acks {
-            let stored = match sent {
-                Ok(ack) => ack.await.is_ok(),
-                Err(_) => false,
-            };
-            if !stored {
-                failed.push(i);
-            }
-        }
-        if failed.is_empty() {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(headers::MSG_ID, msg_id.as_str());
+        let sent = js.publish_with_headers(record.progress_subject(), headers, event.clone()).await;
+        let stored = match sent {
+            Ok(ack) => ack.await.is_ok(),
+            Err(_) => false,
+        };
+        if stored {
             return;
         }
         if tokio::time::Instant::now() + wait > deadline {
-            tracing::warn!(missing = failed.len(), "the events of the task's end were not stored");
+            tracing::warn!("the event of the task's end was not stored");
             return;
         }
-        pending = failed;
         tokio::time::sleep(wait).await;
         wait = (wait * 2).min(Duration::from_secs(2));
     }
 }
 
-/// How long after a task ended its ending events may be sent again: inside `PROGRESS`'s
+/// How long after a task ended its ending event may be sent again: inside `PROGRESS`'s
 /// two-minute duplicate window, so a second send is dropped rather than stored twice.
 pub const ENDING_RESEND_WINDOW: time::Duration = time::Duration::seconds(100);
 
-/// The ending events of a finished record, rebuilt from it: what a worker that finds the task
-/// already finished sends again, in case the worker that finished it died before they were
-/// stored. Nothing for a cancelled task (the gateway announced that) or one that ended longer
-/// ago than [`ENDING_RESEND_WINDOW`].
-pub fn ending_of(record: &TaskRecord) -> Option<Vec<EventBody>> {
+/// Whether a worker that finds `record` already finished sends its ending event again, in case
+/// the worker that finished it died before it was stored: a task that succeeded or failed
+/// within [`ENDING_RESEND_WINDOW`] (a cancelled one was announced by the gateway).
+pub fn resend_ending(record: &TaskRecord) -> bool {
     use claw_proto::Status;
     let recent = record
         .finished_at
         .is_some_and(|t| time::OffsetDateTime::now_utc() - t < ENDING_RESEND_WINDOW);
-    if !recent {
-        return None;
-    }
-    match record.status {
-        Status::Succeeded => Some(vec![match &record.result_ref {
-            Some(stored) => EventBody::ResultRef(stored.clone()),
-            None => EventBody::Result(record.result.clone().unwrap_or_default()),
-        }]),
-        Status::Failed => Some(record.error.clone().map(EventBody::Error).into_iter().collect()),
-        _ => None,
-    }
+    recent && matches!(record.status, Status::Succeeded | Status::Failed)
 }
 
 /// Publishes what was reported since the last flush: the latest progress, then the output.

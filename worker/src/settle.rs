@@ -10,7 +10,6 @@
 
 use std::time::Duration;
 
-use claw_proto::event::EventBody;
 use claw_proto::{PayloadRef, TaskError, TaskRecord, payloads, records};
 use tokio::time::{Instant, MissedTickBehavior};
 
@@ -115,7 +114,7 @@ pub(crate) async fn settle(
             }
         }
     }
-    announce(d, &held.record, &decision, stored.as_ref()).await;
+    announce(d, &held.record, &decision).await;
     decision
 }
 
@@ -174,31 +173,21 @@ enum Written {
     TooLarge(TaskError),
 }
 
-/// The events of a written outcome: the result or error, then the new status.
-async fn announce(
-    d: &Delivery,
-    record: &TaskRecord,
-    decision: &Decision,
-    stored: Option<&PayloadRef>,
-) {
+/// The event of a written outcome: the new status, carrying the result or the error.
+async fn announce(d: &Delivery, record: &TaskRecord, decision: &Decision) {
     let (client, js) = (&d.worker.client, &d.worker.js);
     match decision {
-        Decision::Succeed(value) => {
+        Decision::Succeed(_) => {
             tracing::info!("attempt succeeded");
-            let body = match stored {
-                Some(reference) => EventBody::ResultRef(reference.clone()),
-                None => EventBody::Result(value.clone()),
-            };
-            events::ending(js, record, vec![body]).await;
+            events::ending(js, record).await;
         }
         Decision::Retry { error, delay, .. } => {
             tracing::info!(%error, ?delay, "attempt failed; will retry");
-            events::publish(client, record, EventBody::Error(error.clone())).await;
             events::status(client, record).await;
         }
         Decision::GiveUp { error, reason, .. } => {
             tracing::warn!(%error, reason, "task failed and dead-lettered");
-            events::ending(js, record, vec![EventBody::Error(error.clone())]).await;
+            events::ending(js, record).await;
         }
         _ => {}
     }

@@ -273,6 +273,8 @@ impl Slots {
             let mut headers = HeaderMap::new();
             let msg_id = format!("{id}:unparked:{}", parked.sequence);
             headers.insert(headers::MSG_ID, msg_id.as_str());
+            // Its record exists (it says why the task waited): the worker reads it first.
+            headers.insert(headers::RECORD, headers::RECORD_BY_SUBMITTER);
             self.js
                 .publish_with_headers(lane.subject(), headers, parked.payload.clone())
                 .await?

@@ -98,6 +98,9 @@ pub(crate) async fn supervise(d: &Delivery, held: &mut Held, control: &Registrat
     }
     let lease_lost = Arc::new(AtomicBool::new(false));
     let _lease_watch = watch_lease(w.clone(), ctx.clone(), lease_lost.clone());
+    // `running` is announced with the first flush, not at the start: a task that ends before
+    // it (most short ones) sends one event, its end, instead of two.
+    let mut running = RunningNews::default();
     let mut stopping = Stopping::default();
     let mut saver = ProgressSaver::default();
     // Set by whatever suggests the record changed; the look happens once, after the select.
@@ -152,6 +155,7 @@ pub(crate) async fn supervise(d: &Delivery, held: &mut Held, control: &Registrat
             _ = flush.tick() => {
                 let pending = ctx.take();
                 saver.reported(pending.progress.as_ref());
+                running.tell(w, &held.record).await;
                 let untold = events::flush(&w.client, &w.shares, &held.record, pending, false);
                 ctx.untold(untold.await);
                 // A paused record takes no progress; it is saved after the resume.
@@ -198,6 +202,9 @@ pub(crate) async fn supervise(d: &Delivery, held: &mut Held, control: &Registrat
     let last = ctx.take();
     if let Some(progress) = last.progress.clone().or(saver.unsaved) {
         held.record.progress = Some(progress);
+    }
+    if !last.is_empty() {
+        running.tell(w, &held.record).await;
     }
     events::flush(&w.client, &w.shares, &held.record, last, true).await;
     if let Some(stop) = stopping.why {
@@ -418,6 +425,22 @@ impl AttemptClock {
             let now = Instant::now();
             self.armed_at = Some(now);
             self.timer.as_mut().reset(now + self.left);
+        }
+    }
+}
+
+/// Whether the attempt's `running` status has gone out: once, with the first flush that finds
+/// the record running, or before the last flush when the handler reported anything.
+#[derive(Debug, Default)]
+struct RunningNews {
+    told: bool,
+}
+
+impl RunningNews {
+    async fn tell(&mut self, w: &Worker, record: &claw_proto::TaskRecord) {
+        if !self.told && record.status == Status::Running {
+            self.told = true;
+            events::status(&w.client, record).await;
         }
     }
 }

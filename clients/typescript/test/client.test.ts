@@ -71,8 +71,11 @@ for (const via of ["http", "nats"] as const) {
       assert.deepEqual([...statuses].sort(), ["queued", "running", "succeeded"]);
       assert.equal(statuses.at(-1), "succeeded");
       assert.ok(events.some((e) => e.type === "progress"), "progress events");
-      const result = events.findIndex((e) => e.type === "result");
-      assert.ok(result >= 0 && result === events.length - 2, "the result just before the end");
+      // Protocol 5: the end is one event, the succeeded status, and it carries the result.
+      const end = events.at(-1);
+      assert.ok(end?.type === "status" && end.data.status === "succeeded", "the end is the last event");
+      assert.deepEqual((end.data as { result?: unknown }).result, { slept_s: 0.3, echo: "hi" });
+      assert.ok(!events.some((e) => e.type === "result"), "no separate result event");
       const seqs = events.map((e) => e.seq);
       assert.deepEqual(seqs, [...seqs].sort((a, b) => a - b));
       assert.equal(new Set(seqs).size, seqs.length);
