@@ -222,6 +222,22 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 }
 
 async fn latency(system: &System, n: usize) -> anyhow::Result<()> {
+    latency_labelled(system, n, "").await
+}
+
+/// The submit latency as the peers' phase (a) measures it: no worker consuming (the lane is
+/// paused on a system of its own), so the figure is the client's and the broker's cost alone.
+async fn latency_unconsumed(n: usize) -> anyhow::Result<()> {
+    let system = start_system().await?;
+    let http = reqwest::Client::new();
+    let r = http.post(format!("{}/v1/lanes/short/normal/pause", system.url)).send().await?;
+    if !r.status().is_success() {
+        bail!("pausing the lane answered {}", r.status());
+    }
+    latency_labelled(&system, n, ", no worker consuming (the peers' phase a)").await
+}
+
+async fn latency_labelled(system: &System, n: usize, label: &str) -> anyhow::Result<()> {
     let client = reqwest::Client::new();
     for _ in 0..200 {
         submit(&client, &system.url).await?; // warm-up: connection, allocator, JIT-free paths
@@ -234,7 +250,7 @@ async fn latency(system: &System, n: usize) -> anyhow::Result<()> {
     }
     times.sort();
     println!(
-        "| submit latency, 1 client, sequential | {n} | p50 {:.3} ms | p99 {:.3} ms | max {:.3} ms |",
+        "| submit latency, 1 client, sequential{label} | {n} | p50 {:.3} ms | p99 {:.3} ms | max {:.3} ms |",
         ms(percentile(&times, 0.5)),
         ms(percentile(&times, 0.99)),
         ms(*times.last().unwrap_or(&Duration::ZERO)),
@@ -533,6 +549,7 @@ async fn concurrency(args: &Args) -> anyhow::Result<()> {
 }
 
 async fn tasks(args: &Args) -> anyhow::Result<()> {
+    latency_unconsumed(args.latency).await?;
     let system = start_system().await?;
     latency(&system, args.latency).await?;
     throughput(&system, args.throughput, args.connections).await?;

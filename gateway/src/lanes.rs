@@ -75,5 +75,12 @@ pub async fn set_paused(app: &App, lane: Lane, paused: bool) -> Result<LaneInfo,
     };
     result.map_err(|e| Error::Unavailable(format!("lane {}: {e}", lane.consumer())))?;
     tracing::info!(lane = %lane.consumer(), paused, "lane control");
+    if !paused {
+        // Idle pools of the class look at once; a lost ring costs their next timed look.
+        let subject = topology::doorbell_subject(lane.class);
+        if let Err(e) = app.js.client().publish(subject, bytes::Bytes::new()).await {
+            tracing::warn!(error = %e, "could not ring the lane's doorbell");
+        }
+    }
     info(app, lane).await
 }

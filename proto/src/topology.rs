@@ -210,6 +210,13 @@ pub fn class_subjects(class: Class) -> String {
     format!("tasks.{class}.*")
 }
 
+/// A core subject the gateway rings after resuming a lane of `class`, `claw.doorbell.<class>`:
+/// a resume publishes no task, so without it an idle pool would find the lane's backlog only
+/// at its next timed look.
+pub fn doorbell_subject(class: Class) -> String {
+    format!("claw.doorbell.{class}")
+}
+
 /// The KV subject of a record, `$KV.tasks.<id>`; the archiver reads ids back from it.
 pub const KV_SUBJECT_PREFIX: &str = "$KV.tasks.";
 

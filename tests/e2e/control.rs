@@ -299,9 +299,16 @@ async fn a_paused_lane_holds_its_tasks_while_others_run() {
         assert_eq!(record(&topo, id).await.unwrap().status, Status::Queued);
     }
 
+    // A resume rings the class's doorbell: idle pools look at once, not at their next timed look.
+    let client = nats.client().await;
+    let mut doorbell = client.subscribe("claw.doorbell.short").await.unwrap();
+    client.flush().await.unwrap();
     let resumed = api.http.post(api.gw.url("/v1/lanes/short/low/resume")).send().await.unwrap();
     let lane: Value = resumed.json().await.unwrap();
     assert_eq!(lane["paused"], false);
+    tokio::time::timeout(Duration::from_secs(10), futures::StreamExt::next(&mut doorbell))
+        .await
+        .expect("the resume rings the doorbell");
     for id in &low {
         wait_status(&topo, id, Status::Succeeded).await;
     }

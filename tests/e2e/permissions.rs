@@ -121,8 +121,16 @@ async fn each_role_can_do_its_job_and_nothing_else() {
     assert_eq!(cancelled["status"], "cancelled", "{cancelled}");
     let mut tasks = op_js.get_stream("TASKS").await.unwrap();
     assert_eq!(tasks.info().await.unwrap().state.messages, 0, "the cancelled task left its lane");
+    let pool = AsUser::connect(&nats, "worker").await;
+    let mut doorbell = pool.client.subscribe("claw.doorbell.long").await.unwrap();
+    pool.client.flush().await.unwrap();
     let resumed = http.post(gw.url("/v1/lanes/long/low/resume")).send().await.unwrap();
     assert_eq!(resumed.status(), StatusCode::OK);
+    // The gateway role rings the class's doorbell, and the worker role hears it.
+    tokio::time::timeout(Duration::from_secs(5), doorbell.next())
+        .await
+        .expect("the worker role hears the gateway's doorbell");
+    pool.clean();
 
     // A principal that may run one task at a time: the second waits parked (the worker role
     // publishes it to `parked.*`, holds slots in the `slots` bucket), is woken into its lane

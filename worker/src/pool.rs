@@ -13,6 +13,9 @@
 //! (a core subscription to `tasks.<class>.*`), or [`IDLE_RESWEEP`] passes, which catches what
 //! a publish does not announce: NAK-delayed retries and redeliveries.
 //!
+//! A resume of a lane publishes no task; the gateway rings `claw.doorbell.<class>` instead
+//! ([`topology::doorbell_subject`]), which the pool listens to all along (it is rung only then).
+//!
 //! The doorbell is a copy of every task message, so it is only subscribed while it can help:
 //! from the first empty sweep (followed by one more sweep, for what was published before the
 //! subscription took effect) until a sweep fills every free slot. A saturated pool waits for
@@ -118,6 +121,7 @@ impl Pool {
         let (interval, soft_mb) = (config.sizing.interval(), config.memory_soft_mb());
         let sizer = sizing::run(self.slots.clone(), lanes, interval, soft_mb);
         let _sizer = AbortOnDropHandle::new(tokio::spawn(sizer));
+        let _resumes = self.listen_for_resumes().await;
         loop {
             // Over the memory cap: take nothing new until the worker is below it again.
             tokio::select! {
@@ -160,6 +164,25 @@ impl Pool {
             }
         }
         tracing::info!(class = %self.class, "pool stopped pulling");
+    }
+
+    /// Rings the doorbell whenever a lane of the class is resumed; `None` if the subscription
+    /// failed (then a resumed lane is found at the next [`IDLE_RESWEEP`]).
+    async fn listen_for_resumes(&self) -> Option<AbortOnDropHandle<()>> {
+        let subject = topology::doorbell_subject(self.class);
+        let mut sub = match self.worker.client.subscribe(subject.clone()).await {
+            Ok(sub) => sub,
+            Err(e) => {
+                tracing::warn!(%subject, error = %e, "resumes not subscribed; found by polling");
+                return None;
+            }
+        };
+        let ring = self.doorbell.clone();
+        Some(AbortOnDropHandle::new(tokio::spawn(async move {
+            while sub.next().await.is_some() {
+                ring.notify_one();
+            }
+        })))
     }
 
     /// Subscribes the doorbell to the class's lanes; false if that failed. Without it the pool
