@@ -203,7 +203,9 @@ pub(crate) async fn supervise(d: &Delivery, held: &mut Held, control: &Registrat
     if let Some(progress) = last.progress.clone().or(saver.unsaved) {
         held.record.progress = Some(progress);
     }
-    if !last.is_empty() {
+    // An attempt that lasted past the first flush (paused through it, say) or reported
+    // something is announced running before its end all the same.
+    if !last.is_empty() || start.elapsed() >= FLUSH_INTERVAL {
         running.tell(w, &held.record).await;
     }
     events::flush(&w.client, &w.shares, &held.record, last, true).await;
@@ -430,7 +432,8 @@ impl AttemptClock {
 }
 
 /// Whether the attempt's `running` status has gone out: once, with the first flush that finds
-/// the record running, or before the last flush when the handler reported anything.
+/// the record running, or before the last flush when the attempt lasted past the first or the
+/// handler reported anything.
 #[derive(Debug, Default)]
 struct RunningNews {
     told: bool,
