@@ -169,42 +169,34 @@ impl Pool {
     /// Rings the doorbell whenever a lane of the class is resumed; `None` if the subscription
     /// failed (then a resumed lane is found at the next [`IDLE_RESWEEP`]).
     async fn listen_for_resumes(&self) -> Option<AbortOnDropHandle<()>> {
-        let subject = topology::doorbell_subject(self.class);
-        let mut sub = match self.worker.client.subscribe(subject.clone()).await {
-            Ok(sub) => sub,
-            Err(e) => {
-                tracing::warn!(%subject, error = %e, "resumes not subscribed; found by polling");
-                return None;
-            }
-        };
-        let ring = self.doorbell.clone();
-        Some(AbortOnDropHandle::new(tokio::spawn(async move {
-            while sub.next().await.is_some() {
-                ring.notify_one();
-            }
-        })))
+        self.ring_on(topology::doorbell_subject(self.class)).await
     }
 
     /// Subscribes the doorbell to the class's lanes; false if that failed. Without it the pool
     /// still finds every message, within [`IDLE_RESWEEP`].
     async fn listen(&mut self) -> bool {
-        let subject = topology::class_subjects(self.class);
+        self.ringer = self.ring_on(topology::class_subjects(self.class)).await;
+        self.ringer.is_some()
+    }
+
+    /// A task ringing the doorbell for every message on `subject` until it is dropped; `None`
+    /// (logged) if the subscription failed.
+    async fn ring_on(&self, subject: String) -> Option<AbortOnDropHandle<()>> {
         let mut sub = match self.worker.client.subscribe(subject.clone()).await {
             Ok(sub) => sub,
             Err(e) => {
                 tracing::warn!(%subject, error = %e, "doorbell not subscribed; polling instead");
-                return false;
+                return None;
             }
         };
         let ring = self.doorbell.clone();
         // Drained continuously so the subscription never backs up; `notify_one` stores one
         // wake-up when nobody waits, so a publish during a sweep is not lost.
-        self.ringer = Some(AbortOnDropHandle::new(tokio::spawn(async move {
+        Some(AbortOnDropHandle::new(tokio::spawn(async move {
             while sub.next().await.is_some() {
                 ring.notify_one();
             }
-        })));
-        true
+        })))
     }
 
     /// One sweep over the lanes with `free.len()` free slots; returns the attempts started.
